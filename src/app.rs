@@ -1,0 +1,116 @@
+//! Application start-up and shutdown: opens the store, loads the definitions, binds the
+//! listener (port 0 works: tests read [`Application::port`]) and serves until a signal.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::definitions::Definitions;
+use crate::interaction::{Ctx, Limits, SharedCtx};
+use crate::store::{Store, StoreConfig};
+
+pub struct Application {
+    listener: TcpListener,
+    ctx: SharedCtx,
+    port: u16,
+}
+
+/// Opens the store and builds the shared context (also used by `import`).
+pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, String> {
+    let defs = Definitions::get()?;
+    let store = Store::open(&StoreConfig {
+        url: settings.database.clone(),
+        durability: settings.durability,
+        pool_size: settings.db_pool_size,
+        group_commit_max: settings.group_commit_max,
+    })
+    .await?;
+    Ok(Arc::new(Ctx {
+        store,
+        defs,
+        base,
+        limits: Limits {
+            max_body_bytes: settings.max_body_bytes,
+            max_bundle_entries: settings.max_bundle_entries,
+            default_count: settings.default_count,
+            max_count: settings.max_count,
+        },
+        conditional_delete: settings.conditional_delete,
+    }))
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Application, String> {
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let base = settings
+            .base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}/fhir"));
+        let ctx = context(&settings, base).await?;
+        let report = &ctx.defs.search_report;
+        tracing::info!(
+            resource_types = ctx.defs.resource_types.len(),
+            search_parameters = report.total,
+            evaluable = report.evaluable,
+            backend = ctx.store.backend_name(),
+            "definitions loaded"
+        );
+        Ok(Application {
+            listener,
+            port: addr.port(),
+            ctx,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.ctx.base
+    }
+
+    /// Serves until `shutdown` completes; in-flight requests finish, then the store closes.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), String> {
+        tracing::info!(base = %self.ctx.base, "serving FHIR R4");
+        let app = crate::rest::router(self.ctx.clone());
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| format!("server error: {e}"))?;
+        self.ctx.store.close().await;
+        tracing::info!("stopped; database closed");
+        Ok(())
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

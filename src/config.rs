@@ -1,0 +1,199 @@
+//! Configuration: command-line flags, each also an environment variable
+//! `IOMT_FHIR_<NAME>`, over an optional TOML file (`--config`), over defaults. Bad
+//! configuration fails at start with one clear line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::interaction::delete::ConditionalDeleteMode;
+use crate::store::Durability;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "iomt-fhir",
+    version,
+    about = "FHIR R4 server for the Internet of Medical Things"
+)]
+pub struct Cli {
+    /// TOML file with defaults for any option below (keys as the long flag names, with `_`).
+    #[arg(long, global = true, env = "IOMT_FHIR_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the FHIR server.
+    Serve(ServerArgs),
+    /// Load transaction/batch Bundles (JSON) and bulk NDJSON files through the write path.
+    Import {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Files or directories (searched recursively for *.json and *.ndjson).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Files loaded concurrently.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+    },
+}
+
+/// Options shared by `serve` and `import`. Every field is optional here so that the
+/// config file can fill what the command line and environment leave out.
+#[derive(Args, Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ServerArgs {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "IOMT_FHIR_LISTEN")]
+    pub listen: Option<String>,
+    /// sqlite://PATH or postgres://USER@HOST/DB [default: sqlite://./data/iomt-fhir.db].
+    #[arg(long, env = "IOMT_FHIR_DATABASE")]
+    pub database: Option<String>,
+    /// Public base URL used in links, Location and fullUrl [default: http://LISTEN/fhir].
+    #[arg(long, env = "IOMT_FHIR_BASE_URL")]
+    pub base_url: Option<String>,
+    /// full: acknowledged writes survive power loss; relaxed: faster, may lose the last
+    /// commits on power loss (never corrupts) [default: full].
+    #[arg(long, env = "IOMT_FHIR_DURABILITY", value_enum)]
+    pub durability: Option<Durability>,
+    /// Largest request body in bytes [default: 16 MiB].
+    #[arg(long, env = "IOMT_FHIR_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Most entries in a batch or transaction Bundle [default: 10000].
+    #[arg(long, env = "IOMT_FHIR_MAX_BUNDLE_ENTRIES")]
+    pub max_bundle_entries: Option<usize>,
+    /// Page size when a search or history gives no _count [default: 50].
+    #[arg(long, env = "IOMT_FHIR_DEFAULT_COUNT")]
+    pub default_count: Option<usize>,
+    /// Largest _count honoured [default: 1000].
+    #[arg(long, env = "IOMT_FHIR_MAX_COUNT")]
+    pub max_count: Option<usize>,
+    /// Database connections (SQLite readers, or the PostgreSQL pool) [default: 16].
+    #[arg(long, env = "IOMT_FHIR_DB_POOL_SIZE")]
+    pub db_pool_size: Option<u32>,
+    /// Most writes the SQLite writer commits together [default: 256].
+    #[arg(long, env = "IOMT_FHIR_GROUP_COMMIT_MAX")]
+    pub group_commit_max: Option<usize>,
+    /// Conditional delete matching several resources: single (412) or multiple [default: single].
+    #[arg(long, env = "IOMT_FHIR_CONDITIONAL_DELETE", value_enum)]
+    pub conditional_delete: Option<ConditionalDeleteMode>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database: String,
+    /// `None`: derived from the bound address (so port 0 works).
+    pub base_url: Option<String>,
+    pub durability: Durability,
+    pub max_body_bytes: usize,
+    pub max_bundle_entries: usize,
+    pub default_count: usize,
+    pub max_count: usize,
+    pub db_pool_size: u32,
+    pub group_commit_max: usize,
+    pub conditional_delete: ConditionalDeleteMode,
+}
+
+impl Settings {
+    /// Merges flags/environment over the config file over defaults, and checks them.
+    pub fn resolve(args: &ServerArgs, config_file: Option<&PathBuf>) -> Result<Settings, String> {
+        let file: ServerArgs = match config_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| {
+                    // toml's message spans several lines (with a source excerpt); keep the
+                    // position and the reason on one.
+                    let msg = e.to_string();
+                    let mut lines = msg.lines().filter(|l| !l.trim().is_empty());
+                    let first = lines.next().unwrap_or("");
+                    let last = lines.next_back().unwrap_or("");
+                    format!("config file {}: {first}: {last}", path.display())
+                })?
+            }
+            None => ServerArgs::default(),
+        };
+        let listen_text = args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            format!("--listen {listen_text:?} is not an address like 127.0.0.1:8080")
+        })?;
+        let base_url = args.base_url.clone().or(file.base_url);
+        if let Some(b) = &base_url
+            && !(b.starts_with("http://") || b.starts_with("https://"))
+        {
+            return Err(format!(
+                "--base-url {b:?} must start with http:// or https://"
+            ));
+        }
+        let database = args
+            .database
+            .clone()
+            .or(file.database)
+            .unwrap_or_else(|| "sqlite://./data/iomt-fhir.db".into());
+        if !(database.starts_with("sqlite:")
+            || database.starts_with("postgres://")
+            || database.starts_with("postgresql://"))
+        {
+            return Err(format!(
+                "--database {database:?} must be sqlite://PATH or postgres://USER@HOST/DB"
+            ));
+        }
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                Err(format!("--{name} must be at least 1"))
+            } else {
+                Ok(v)
+            }
+        };
+        Ok(Settings {
+            listen,
+            database,
+            base_url: base_url.map(|b| b.trim_end_matches('/').to_string()),
+            durability: args
+                .durability
+                .or(file.durability)
+                .unwrap_or(Durability::Full),
+            max_body_bytes: positive(
+                "max-body-bytes",
+                args.max_body_bytes
+                    .or(file.max_body_bytes)
+                    .unwrap_or(16 << 20),
+            )?,
+            max_bundle_entries: positive(
+                "max-bundle-entries",
+                args.max_bundle_entries
+                    .or(file.max_bundle_entries)
+                    .unwrap_or(10_000),
+            )?,
+            default_count: positive(
+                "default-count",
+                args.default_count.or(file.default_count).unwrap_or(50),
+            )?,
+            max_count: positive(
+                "max-count",
+                args.max_count.or(file.max_count).unwrap_or(1000),
+            )?,
+            db_pool_size: args.db_pool_size.or(file.db_pool_size).unwrap_or(16).max(1),
+            group_commit_max: positive(
+                "group-commit-max",
+                args.group_commit_max
+                    .or(file.group_commit_max)
+                    .unwrap_or(256),
+            )?,
+            conditional_delete: args
+                .conditional_delete
+                .or(file.conditional_delete)
+                .unwrap_or(ConditionalDeleteMode::Single),
+        })
+    }
+}

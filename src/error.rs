@@ -1,0 +1,195 @@
+//! Errors as data (FHIR R4 http.html, operationoutcome.html): one kind table maps every
+//! failure to its HTTP status and OperationOutcome `issue.code`.
+
+use serde_json::{Value, json};
+
+/// What went wrong, in the words a client needs. The HTTP status and the OperationOutcome
+/// issue code come from [`ErrorKind::status`] and [`ErrorKind::issue_code`], nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Malformed request: bad JSON, bad parameter, bad id.
+    Invalid,
+    /// Unknown resource type, or unknown id.
+    NotFound,
+    /// The resource existed and was deleted.
+    Gone,
+    /// The method is not allowed on this URL.
+    MethodNotAllowed,
+    /// Version conflict detected without a precondition (e.g. concurrent write race).
+    Conflict,
+    /// A precondition (If-Match, conditional match count) failed.
+    PreconditionFailed,
+    /// Body larger than the configured limit.
+    TooLarge,
+    /// Content-Type the server does not read.
+    UnsupportedMediaType,
+    /// Accept / _format the server cannot produce.
+    NotAcceptable,
+    /// The resource parsed but failed validation.
+    Unprocessable,
+    /// Interaction or feature the server does not offer.
+    NotSupported,
+    /// Database unavailable or overloaded.
+    Unavailable,
+    /// A bug. Details are logged, never sent.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::Invalid => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Gone => 410,
+            ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::Conflict => 409,
+            ErrorKind::PreconditionFailed => 412,
+            ErrorKind::TooLarge => 413,
+            ErrorKind::UnsupportedMediaType => 415,
+            ErrorKind::NotAcceptable => 406,
+            ErrorKind::Unprocessable => 422,
+            ErrorKind::NotSupported => 400,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// FHIR `IssueType` code (http://hl7.org/fhir/issue-type).
+    pub fn issue_code(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::Gone => "deleted",
+            ErrorKind::MethodNotAllowed => "not-supported",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::PreconditionFailed => "conflict",
+            ErrorKind::TooLarge => "too-costly",
+            ErrorKind::UnsupportedMediaType => "not-supported",
+            ErrorKind::NotAcceptable => "not-supported",
+            ErrorKind::Unprocessable => "processing",
+            ErrorKind::NotSupported => "not-supported",
+            ErrorKind::Unavailable => "transient",
+            ErrorKind::Internal => "exception",
+        }
+    }
+}
+
+/// One OperationOutcome issue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issue {
+    pub severity: &'static str,
+    pub code: &'static str,
+    pub diagnostics: String,
+    /// FHIRPath locations (`Patient.gender`), empty when the issue is not about an element.
+    pub expression: Vec<String>,
+}
+
+/// The error type of the request layers above the store.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind:?}: {}", .issues.first().map(|i| i.diagnostics.as_str()).unwrap_or(""))]
+pub struct FhirError {
+    pub kind: ErrorKind,
+    pub issues: Vec<Issue>,
+}
+
+pub type Result<T, E = FhirError> = std::result::Result<T, E>;
+
+impl FhirError {
+    pub fn new(kind: ErrorKind, diagnostics: impl Into<String>) -> Self {
+        FhirError {
+            kind,
+            issues: vec![Issue {
+                severity: "error",
+                code: kind.issue_code(),
+                diagnostics: diagnostics.into(),
+                expression: Vec::new(),
+            }],
+        }
+    }
+
+    pub fn at(mut self, expression: impl Into<String>) -> Self {
+        if let Some(issue) = self.issues.first_mut() {
+            issue.expression.push(expression.into());
+        }
+        self
+    }
+
+    pub fn invalid(d: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Invalid, d)
+    }
+    pub fn not_found(d: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, d)
+    }
+    pub fn precondition(d: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PreconditionFailed, d)
+    }
+    pub fn not_supported(d: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotSupported, d)
+    }
+    pub fn conflict(d: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Conflict, d)
+    }
+    pub fn internal(d: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, d)
+    }
+
+    pub fn status(&self) -> u16 {
+        self.kind.status()
+    }
+
+    /// The OperationOutcome sent to the client. For `Internal` the diagnostics were logged
+    /// where the error arose; the client sees a generic text without internals.
+    pub fn to_operation_outcome(&self) -> Value {
+        if self.kind == ErrorKind::Internal {
+            return operation_outcome(&[Issue {
+                severity: "fatal",
+                code: "exception",
+                diagnostics: "internal server error; details are in the server log".into(),
+                expression: Vec::new(),
+            }]);
+        }
+        operation_outcome(&self.issues)
+    }
+}
+
+pub fn operation_outcome(issues: &[Issue]) -> Value {
+    let issues: Vec<Value> = issues
+        .iter()
+        .map(|i| {
+            let mut v = json!({ "severity": i.severity, "code": i.code });
+            if !i.diagnostics.is_empty() {
+                v["diagnostics"] = Value::String(i.diagnostics.clone());
+            }
+            if !i.expression.is_empty() {
+                v["expression"] = json!(i.expression);
+            }
+            v
+        })
+        .collect();
+    json!({ "resourceType": "OperationOutcome", "issue": issues })
+}
+
+/// An informational OperationOutcome (e.g. for `Prefer: return=OperationOutcome`).
+pub fn information(diagnostics: impl Into<String>) -> Value {
+    operation_outcome(&[Issue {
+        severity: "information",
+        code: "informational",
+        diagnostics: diagnostics.into(),
+        expression: Vec::new(),
+    }])
+}
+
+impl From<sqlx::Error> for FhirError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                tracing::warn!(error = %e, "database unavailable");
+                FhirError::new(ErrorKind::Unavailable, "database unavailable, retry later")
+            }
+            _ => {
+                tracing::error!(error = %e, "database error");
+                FhirError::internal(e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! `iomt-fhir import`: loads transaction/batch Bundles (JSON) and bulk-data NDJSON files
+//! (FHIR R4 bundle.html, Bulk Data Access NDJSON) through the same write path as the REST
+//! API: each file becomes Bundle requests handled by `crate::interaction::handle`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::interaction::{Body, FhirRequest, Method, RequestBody, SharedCtx, handle};
+
+/// NDJSON lines per transaction.
+const NDJSON_CHUNK: usize = 500;
+
+#[derive(Default)]
+pub struct Summary {
+    pub files: u64,
+    pub written: AtomicU64,
+    pub failures: std::sync::Mutex<Vec<String>>,
+}
+
+fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            out.extend(collect(&entries)?);
+        } else if p.is_file() {
+            out.push(p.clone());
+        } else if !p.exists() {
+            return Err(format!("{} does not exist", p.display()));
+        }
+    }
+    Ok(out
+        .into_iter()
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("json" | "ndjson")
+            )
+        })
+        .collect())
+}
+
+/// Imports every file; returns the summary (the caller prints it).
+pub async fn run(ctx: SharedCtx, paths: &[PathBuf], jobs: usize) -> Result<Summary, String> {
+    let files = collect(paths)?;
+    let bar = indicatif::ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files  {msg}")
+            .map_err(|e| e.to_string())?,
+    );
+    let summary = Arc::new(Summary {
+        files: files.len() as u64,
+        ..Summary::default()
+    });
+    futures_util::stream::iter(files)
+        .map(|file| {
+            let (ctx, summary, bar) = (ctx.clone(), summary.clone(), bar.clone());
+            async move {
+                if let Err(e) = import_file(&ctx, &file, &summary).await
+                    && let Ok(mut f) = summary.failures.lock()
+                {
+                    f.push(format!("{}: {e}", file.display()));
+                }
+                bar.inc(1);
+                bar.set_message(format!(
+                    "{} resources",
+                    summary.written.load(Ordering::Relaxed)
+                ));
+            }
+        })
+        .buffer_unordered(jobs.max(1))
+        .collect::<Vec<()>>()
+        .await;
+    bar.finish();
+    Arc::try_unwrap(summary).map_err(|_| "import still running".to_string())
+}
+
+async fn import_file(ctx: &SharedCtx, file: &Path, summary: &Summary) -> Result<(), String> {
+    let text = tokio::fs::read_to_string(file)
+        .await
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if file.extension().and_then(|e| e.to_str()) == Some("ndjson") {
+        let mut chunk = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value =
+                serde_json::from_str(line).map_err(|e| format!("line {}: not JSON: {e}", n + 1))?;
+            chunk.push(v);
+            if chunk.len() == NDJSON_CHUNK {
+                submit(ctx, as_transaction(std::mem::take(&mut chunk)), summary).await?;
+            }
+        }
+        if !chunk.is_empty() {
+            submit(ctx, as_transaction(chunk), summary).await?;
+        }
+        return Ok(());
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
+    let bundle = match (
+        v.get("resourceType").and_then(Value::as_str),
+        v.get("type").and_then(Value::as_str),
+    ) {
+        (Some("Bundle"), Some("transaction" | "batch")) => v,
+        (Some("Bundle"), _) => as_transaction(
+            v.get("entry")
+                .and_then(Value::as_array)
+                .map(|es| {
+                    es.iter()
+                        .filter_map(|e| e.get("resource").cloned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+        (Some(_), _) => as_transaction(vec![v]),
+        (None, _) => return Err("not a FHIR resource (no resourceType)".into()),
+    };
+    submit(ctx, bundle, summary).await
+}
+
+/// Wraps resources in a transaction: `PUT Type/id` when they have an id, else `POST Type`.
+fn as_transaction(resources: Vec<Value>) -> Value {
+    let entries: Vec<Value> = resources
+        .into_iter()
+        .map(|r| {
+            let ty = r
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let request = match r.get("id").and_then(Value::as_str) {
+                Some(id) => json!({"method": "PUT", "url": format!("{ty}/{id}")}),
+                None => json!({"method": "POST", "url": ty}),
+            };
+            json!({"resource": r, "request": request})
+        })
+        .collect();
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+}
+
+async fn submit(ctx: &SharedCtx, bundle: Value, summary: &Summary) -> Result<(), String> {
+    let mut req = FhirRequest::new(Method::Post, Vec::new(), Vec::new());
+    req.body = RequestBody::Resource(bundle);
+    let response = handle(ctx, req).await.map_err(|e| {
+        e.issues
+            .iter()
+            .map(|i| i.diagnostics.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let Body::Raw(text) = response.body else {
+        return Ok(());
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    for (i, e) in v
+        .get("entry")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let status = e
+            .pointer("/response/status")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if status.starts_with('2') {
+            summary.written.fetch_add(1, Ordering::Relaxed);
+        } else if let Ok(mut f) = summary.failures.lock() {
+            let why = e
+                .pointer("/response/outcome/issue/0/diagnostics")
+                .and_then(Value::as_str)
+                .unwrap_or(status);
+            f.push(format!("entry {i}: {why}"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! capabilities (FHIR R4 http.html#capabilities, capabilitystatement.html): generated from
+//! what the server really does: every resource type of the definitions, the interactions
+//! routed in `crate::interaction::route`, and exactly the search parameters that
+//! `crate::search::query` can run.
+
+use serde_json::{Value, json};
+
+use crate::interaction::Ctx;
+use crate::interaction::delete::ConditionalDeleteMode;
+use crate::search::registry::ParamType;
+
+/// Parameter types `crate::search::query` supports.
+pub fn searchable(kind: ParamType) -> bool {
+    matches!(
+        kind,
+        ParamType::Token
+            | ParamType::String
+            | ParamType::Reference
+            | ParamType::Date
+            | ParamType::Uri
+    )
+}
+
+fn type_code(kind: ParamType) -> &'static str {
+    match kind {
+        ParamType::Number => "number",
+        ParamType::Date => "date",
+        ParamType::String => "string",
+        ParamType::Token => "token",
+        ParamType::Reference => "reference",
+        ParamType::Composite => "composite",
+        ParamType::Quantity => "quantity",
+        ParamType::Uri => "uri",
+        ParamType::Special => "special",
+    }
+}
+
+/// When what the statement describes last changed. The snapshot test
+/// (`tests/snapshots/capability-statement.json`) fails until this is bumped with it.
+const STATEMENT_DATE: &str = "2026-11-21";
+
+pub fn statement(ctx: &Ctx) -> Value {
+    let interactions = json!([
+        {"code": "read"}, {"code": "vread"}, {"code": "update"}, {"code": "patch"},
+        {"code": "delete"}, {"code": "history-instance"}, {"code": "history-type"},
+        {"code": "create"}, {"code": "search-type"}
+    ]);
+    let conditional_delete = match ctx.conditional_delete {
+        ConditionalDeleteMode::Single => "single",
+        ConditionalDeleteMode::Multiple => "multiple",
+    };
+    let resources: Vec<Value> = ctx
+        .defs
+        .resource_types
+        .iter()
+        .map(|t| {
+            let mut params = vec![
+                json!({"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"}),
+                json!({"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date"}),
+            ];
+            let mut found: Vec<_> = ctx
+                .defs
+                .registry
+                .for_type(t)
+                .into_iter()
+                .filter(|p| p.expression.is_some() && searchable(p.kind) && p.code != "_id" && p.code != "_lastUpdated")
+                .map(|p| json!({"name": p.code, "definition": p.url, "type": type_code(p.kind)}))
+                .collect();
+            found.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            params.extend(found);
+            json!({
+                "type": t,
+                "profile": format!("http://hl7.org/fhir/StructureDefinition/{t}"),
+                "interaction": interactions,
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalRead": "full-support",
+                "conditionalUpdate": true,
+                "conditionalDelete": conditional_delete,
+                "referencePolicy": ["literal", "local"],
+                "searchParam": params,
+                "operation": [{
+                    "name": "validate",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"
+                }]
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "id": "iomt-fhir",
+        "name": "IomtFhir",
+        "title": "iomt-fhir FHIR R4 server",
+        "status": "active",
+        "date": STATEMENT_DATE,
+        "publisher": "iomt-fhir",
+        "kind": "instance",
+        "software": {"name": "iomt-fhir", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "iomt-fhir FHIR R4 server", "url": ctx.base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}]
+        }]
+    })
+}

@@ -1,0 +1,401 @@
+//! FHIR RESTful interactions (FHIR R4 http.html), independent of HTTP framing: a REST call
+//! and a Bundle entry both become a [`FhirRequest`], are routed to one [`Interaction`] and
+//! produce one [`FhirResponse`]. Only `crate::rest` knows axum.
+
+pub mod bundle_text;
+pub mod capabilities;
+pub mod create;
+pub mod delete;
+pub mod history;
+pub mod patch;
+pub mod read;
+pub mod search_type;
+pub mod transaction;
+pub mod update;
+pub mod validate;
+pub mod write;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::definitions::Definitions;
+use crate::error::{ErrorKind, FhirError, Result};
+use crate::store::Store;
+use crate::store::resource::Written;
+use crate::time::Micros;
+
+/// Shared by every request: the store, the definitions and the server's settings.
+pub struct Ctx {
+    pub store: Store,
+    pub defs: &'static Definitions,
+    /// Public base URL without a trailing slash (`http://127.0.0.1:8080/fhir`).
+    pub base: String,
+    pub limits: Limits,
+    pub conditional_delete: delete::ConditionalDeleteMode,
+}
+
+pub type SharedCtx = Arc<Ctx>;
+
+/// Configurable limits on client input.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_bundle_entries: usize,
+    pub default_count: usize,
+    pub max_count: usize,
+}
+
+/// HTTP method, as FHIR uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Other,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Method {
+        match s.to_ascii_uppercase().as_str() {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
+            _ => Method::Other,
+        }
+    }
+}
+
+/// `Prefer: return=...` (http.html#ops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Return {
+    Minimal,
+    #[default]
+    Representation,
+    OperationOutcome,
+}
+
+/// Body of a request, as parsed by the transport.
+#[derive(Debug, Clone)]
+pub enum RequestBody {
+    None,
+    Resource(Value),
+    /// JSON Patch document (`application/json-patch+json`).
+    JsonPatch(Value),
+    /// `application/x-www-form-urlencoded` search parameters.
+    Form(Vec<(String, String)>),
+}
+
+/// One FHIR request, from HTTP or from a Bundle entry.
+#[derive(Debug, Clone)]
+pub struct FhirRequest {
+    pub method: Method,
+    /// Path segments after the base, percent-decoded.
+    pub segments: Vec<String>,
+    pub query: Vec<(String, String)>,
+    pub if_match: Option<String>,
+    pub if_none_match: Option<String>,
+    pub if_modified_since: Option<Micros>,
+    pub if_none_exist: Option<String>,
+    /// `Prefer: return=...`, `None` when the client did not say.
+    pub prefer_return: Option<Return>,
+    pub prefer_lenient: bool,
+    pub body: RequestBody,
+}
+
+impl FhirRequest {
+    pub fn new(method: Method, segments: Vec<String>, query: Vec<(String, String)>) -> Self {
+        FhirRequest {
+            method,
+            segments,
+            query,
+            if_match: None,
+            if_none_match: None,
+            if_modified_since: None,
+            if_none_exist: None,
+            prefer_return: None,
+            prefer_lenient: false,
+            body: RequestBody::None,
+        }
+    }
+
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn take_resource(&mut self) -> Result<Value> {
+        match std::mem::replace(&mut self.body, RequestBody::None) {
+            RequestBody::Resource(v) => Ok(v),
+            _ => Err(FhirError::invalid(
+                "this interaction needs a resource in the request body",
+            )),
+        }
+    }
+}
+
+/// A response body.
+#[derive(Debug, Clone)]
+pub enum Body {
+    None,
+    /// Stored JSON text, sent as it is unless the client asked for a subset or pretty print.
+    Raw(String),
+    Json(Value),
+}
+
+/// One FHIR response, before HTTP framing.
+#[derive(Debug, Clone)]
+pub struct FhirResponse {
+    pub status: u16,
+    pub body: Body,
+    pub version: Option<i64>,
+    pub last_modified: Option<Micros>,
+    /// Relative location (`Patient/1/_history/2`); the transport makes it absolute.
+    pub location: Option<String>,
+    /// The body is a single resource to which `_summary` / `_elements` apply.
+    pub is_resource: bool,
+}
+
+impl FhirResponse {
+    pub fn json(status: u16, body: Value) -> Self {
+        FhirResponse {
+            status,
+            body: Body::Json(body),
+            version: None,
+            last_modified: None,
+            location: None,
+            is_resource: false,
+        }
+    }
+
+    /// The response of a write, honouring `Prefer: return`.
+    pub fn written(ty: &str, w: &Written, status: u16, ret: Option<Return>) -> Self {
+        let body = match (ret.unwrap_or_default(), &w.body) {
+            (Return::Minimal, _) | (_, None) => Body::None,
+            (Return::Representation, Some(b)) => Body::Raw(b.clone()),
+            (Return::OperationOutcome, Some(_)) => Body::Json(crate::error::information(format!(
+                "{ty}/{} version {} stored",
+                w.id, w.version
+            ))),
+        };
+        FhirResponse {
+            status,
+            body,
+            version: Some(w.version),
+            last_modified: Some(w.last_updated),
+            location: Some(format!("{ty}/{}/_history/{}", w.id, w.version)),
+            is_resource: true,
+        }
+    }
+}
+
+/// Every interaction the server routes (http.html summary table, plus operations).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interaction {
+    Capabilities,
+    Bundle,
+    HistorySystem,
+    SearchType(String),
+    Create(String),
+    ConditionalUpdate(String),
+    ConditionalDelete(String),
+    ConditionalPatch(String),
+    HistoryType(String),
+    ValidateType(String),
+    Read(String, String),
+    Update(String, String),
+    Patch(String, String),
+    Delete(String, String),
+    HistoryInstance(String, String),
+    ValidateInstance(String, String),
+    Vread(String, String, String),
+}
+
+/// Routes a method and path to an interaction; unknown input becomes a 404/405 value.
+pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<Interaction> {
+    use Interaction as I;
+    use Method as M;
+    let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let not_allowed = || {
+        Err(FhirError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("method not allowed on /{}", seg.join("/")),
+        ))
+    };
+    let known_type = |t: &str| -> Result<String> {
+        if defs.is_resource_type(t) {
+            Ok(t.to_string())
+        } else {
+            Err(FhirError::not_found(format!("unknown resource type {t:?}")))
+        }
+    };
+    let get = matches!(method, M::Get | M::Head);
+    match seg.as_slice() {
+        [] => match method {
+            M::Post => Ok(I::Bundle),
+            _ if get => Err(FhirError::not_supported(
+                "system-level search is not supported yet; search a resource type",
+            )),
+            _ => not_allowed(),
+        },
+        ["metadata"] => {
+            if get {
+                Ok(I::Capabilities)
+            } else {
+                not_allowed()
+            }
+        }
+        ["_history"] => {
+            if get {
+                Ok(I::HistorySystem)
+            } else {
+                not_allowed()
+            }
+        }
+        [t] => {
+            let t = known_type(t)?;
+            match method {
+                _ if get => Ok(I::SearchType(t)),
+                M::Post => Ok(I::Create(t)),
+                M::Put => Ok(I::ConditionalUpdate(t)),
+                M::Delete => Ok(I::ConditionalDelete(t)),
+                M::Patch => Ok(I::ConditionalPatch(t)),
+                _ => not_allowed(),
+            }
+        }
+        [t, "_search"] => {
+            let t = known_type(t)?;
+            if method == M::Post {
+                Ok(I::SearchType(t))
+            } else {
+                not_allowed()
+            }
+        }
+        [t, "_history"] => {
+            let t = known_type(t)?;
+            if get {
+                Ok(I::HistoryType(t))
+            } else {
+                not_allowed()
+            }
+        }
+        [t, "$validate"] => {
+            let t = known_type(t)?;
+            if method == M::Post {
+                Ok(I::ValidateType(t))
+            } else {
+                not_allowed()
+            }
+        }
+        [t, op] if op.starts_with('$') => {
+            known_type(t)?;
+            Err(FhirError::not_supported(format!(
+                "operation {op} is not supported"
+            )))
+        }
+        [t, id] => {
+            let t = known_type(t)?;
+            let id = parse_id(id)?;
+            match method {
+                _ if get => Ok(I::Read(t, id)),
+                M::Put => Ok(I::Update(t, id)),
+                M::Patch => Ok(I::Patch(t, id)),
+                M::Delete => Ok(I::Delete(t, id)),
+                _ => not_allowed(),
+            }
+        }
+        [t, id, "_history"] => {
+            let (t, id) = (known_type(t)?, parse_id(id)?);
+            if get {
+                Ok(I::HistoryInstance(t, id))
+            } else {
+                not_allowed()
+            }
+        }
+        [t, id, "$validate"] => {
+            let (t, id) = (known_type(t)?, parse_id(id)?);
+            if method == M::Post {
+                Ok(I::ValidateInstance(t, id))
+            } else {
+                not_allowed()
+            }
+        }
+        [t, id, "_history", vid] => {
+            let (t, id) = (known_type(t)?, parse_id(id)?);
+            if get {
+                Ok(I::Vread(t, id, (*vid).to_string()))
+            } else {
+                not_allowed()
+            }
+        }
+        _ => Err(FhirError::not_found(format!(
+            "no such endpoint /{}",
+            seg.join("/")
+        ))),
+    }
+}
+
+/// A logical id (datatypes.html#id): 1-64 of `[A-Za-z0-9\-\.]`.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+pub fn parse_id(id: &str) -> Result<String> {
+    if is_valid_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(FhirError::invalid(format!(
+            "{id:?} is not a valid id (1-64 characters of A-Z a-z 0-9 - .)"
+        )))
+    }
+}
+
+/// A new server-assigned id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Parses an ETag / If-Match value (`W/"3"`, `"3"` or `3`) to a version number.
+pub fn parse_etag(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    s.trim_matches('"').parse().ok()
+}
+
+/// Handles one request. Reads run on a pooled connection; each write runs as one job
+/// (one database transaction) through the store.
+pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirResponse> {
+    let interaction = route(ctx.defs, req.method, &req.segments)?;
+    use Interaction as I;
+    match interaction {
+        I::Capabilities => Ok(FhirResponse::json(200, capabilities::statement(ctx))),
+        I::Bundle => transaction::bundle(ctx, &mut req).await,
+        I::HistorySystem => history::history(ctx, &req, None, None).await,
+        I::HistoryType(t) => history::history(ctx, &req, Some(&t), None).await,
+        I::HistoryInstance(t, id) => history::history(ctx, &req, Some(&t), Some(&id)).await,
+        I::SearchType(t) => search_type::search(ctx, &t, &req).await,
+        I::Read(t, id) => read::read(ctx, &t, &id, &req).await,
+        I::Vread(t, id, vid) => read::vread(ctx, &t, &id, &vid).await,
+        I::Create(t) => create::create(ctx, &t, req).await,
+        I::Update(t, id) => update::update(ctx, &t, &id, req).await,
+        I::ConditionalUpdate(t) => update::conditional_update(ctx, &t, req).await,
+        I::Patch(t, id) => patch::patch(ctx, &t, Some(id), req).await,
+        I::ConditionalPatch(t) => patch::patch(ctx, &t, None, req).await,
+        I::Delete(t, id) => delete::delete(ctx, &t, &id, req).await,
+        I::ConditionalDelete(t) => delete::conditional_delete(ctx, &t, req).await,
+        I::ValidateType(t) => validate::validate(ctx, &t, None, req).await,
+        I::ValidateInstance(t, id) => validate::validate(ctx, &t, Some(&id), req).await,
+    }
+}

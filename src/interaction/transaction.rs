@@ -1,0 +1,679 @@
+//! batch and transaction (FHIR R4 http.html#transaction, bundle.html#transaction).
+//!
+//! A transaction is one database transaction: every entry succeeds or nothing is written.
+//! Entries run in the spec's order (DELETE, POST, PUT/PATCH, GET); `urn:uuid:` fullUrls and
+//! conditional references (`Patient?identifier=...`) are rewritten to the ids the server
+//! assigned, everywhere in the bundle. When a bundle has no conditional parts (the common
+//! case, e.g. Synthea), ids are assigned and resources validated, rewritten and serialised
+//! before the transaction starts, so the database transaction itself only writes.
+//!
+//! A batch runs each entry as its own request through [`crate::interaction::handle`].
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use crate::error::{ErrorKind, FhirError, Result};
+use crate::interaction::bundle_text::BundleText;
+use crate::interaction::create::{Created, create_in};
+use crate::interaction::delete::{conditional_delete_in, delete_in};
+use crate::interaction::patch::patch_in;
+use crate::interaction::update::update_in;
+use crate::interaction::{
+    Body, Ctx, FhirRequest, FhirResponse, Interaction, Method, RequestBody, Return, SharedCtx,
+    new_id, route, write,
+};
+use crate::store::Db;
+use crate::store::resource::Prepared;
+
+/// One parsed Bundle entry.
+struct Entry {
+    index: usize,
+    full_url: Option<String>,
+    req: FhirRequest,
+    interaction: Interaction,
+}
+
+/// Where an entry's resource stands on its way to storage.
+enum Payload {
+    None,
+    /// Checked, references not yet rewritten (needs the database to resolve).
+    Raw(Value),
+    Prepared(Prepared),
+}
+
+/// What one entry did, for the response Bundle.
+struct Outcome {
+    status: &'static str,
+    location: Option<String>,
+    version: Option<i64>,
+    last_modified: Option<i64>,
+    resource: Option<String>,
+}
+
+fn entry_error(index: usize, e: FhirError) -> FhirError {
+    let mut e = e;
+    for issue in &mut e.issues {
+        issue.diagnostics = format!("Bundle.entry[{index}]: {}", issue.diagnostics);
+        if issue.expression.is_empty() {
+            issue.expression.push(format!("Bundle.entry[{index}]"));
+        }
+    }
+    e
+}
+
+/// `POST [base]` with a batch or transaction Bundle.
+pub async fn bundle(ctx: &SharedCtx, req: &mut FhirRequest) -> Result<FhirResponse> {
+    let bundle = req.take_resource()?;
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(FhirError::invalid("POST to the base needs a Bundle").at("resourceType"));
+    }
+    let kind = bundle
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if kind != "transaction" && kind != "batch" {
+        return Err(FhirError::invalid(format!(
+            "Bundle.type must be transaction or batch, not {kind:?}"
+        ))
+        .at("Bundle.type"));
+    }
+    let raw_entries = match bundle.get("entry") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(_) => {
+            return Err(FhirError::invalid("Bundle.entry must be an array").at("Bundle.entry"));
+        }
+    };
+    if raw_entries.len() > ctx.limits.max_bundle_entries {
+        return Err(FhirError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "the Bundle has {} entries; this server takes at most {}",
+                raw_entries.len(),
+                ctx.limits.max_bundle_entries
+            ),
+        ));
+    }
+    let mut entries = Vec::with_capacity(raw_entries.len());
+    for (index, e) in raw_entries.into_iter().enumerate() {
+        match parse_entry(ctx, index, e) {
+            Ok(entry) => entries.push(Ok(entry)),
+            Err(err) if kind == "batch" => entries.push(Err(err)),
+            Err(err) => return Err(err),
+        }
+    }
+    if kind == "batch" {
+        return batch(ctx, entries, req.prefer_return).await;
+    }
+    let entries: Vec<Entry> = entries.into_iter().collect::<Result<_>>()?;
+    transaction(ctx, entries, req.prefer_return).await
+}
+
+fn parse_entry(ctx: &Ctx, index: usize, e: Value) -> Result<Entry> {
+    let at = |m: &str| entry_error(index, FhirError::invalid(m.to_string()));
+    let request = e
+        .get("request")
+        .ok_or_else(|| at("entry.request is required in a batch or transaction"))?;
+    let method = Method::parse(
+        request
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+    );
+    let url = request
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| at("entry.request.url is required"))?;
+    let url = url
+        .strip_prefix(ctx.base.as_str())
+        .unwrap_or(url)
+        .trim_start_matches('/');
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let segments: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let query: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let mut req = FhirRequest::new(method, segments, query);
+    let text = |k: &str| request.get(k).and_then(Value::as_str).map(str::to_string);
+    req.if_match = text("ifMatch");
+    req.if_none_match = text("ifNoneMatch");
+    req.if_none_exist = text("ifNoneExist");
+    req.if_modified_since = text("ifModifiedSince")
+        .and_then(|s| crate::search::extract::parse_fhir_date_range(&s))
+        .map(|r| r.0);
+    req.body = match (method, e.get("resource")) {
+        (Method::Patch, Some(binary)) => {
+            RequestBody::JsonPatch(patch_from_binary(binary).map_err(|m| at(&m))?)
+        }
+        (_, Some(r)) => RequestBody::Resource(r.clone()),
+        (_, None) => RequestBody::None,
+    };
+    let interaction = route(ctx.defs, method, &req.segments).map_err(|e| entry_error(index, e))?;
+    let full_url = e.get("fullUrl").and_then(Value::as_str).map(str::to_string);
+    Ok(Entry {
+        index,
+        full_url,
+        req,
+        interaction,
+    })
+}
+
+/// A JSON Patch travels in a Bundle as a Binary (http.html#patch).
+fn patch_from_binary(binary: &Value) -> std::result::Result<Value, String> {
+    use base64::Engine as _;
+    if binary.get("resourceType").and_then(Value::as_str) != Some("Binary") {
+        return Err("a PATCH entry carries its JSON Patch as a Binary resource".into());
+    }
+    let data = binary
+        .get("data")
+        .and_then(Value::as_str)
+        .ok_or("the Binary has no data")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|e| format!("Binary.data is not base64: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("Binary.data is not a JSON Patch: {e}"))
+}
+
+async fn batch(
+    ctx: &SharedCtx,
+    entries: Vec<Result<Entry>>,
+    ret: Option<Return>,
+) -> Result<FhirResponse> {
+    let mut b = BundleText::new("batch-response", None, &[]);
+    for entry in entries {
+        let result = match entry {
+            Ok(e) if e.interaction == Interaction::Bundle => Err(entry_error(
+                e.index,
+                FhirError::invalid("a batch entry cannot be another Bundle"),
+            )),
+            Ok(mut e) => {
+                if e.req.prefer_return.is_none() {
+                    e.req.prefer_return = Some(ret.unwrap_or(Return::Minimal));
+                }
+                let index = e.index;
+                Box::pin(crate::interaction::handle(ctx, e.req))
+                    .await
+                    .map_err(|err| entry_error(index, err))
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(r) => write_response_entry(&mut b, ctx, &r),
+            Err(e) => b.entry(
+                None,
+                None,
+                &[(
+                    "response",
+                    json!({
+                        "status": status_line(e.status()),
+                        "outcome": e.to_operation_outcome(),
+                    }),
+                )],
+            ),
+        }
+    }
+    Ok(raw_bundle(b))
+}
+
+fn raw_bundle(b: BundleText) -> FhirResponse {
+    FhirResponse {
+        body: Body::Raw(b.finish()),
+        ..FhirResponse::json(200, Value::Null)
+    }
+}
+
+fn write_response_entry(b: &mut BundleText, ctx: &Ctx, r: &FhirResponse) {
+    let mut response = json!({ "status": status_line(r.status) });
+    if let Some(l) = &r.location {
+        response["location"] = Value::String(l.clone());
+    }
+    if let Some(v) = r.version {
+        response["etag"] = Value::String(format!("W/\"{v}\""));
+    }
+    if let Some(t) = r.last_modified {
+        response["lastModified"] = Value::String(crate::time::format_instant(t));
+    }
+    let full_url = r
+        .location
+        .as_deref()
+        .and_then(|l| l.split("/_history").next())
+        .map(|l| format!("{}/{l}", ctx.base));
+    let body = match &r.body {
+        Body::Raw(s) => Some(s.clone()),
+        Body::Json(v) if r.status < 300 => Some(v.to_string()),
+        Body::Json(v) => {
+            response["outcome"] = v.clone();
+            None
+        }
+        Body::None => None,
+    };
+    b.entry(
+        full_url.as_deref(),
+        body.as_deref(),
+        &[("response", response)],
+    );
+}
+
+fn status_line(status: u16) -> String {
+    let reason = axum::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    format!("{status} {reason}").trim_end().to_string()
+}
+
+fn processing_order(i: &Interaction) -> u8 {
+    use Interaction as I;
+    match i {
+        I::Delete(..) | I::ConditionalDelete(_) => 0,
+        I::Create(_) => 1,
+        I::Update(..) | I::ConditionalUpdate(_) | I::Patch(..) | I::ConditionalPatch(_) => 2,
+        _ => 3,
+    }
+}
+
+/// Rewrites references through `ids` (fullUrl → `Type/id`).
+fn rewrite(v: &mut Value, ids: &HashMap<String, String>) -> Result<()> {
+    write::walk_references(v, &mut |r| {
+        if let Some(new) = ids.get(r.as_str()) {
+            *r = new.clone();
+        } else if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
+            return Err(FhirError::invalid(format!(
+                "the reference {r:?} names no entry of this Bundle"
+            )));
+        }
+        Ok(())
+    })
+}
+
+async fn transaction(
+    ctx: &SharedCtx,
+    mut entries: Vec<Entry>,
+    ret: Option<Return>,
+) -> Result<FhirResponse> {
+    use Interaction as I;
+    // Check every resource and refuse what a transaction cannot hold, before any write.
+    let mut payloads: Vec<Payload> = Vec::with_capacity(entries.len());
+    let mut needs_db = false;
+    let mut targets = std::collections::HashSet::new();
+    for e in &mut entries {
+        let index = e.index;
+        let payload = match &e.interaction {
+            I::Create(t) | I::ConditionalUpdate(t) | I::Update(t, _) => {
+                let url_id = match &e.interaction {
+                    I::Update(_, id) => Some(id.clone()),
+                    _ => None,
+                };
+                let mut r = e
+                    .req
+                    .take_resource()
+                    .map_err(|err| entry_error(index, err))?;
+                write::check(ctx, t, &mut r, url_id.as_deref())
+                    .map_err(|err| entry_error(index, err))?;
+                needs_db |= write::has_conditional_reference(&r);
+                Payload::Raw(r)
+            }
+            I::Patch(..) | I::ConditionalPatch(_) => {
+                if !matches!(e.req.body, RequestBody::JsonPatch(_)) {
+                    return Err(entry_error(
+                        index,
+                        FhirError::invalid("a PATCH entry needs a JSON Patch"),
+                    ));
+                }
+                Payload::None
+            }
+            I::Delete(..)
+            | I::ConditionalDelete(_)
+            | I::Read(..)
+            | I::Vread(..)
+            | I::SearchType(_) => Payload::None,
+            other => {
+                return Err(entry_error(
+                    index,
+                    FhirError::not_supported(format!("{other:?} cannot be part of a transaction")),
+                ));
+            }
+        };
+        needs_db |= e.req.if_none_exist.is_some()
+            || matches!(
+                e.interaction,
+                I::ConditionalUpdate(_) | I::ConditionalDelete(_) | I::ConditionalPatch(_)
+            );
+        // The spec forbids two entries writing the same resource.
+        if let I::Update(t, id) | I::Delete(t, id) | I::Patch(t, id) = &e.interaction
+            && !targets.insert(format!("{t}/{id}"))
+        {
+            return Err(entry_error(
+                index,
+                FhirError::invalid(format!("{t}/{id} appears twice in the transaction")),
+            ));
+        }
+        payloads.push(payload);
+    }
+    // Without conditions, ids are known now: assign, rewrite and serialise outside the
+    // database transaction.
+    let mut ids: Vec<Option<String>> = vec![None; entries.len()];
+    if !needs_db {
+        let mut map = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            let id = match &e.interaction {
+                I::Create(_) => new_id(),
+                I::Update(_, id) => id.clone(),
+                _ => continue,
+            };
+            if let (Some(full), I::Create(t) | I::Update(t, _)) = (&e.full_url, &e.interaction) {
+                map.insert(full.clone(), format!("{t}/{id}"));
+            }
+            ids[i] = Some(id);
+        }
+        for (i, p) in payloads.iter_mut().enumerate() {
+            if let (Payload::Raw(r), Some(id)) = (&mut *p, &ids[i]) {
+                let mut r = std::mem::take(r);
+                rewrite(&mut r, &map).map_err(|err| entry_error(entries[i].index, err))?;
+                *p = Payload::Prepared(write::prepare_with_id(ctx, r, id)?);
+            }
+        }
+    }
+    let c = ctx.clone();
+    let outcomes = ctx
+        .store
+        .write(move |db| Box::pin(async move { run(db, &c, entries, payloads, ids).await }))
+        .await?;
+    let mut b = BundleText::new("transaction-response", None, &[]);
+    for o in outcomes {
+        let mut response = json!({ "status": o.status });
+        if let Some(l) = &o.location {
+            response["location"] = Value::String(l.clone());
+        }
+        if let Some(v) = o.version {
+            response["etag"] = Value::String(format!("W/\"{v}\""));
+        }
+        if let Some(t) = o.last_modified {
+            response["lastModified"] = Value::String(crate::time::format_instant(t));
+        }
+        let full_url = o
+            .location
+            .as_deref()
+            .and_then(|l| l.split("/_history").next())
+            .map(|l| format!("{}/{l}", ctx.base));
+        let body = if ret == Some(Return::Representation) {
+            o.resource.as_deref()
+        } else {
+            None
+        };
+        b.entry(full_url.as_deref(), body, &[("response", response)]);
+    }
+    Ok(raw_bundle(b))
+}
+
+/// The transaction body: runs inside one database transaction.
+async fn run(
+    db: &mut Db,
+    ctx: &Ctx,
+    mut entries: Vec<Entry>,
+    mut payloads: Vec<Payload>,
+    mut ids: Vec<Option<String>>,
+) -> Result<Vec<Outcome>> {
+    use Interaction as I;
+    let mut outcomes: Vec<Option<Outcome>> = (0..entries.len()).map(|_| None).collect();
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| processing_order(&entries[i].interaction));
+
+    // 1. Deletes.
+    for &i in &order {
+        let e = &entries[i];
+        let at = |err| entry_error(e.index, err);
+        match &e.interaction {
+            I::Delete(t, id) => {
+                let w = delete_in(db, t, id, e.req.if_match.as_deref())
+                    .await
+                    .map_err(at)?;
+                outcomes[i] = Some(Outcome {
+                    status: "204 No Content",
+                    location: None,
+                    version: w.as_ref().map(|w| w.version),
+                    last_modified: w.as_ref().map(|w| w.last_updated),
+                    resource: None,
+                });
+            }
+            I::ConditionalDelete(t) => {
+                let q = crate::interaction::update::condition_query(&e.req).map_err(at)?;
+                conditional_delete_in(db, ctx, t, &q, ctx.conditional_delete)
+                    .await
+                    .map_err(at)?;
+                outcomes[i] = Some(Outcome {
+                    status: "204 No Content",
+                    location: None,
+                    version: None,
+                    last_modified: None,
+                    resource: None,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    // 2. Resolve ids that depend on the database, then rewrite references.
+    let mut existing: HashMap<usize, crate::store::resource::Stored> = HashMap::new();
+    if payloads.iter().any(|p| matches!(p, Payload::Raw(_))) {
+        let mut map = HashMap::new();
+        for &i in &order {
+            let e = &entries[i];
+            let at = |err| entry_error(e.index, err);
+            let (t, id) = match &e.interaction {
+                I::Create(t) => {
+                    let id = match &e.req.if_none_exist {
+                        Some(cond) => {
+                            db.lock_condition(t, cond).await.map_err(at)?;
+                            let found =
+                                write::matching_ids(db, ctx, t, cond, 2).await.map_err(at)?;
+                            match found.as_slice() {
+                                [] => new_id(),
+                                [one] => {
+                                    if let Some(s) = db.read(t, one).await.map_err(at)? {
+                                        existing.insert(i, s);
+                                    }
+                                    one.clone()
+                                }
+                                _ => {
+                                    return Err(at(FhirError::precondition(format!(
+                                        "ifNoneExist {cond:?} matches more than one {t}"
+                                    ))));
+                                }
+                            }
+                        }
+                        None => new_id(),
+                    };
+                    (t, id)
+                }
+                I::Update(t, id) => (t, id.clone()),
+                I::ConditionalUpdate(t) => {
+                    let q = crate::interaction::update::condition_query(&e.req).map_err(at)?;
+                    db.lock_condition(t, &q).await.map_err(at)?;
+                    let found = write::matching_ids(db, ctx, t, &q, 2).await.map_err(at)?;
+                    let body_id = match &payloads[i] {
+                        Payload::Raw(r) => r.get("id").and_then(Value::as_str).map(str::to_string),
+                        _ => None,
+                    };
+                    let id = match (found.as_slice(), body_id) {
+                        ([], Some(id)) => id,
+                        ([], None) => new_id(),
+                        ([one], _) => one.clone(),
+                        _ => {
+                            return Err(at(FhirError::precondition(format!(
+                                "the condition {q:?} matches more than one {t}"
+                            ))));
+                        }
+                    };
+                    (t, id)
+                }
+                _ => continue,
+            };
+            if let Some(full) = &e.full_url {
+                map.insert(full.clone(), format!("{t}/{id}"));
+            }
+            ids[i] = Some(id);
+        }
+        for &i in &order {
+            let index = entries[i].index;
+            let at = |err| entry_error(index, err);
+            let Payload::Raw(r) = &mut payloads[i] else {
+                continue;
+            };
+            let mut r = std::mem::take(r);
+            write::resolve_conditional_references(db, ctx, &mut r, &mut map)
+                .await
+                .map_err(at)?;
+            rewrite(&mut r, &map).map_err(at)?;
+            let id = ids[i]
+                .clone()
+                .ok_or_else(|| FhirError::internal("entry without id"))?;
+            payloads[i] = Payload::Prepared(write::prepare_with_id(ctx, r, &id).map_err(at)?);
+        }
+    }
+
+    // 3. Creates, then updates and patches, then reads.
+    let now_status = |created: bool| if created { "201 Created" } else { "200 OK" };
+    for &i in &order {
+        let e = &mut entries[i];
+        let index = e.index;
+        let at = |err| entry_error(index, err);
+        let outcome = match (&e.interaction, &payloads[i], &ids[i]) {
+            (I::Create(t), Payload::Prepared(p), Some(id)) => {
+                if let Some(s) = existing.remove(&i) {
+                    Outcome {
+                        status: "200 OK",
+                        location: Some(format!("{t}/{}/_history/{}", s.id, s.version)),
+                        version: Some(s.version),
+                        last_modified: Some(s.last_updated),
+                        resource: s.body,
+                    }
+                } else {
+                    match create_in(db, ctx, t, id, p, None).await.map_err(at)? {
+                        Created::New(w) => written(t, "201 Created", w),
+                        Created::Existing(s) => Outcome {
+                            status: "200 OK",
+                            location: Some(format!("{t}/{}/_history/{}", s.id, s.version)),
+                            version: Some(s.version),
+                            last_modified: Some(s.last_updated),
+                            resource: s.body,
+                        },
+                    }
+                }
+            }
+            (I::Update(t, _) | I::ConditionalUpdate(t), Payload::Prepared(p), Some(id)) => {
+                let w = update_in(db, t, id, p, e.req.if_match.as_deref())
+                    .await
+                    .map_err(at)?;
+                written(t, now_status(w.created), w)
+            }
+            (I::Patch(t, id), _, _) => {
+                let RequestBody::JsonPatch(ops) = &e.req.body else {
+                    continue;
+                };
+                let w = patch_in(db, ctx, t, id, ops, e.req.if_match.as_deref())
+                    .await
+                    .map_err(at)?;
+                written(t, "200 OK", w)
+            }
+            (I::ConditionalPatch(t), _, _) => {
+                let RequestBody::JsonPatch(ops) = &e.req.body else {
+                    continue;
+                };
+                let q = crate::interaction::update::condition_query(&e.req).map_err(at)?;
+                let found = write::matching_ids(db, ctx, t, &q, 2).await.map_err(at)?;
+                let [id] = found.as_slice() else {
+                    return Err(at(FhirError::precondition(format!(
+                        "{q:?} must match exactly one {t}"
+                    ))));
+                };
+                let w = patch_in(db, ctx, t, id, ops, e.req.if_match.as_deref())
+                    .await
+                    .map_err(at)?;
+                written(t, "200 OK", w)
+            }
+            (I::Read(t, id), _, _) => {
+                let s = db.read(t, id).await.map_err(at)?;
+                match s {
+                    Some(s) if s.body.is_some() => Outcome {
+                        status: "200 OK",
+                        location: None,
+                        version: Some(s.version),
+                        last_modified: Some(s.last_updated),
+                        resource: s.body,
+                    },
+                    Some(_) => {
+                        return Err(at(FhirError::new(
+                            ErrorKind::Gone,
+                            format!("{t}/{id} was deleted"),
+                        )));
+                    }
+                    None => return Err(at(FhirError::not_found(format!("{t}/{id} is not known")))),
+                }
+            }
+            (I::Vread(t, id, vid), _, _) => {
+                let v: i64 = vid
+                    .parse()
+                    .map_err(|_| at(FhirError::not_found(format!("no version {vid}"))))?;
+                match db.vread(t, id, v).await.map_err(at)? {
+                    Some(s) if s.body.is_some() => Outcome {
+                        status: "200 OK",
+                        location: None,
+                        version: Some(s.version),
+                        last_modified: Some(s.last_updated),
+                        resource: s.body,
+                    },
+                    _ => {
+                        return Err(at(FhirError::not_found(format!(
+                            "{t}/{id} has no version {vid}"
+                        ))));
+                    }
+                }
+            }
+            (I::SearchType(t), _, _) => {
+                let body = crate::interaction::search_type::search_in(
+                    db,
+                    ctx,
+                    t,
+                    e.req.query.clone(),
+                    false,
+                )
+                .await
+                .map_err(at)?;
+                Outcome {
+                    status: "200 OK",
+                    location: None,
+                    version: None,
+                    last_modified: None,
+                    resource: Some(body),
+                }
+            }
+            _ => continue,
+        };
+        outcomes[i] = Some(outcome);
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| FhirError::internal("a transaction entry produced no outcome")))
+        .collect()
+}
+
+fn written(t: &str, status: &'static str, w: crate::store::resource::Written) -> Outcome {
+    Outcome {
+        status,
+        location: Some(format!("{t}/{}/_history/{}", w.id, w.version)),
+        version: Some(w.version),
+        last_modified: Some(w.last_updated),
+        resource: w.body,
+    }
+}

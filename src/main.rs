@@ -1,0 +1,83 @@
+//! The `iomt-fhir` binary: parses the command line and runs a command.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use clap::Parser;
+use iomt_fhir::app::{Application, context, shutdown_signal};
+use iomt_fhir::config::{Cli, Command, Settings};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("iomt-fhir: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("iomt-fhir: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = Settings::resolve(&args, cli.config.as_ref())?;
+            let app = Application::build(settings).await?;
+            app.run_until(shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import {
+            server,
+            paths,
+            jobs,
+        } => {
+            let settings = Settings::resolve(&server, cli.config.as_ref())?;
+            let base = settings
+                .base_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
+            let ctx = context(&settings, base).await?;
+            let started = std::time::Instant::now();
+            let summary = iomt_fhir::import::run(ctx.clone(), &paths, jobs).await?;
+            ctx.store.close().await;
+            let written = summary.written.load(Ordering::Relaxed);
+            let secs = started.elapsed().as_secs_f64();
+            let failures = summary
+                .failures
+                .lock()
+                .map(|f| f.clone())
+                .unwrap_or_default();
+            println!(
+                "imported {written} resources from {} files in {secs:.1} s ({:.0} resources/s); {} failures",
+                summary.files,
+                written as f64 / secs.max(1e-9),
+                failures.len()
+            );
+            for f in &failures {
+                println!("  failed: {f}");
+            }
+            Ok(if failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

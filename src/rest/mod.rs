@@ -1,0 +1,266 @@
+//! The FHIR REST transport (FHIR R4 http.html): turns HTTP requests into
+//! [`FhirRequest`]s and [`FhirResponse`]s into HTTP responses. Content negotiation
+//! (`Accept`, `_format`, `Content-Type`), `_pretty`, `_summary`, `_elements`, the
+//! conditional and `Prefer` headers, body limits and panic containment live here and
+//! nowhere else. This is the only module that knows axum.
+
+mod format;
+
+use axum::Router;
+use axum::body::Body as AxumBody;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::error::{ErrorKind, FhirError};
+use crate::interaction::{
+    self, Body, FhirRequest, FhirResponse, Method, RequestBody, Return, SharedCtx,
+};
+use format::Negotiation;
+
+/// The path the FHIR API is served under; `--base-url` is what clients are told.
+pub const FHIR_PREFIX: &str = "/fhir";
+
+/// All routes of the server.
+pub fn router(ctx: SharedCtx) -> Router {
+    Router::new()
+        .route(FHIR_PREFIX, any(fhir))
+        .route("/fhir/", any(fhir))
+        .route("/fhir/{*rest}", any(fhir))
+        .route("/health", any(health))
+        .fallback(not_found)
+        .layer(CatchPanicLayer::custom(panic_response))
+        .with_state(ctx)
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+async fn not_found() -> Response {
+    let e = FhirError::not_found(format!("nothing here: the FHIR API is under {FHIR_PREFIX}"));
+    render_error(&e, &Negotiation::default())
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    // The panic message itself was already printed by the panic hook with the backtrace
+    // location; the client gets no internals.
+    tracing::error!("panic while handling a request");
+    render_error(&FhirError::internal("panic"), &Negotiation::default())
+}
+
+async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let query: Vec<(String, String)> = parts
+        .uri
+        .query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let negotiation = match Negotiation::from_request(&parts.headers, &query) {
+        Ok(n) => n,
+        Err(e) => return render_error(&e, &Negotiation::default()),
+    };
+    let head = parts.method == axum::http::Method::HEAD;
+    let result = async {
+        let req = build_request(&ctx, &parts, query, body).await?;
+        interaction::handle(&ctx, req).await
+    }
+    .await;
+    let mut response = match result {
+        Ok(r) => render(&ctx, r, &negotiation),
+        Err(e) => render_error(&e, &negotiation),
+    };
+    if head {
+        *response.body_mut() = AxumBody::empty();
+    }
+    response
+}
+
+async fn build_request(
+    ctx: &SharedCtx,
+    parts: &axum::http::request::Parts,
+    query: Vec<(String, String)>,
+    body: AxumBody,
+) -> Result<FhirRequest, FhirError> {
+    let path = parts
+        .uri
+        .path()
+        .strip_prefix(FHIR_PREFIX)
+        .unwrap_or(parts.uri.path());
+    let segments: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let method = Method::parse(parts.method.as_str());
+    let mut req = FhirRequest::new(method, segments, query);
+    let h = &parts.headers;
+    let text = |name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    req.if_match = text("if-match");
+    req.if_none_match = text("if-none-match");
+    req.if_none_exist = text("if-none-exist");
+    req.if_modified_since = match text("if-modified-since") {
+        Some(s) => Some(crate::time::parse_http_date(&s).ok_or_else(|| {
+            FhirError::invalid(format!("If-Modified-Since {s:?} is not an HTTP date"))
+        })?),
+        None => None,
+    };
+    if let Some(prefer) = text("prefer") {
+        for part in prefer.split([',', ';']).map(str::trim) {
+            match part {
+                "return=minimal" => req.prefer_return = Some(Return::Minimal),
+                "return=representation" => req.prefer_return = Some(Return::Representation),
+                "return=OperationOutcome" => req.prefer_return = Some(Return::OperationOutcome),
+                "handling=lenient" => req.prefer_lenient = true,
+                "handling=strict" => req.prefer_lenient = false,
+                _ => {}
+            }
+        }
+    }
+    if let Some(len) = text("content-length").and_then(|l| l.parse::<usize>().ok())
+        && len > ctx.limits.max_body_bytes
+    {
+        return Err(too_large(ctx.limits.max_body_bytes));
+    }
+    let bytes = axum::body::to_bytes(body, ctx.limits.max_body_bytes)
+        .await
+        .map_err(|_| too_large(ctx.limits.max_body_bytes))?;
+    if bytes.is_empty() {
+        return Ok(req);
+    }
+    let content_type = text("content-type")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    req.body = match media.as_str() {
+        "application/json-patch+json" => RequestBody::JsonPatch(parse_json(&bytes)?),
+        "application/x-www-form-urlencoded"
+            if req.segments.last().is_none_or(|s| s != "_search") =>
+        {
+            return Err(FhirError::new(
+                ErrorKind::UnsupportedMediaType,
+                "Content-Type application/x-www-form-urlencoded is only for POST [type]/_search; send resources as application/fhir+json",
+            ));
+        }
+        "application/x-www-form-urlencoded" => RequestBody::Form(
+            form_urlencoded::parse(&bytes)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        ),
+        // A missing Content-Type is read as JSON: curl users and some device gateways omit it.
+        "" | "application/fhir+json" | "application/json" | "application/json+fhir" => {
+            let v = parse_json(&bytes)?;
+            if method == Method::Patch {
+                return Err(FhirError::new(
+                    ErrorKind::UnsupportedMediaType,
+                    "PATCH takes JSON Patch (application/json-patch+json); FHIRPath Patch is not supported",
+                ));
+            }
+            RequestBody::Resource(v)
+        }
+        m => {
+            return Err(FhirError::new(
+                ErrorKind::UnsupportedMediaType,
+                format!("Content-Type {m:?} is not supported; send application/fhir+json"),
+            ));
+        }
+    };
+    Ok(req)
+}
+
+fn too_large(limit: usize) -> FhirError {
+    FhirError::new(
+        ErrorKind::TooLarge,
+        format!("the request body exceeds the limit of {limit} bytes"),
+    )
+}
+
+fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, FhirError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| FhirError::invalid(format!("the body is not valid JSON: {e}")))
+}
+
+fn render(ctx: &SharedCtx, r: FhirResponse, n: &Negotiation) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = HeaderMap::new();
+    if let Some(v) = r.version
+        && let Ok(h) = HeaderValue::from_str(&format!("W/\"{v}\""))
+    {
+        headers.insert(header::ETAG, h);
+    }
+    if let Some(t) = r.last_modified
+        && let Ok(h) = HeaderValue::from_str(&crate::time::format_http_date(t))
+    {
+        headers.insert(header::LAST_MODIFIED, h);
+    }
+    if let Some(l) = &r.location
+        && let Ok(h) = HeaderValue::from_str(&format!("{}/{l}", ctx.base))
+    {
+        headers.insert(header::LOCATION, h.clone());
+        headers.insert(header::CONTENT_LOCATION, h);
+    }
+    let text = match r.body {
+        Body::None => None,
+        Body::Raw(s) if !n.transforms() => Some(s),
+        Body::Raw(s) => match serde_json::from_str::<serde_json::Value>(&s) {
+            Ok(v) => Some(n.serialise(ctx, v, r.is_resource)),
+            Err(_) => Some(s),
+        },
+        Body::Json(v) => Some(n.serialise(ctx, v, r.is_resource)),
+    };
+    match text {
+        None => (status, headers).into_response(),
+        Some(t) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(n.content_type),
+            );
+            (status, headers, t).into_response()
+        }
+    }
+}
+
+fn render_error(e: &FhirError, n: &Negotiation) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let oo = e.to_operation_outcome();
+    let text = if n.pretty {
+        serde_json::to_string_pretty(&oo)
+    } else {
+        serde_json::to_string(&oo)
+    }
+    .unwrap_or_default();
+    let mut response = (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(n.content_type),
+        )],
+        text,
+    )
+        .into_response();
+    if e.kind == ErrorKind::Unavailable {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}

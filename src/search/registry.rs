@@ -1,0 +1,443 @@
+//! SearchParameter registry (FHIR R4 searchparameter.html and search.html#standard): which parameters apply to which resource type.
+//!
+//! Built once from the official `search-parameters.json` Bundle; custom SearchParameters are
+//! added later with [`Registry::add`]. Every expression is parsed here, once, so that index
+//! extraction on each write only evaluates.
+
+use crate::search::fhirpath::{self, Expr};
+use serde_json::Value;
+use std::collections::HashMap;
+
+/// `SearchParameter.type` (http://hl7.org/fhir/R4/valueset-search-param-type.html).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamType {
+    Number,
+    Date,
+    String,
+    Token,
+    Reference,
+    Composite,
+    Quantity,
+    Uri,
+    Special,
+}
+
+impl ParamType {
+    pub fn parse(code: &str) -> Option<ParamType> {
+        Some(match code {
+            "number" => ParamType::Number,
+            "date" => ParamType::Date,
+            "string" => ParamType::String,
+            "token" => ParamType::Token,
+            "reference" => ParamType::Reference,
+            "composite" => ParamType::Composite,
+            "quantity" => ParamType::Quantity,
+            "uri" => ParamType::Uri,
+            "special" => ParamType::Special,
+            _ => return None,
+        })
+    }
+}
+
+/// One part of a composite parameter (`SearchParameter.component`).
+#[derive(Debug, Clone)]
+pub struct Component {
+    /// Canonical URL of the SearchParameter giving this part's type and matching rules.
+    pub definition: String,
+    /// Evaluated relative to each item of the composite's own expression.
+    pub expression: Option<Expr>,
+    pub expression_text: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchParam {
+    pub code: String,
+    pub url: String,
+    pub kind: ParamType,
+    pub base: Vec<String>,
+    /// Allowed target resource types of a reference parameter.
+    pub targets: Vec<String>,
+    /// `None` when the definition has no expression (`_text`, `_content`, `_query`) or uses
+    /// FHIRPath outside the supported subset; the code is still known so a search using it
+    /// can be answered with "not supported" instead of "unknown parameter".
+    pub expression: Option<Expr>,
+    pub expression_text: Option<String>,
+    pub components: Vec<Component>,
+}
+
+/// What loading the official Bundle produced.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Parameters whose expression (and, for composites, every component's) parsed.
+    pub evaluable: usize,
+    /// SearchParameter resources seen.
+    pub total: usize,
+    /// (url, reason) for each parameter that cannot be evaluated.
+    pub unsupported: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+struct TypeParams {
+    by_code: HashMap<String, usize>,
+    /// Registration order, so `for_type` is deterministic.
+    order: Vec<usize>,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    params: Vec<SearchParam>,
+    /// Keyed by base type, including the abstract bases `Resource` and `DomainResource`,
+    /// whose parameters apply to every (domain) resource and are merged in at lookup.
+    by_type: HashMap<String, TypeParams>,
+    /// `for_type` answers, merged once after every change because index extraction asks
+    /// for them on every write: per type with parameters of its own, plus the lists for
+    /// types that only inherit (from `Resource`, or from `Resource` and `DomainResource`).
+    merged: HashMap<String, Vec<usize>>,
+    inherited_by_resources: Vec<usize>,
+    inherited_by_domain_resources: Vec<usize>,
+}
+
+impl Registry {
+    /// Loads every SearchParameter in a Bundle. Parameters that cannot be evaluated are still
+    /// registered (with `expression: None`) and listed in the report.
+    pub fn from_bundle(bundle: &Value) -> (Registry, LoadReport) {
+        let mut registry = Registry::default();
+        let mut report = LoadReport::default();
+        let resources = bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.get("resource"))
+            .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some("SearchParameter"));
+        for resource in resources {
+            report.total += 1;
+            match build(resource) {
+                Ok((param, problem)) => {
+                    match problem {
+                        None => report.evaluable += 1,
+                        Some(reason) => report.unsupported.push((param.url.clone(), reason)),
+                    }
+                    registry.insert(param);
+                }
+                Err(reason) => {
+                    let url = resource.get("url").and_then(Value::as_str).unwrap_or("");
+                    report.unsupported.push((url.to_string(), reason));
+                }
+            }
+        }
+        registry.merge();
+        (registry, report)
+    }
+
+    /// Adds (or replaces, per base and code) a posted SearchParameter. Unlike the official
+    /// Bundle, a custom parameter the server cannot evaluate is refused, because accepting it
+    /// would make searches on it silently match nothing.
+    pub fn add(&mut self, search_parameter: &Value) -> Result<(), String> {
+        if search_parameter.get("resourceType").and_then(Value::as_str) != Some("SearchParameter") {
+            return Err("resource is not a SearchParameter".into());
+        }
+        let (param, problem) = build(search_parameter)?;
+        if param.kind == ParamType::Special {
+            return Err("search parameters of type 'special' cannot be defined by clients".into());
+        }
+        if let Some(reason) = problem {
+            return Err(reason);
+        }
+        self.insert(param);
+        self.merge();
+        Ok(())
+    }
+
+    /// The parameter `code` as it applies to `resource_type`: its own, else a `Resource` one,
+    /// else a `DomainResource` one (not for Bundle, Binary, Parameters).
+    pub fn get(&self, resource_type: &str, code: &str) -> Option<&SearchParam> {
+        self.type_chain(resource_type)
+            .find_map(|t| t.by_code.get(code))
+            .and_then(|&i| self.params.get(i))
+    }
+
+    /// Every parameter applicable to `resource_type`, its own first; a type's own parameter
+    /// shadows an inherited one with the same code.
+    pub fn for_type(&self, resource_type: &str) -> Vec<&SearchParam> {
+        let indices = match self.merged.get(resource_type) {
+            Some(indices) => indices,
+            None if fhirpath::resource_type_matches(resource_type, "DomainResource") => {
+                &self.inherited_by_domain_resources
+            }
+            None => &self.inherited_by_resources,
+        };
+        indices.iter().filter_map(|&i| self.params.get(i)).collect()
+    }
+
+    fn merge(&mut self) {
+        self.merged = self
+            .by_type
+            .keys()
+            .filter(|t| !matches!(t.as_str(), "Resource" | "DomainResource"))
+            .map(|t| (t.clone(), self.merge_for(self.type_chain(t))))
+            .collect();
+        self.inherited_by_resources = self.merge_for(self.chain(None, false));
+        self.inherited_by_domain_resources = self.merge_for(self.chain(None, true));
+    }
+
+    /// The type's own parameters in registration order, then inherited ones whose code it
+    /// does not define itself.
+    fn merge_for<'s>(&'s self, chain: impl Iterator<Item = &'s TypeParams>) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        for level in chain {
+            for &i in &level.order {
+                let code = self.params.get(i).map(|p| p.code.as_str());
+                if !out
+                    .iter()
+                    .any(|&j| self.params.get(j).map(|p| p.code.as_str()) == code)
+                {
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+
+    fn type_chain<'s>(&'s self, resource_type: &'s str) -> impl Iterator<Item = &'s TypeParams> {
+        let domain = fhirpath::resource_type_matches(resource_type, "DomainResource");
+        self.chain(Some(resource_type), domain)
+    }
+
+    /// The parameter tables consulted for a type, most specific first.
+    fn chain<'s>(
+        &'s self,
+        own: Option<&'s str>,
+        domain: bool,
+    ) -> impl Iterator<Item = &'s TypeParams> {
+        [own, Some("Resource"), domain.then_some("DomainResource")]
+            .into_iter()
+            .flatten()
+            .filter_map(|t| self.by_type.get(t))
+    }
+
+    fn insert(&mut self, param: SearchParam) {
+        let index = self.params.len();
+        for base in &param.base {
+            let entry = self.by_type.entry(base.clone()).or_default();
+            match entry.by_code.insert(param.code.clone(), index) {
+                Some(previous) => {
+                    for slot in entry.order.iter_mut().filter(|slot| **slot == previous) {
+                        *slot = index;
+                    }
+                }
+                None => entry.order.push(index),
+            }
+        }
+        self.params.push(param);
+    }
+}
+
+/// Reads a SearchParameter. `Err` when it is unusable even as a name (no code, type or base);
+/// otherwise the parameter plus, if it cannot be evaluated, the reason.
+fn build(sp: &Value) -> Result<(SearchParam, Option<String>), String> {
+    let text = |key: &str| sp.get(key).and_then(Value::as_str);
+    let strings = |key: &str| -> Vec<String> {
+        sp.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect()
+    };
+    let code = text("code").ok_or("SearchParameter.code is missing")?;
+    if code.is_empty() || code.contains(|c: char| c.is_whitespace() || "?&=,:$|".contains(c)) {
+        return Err(format!(
+            "SearchParameter.code '{code}' is not a valid parameter name"
+        ));
+    }
+    let type_code = text("type").ok_or("SearchParameter.type is missing")?;
+    let kind = ParamType::parse(type_code)
+        .ok_or_else(|| format!("SearchParameter.type '{type_code}' is unknown"))?;
+    let base = strings("base");
+    if base.is_empty() {
+        return Err("SearchParameter.base is missing".into());
+    }
+    let url = text("url").unwrap_or("").to_string();
+    let expression_text = text("expression").map(str::to_string);
+    let mut problem = None;
+    let expression = match expression_text.as_deref() {
+        None => {
+            problem = Some("no FHIRPath expression".to_string());
+            None
+        }
+        Some(src) => match fhirpath::parse(src) {
+            Ok(expr) => Some(expr),
+            Err(e) => {
+                problem = Some(format!("expression not supported: {e}"));
+                None
+            }
+        },
+    };
+    let mut components = Vec::new();
+    for component in sp
+        .get("component")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let definition = component
+            .get("definition")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let src = component
+            .get("expression")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let expression = match fhirpath::parse(&src) {
+            Ok(expr) => Some(expr),
+            Err(e) => {
+                problem.get_or_insert(format!("component '{definition}' not supported: {e}"));
+                None
+            }
+        };
+        components.push(Component {
+            definition,
+            expression,
+            expression_text: src,
+        });
+    }
+    if kind == ParamType::Composite && components.is_empty() {
+        problem.get_or_insert("composite parameter without components".to_string());
+    }
+    let param = SearchParam {
+        code: code.to_string(),
+        url,
+        kind,
+        base,
+        targets: strings("target"),
+        expression,
+        expression_text,
+        components,
+    };
+    Ok((param, problem))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn official() -> (Registry, LoadReport) {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fhir-r4/definitions/search-parameters.json"
+        );
+        let text = std::fs::read_to_string(path).expect("search-parameters.json");
+        let bundle: Value = serde_json::from_str(&text).expect("bundle JSON");
+        Registry::from_bundle(&bundle)
+    }
+
+    #[test]
+    fn loads_official_parameters() {
+        let (registry, report) = official();
+        println!(
+            "evaluable {} of {}; unsupported: {:?}",
+            report.evaluable, report.total, report.unsupported
+        );
+        assert_eq!(report.total, 1375);
+        assert!(report.evaluable >= 1360, "{report:?}");
+        let unsupported: Vec<&str> = report
+            .unsupported
+            .iter()
+            .map(|(url, _)| url.rsplit('/').next().unwrap_or(url))
+            .collect();
+        assert_eq!(
+            unsupported,
+            ["DomainResource-text", "Resource-content", "Resource-query"]
+        );
+
+        let family = registry.get("Patient", "family").expect("Patient family");
+        assert_eq!(family.kind, ParamType::String);
+        let code = registry
+            .get("Observation", "code")
+            .expect("Observation code");
+        assert_eq!(code.kind, ParamType::Token);
+        assert!(code.base.len() > 10, "shared clinical-code parameter");
+        assert!(registry.get("Observation", "_id").is_some());
+        assert!(registry.get("Observation", "_text").is_some());
+        assert!(
+            registry.get("Bundle", "_text").is_none(),
+            "Bundle is no DomainResource"
+        );
+        assert!(registry.get("Bundle", "_tag").is_some());
+        assert!(registry.get("Patient", "no-such").is_none());
+        let subject = registry.get("Observation", "subject").expect("subject");
+        assert!(subject.targets.iter().any(|t| t == "Patient"));
+        let composite = registry
+            .get("Observation", "code-value-quantity")
+            .expect("composite");
+        assert_eq!(composite.components.len(), 2);
+        assert!(composite.components.iter().all(|c| c.expression.is_some()));
+
+        let observation = registry.for_type("Observation");
+        let codes: Vec<&str> = observation.iter().map(|p| p.code.as_str()).collect();
+        assert!(codes.contains(&"value-quantity") && codes.contains(&"_lastUpdated"));
+        let mut unique = codes.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), codes.len(), "no duplicate codes");
+        assert!(
+            registry
+                .for_type("Binary")
+                .iter()
+                .all(|p| p.code != "_text")
+        );
+    }
+
+    #[test]
+    fn custom_parameters() {
+        let (mut registry, _) = official();
+        let custom = json!({
+            "resourceType": "SearchParameter", "url": "http://example.org/sp/mother",
+            "code": "mothers-maiden-name", "type": "string", "base": ["Patient"],
+            "expression": "Patient.extension.where(url = 'http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName').value"
+        });
+        assert_eq!(registry.add(&custom), Ok(()));
+        assert!(registry.get("Patient", "mothers-maiden-name").is_some());
+
+        let replaced = json!({
+            "resourceType": "SearchParameter", "url": "http://example.org/sp/family",
+            "code": "family", "type": "string", "base": ["Patient"], "expression": "Patient.name.family"
+        });
+        assert_eq!(registry.add(&replaced), Ok(()));
+        let family = registry.get("Patient", "family").map(|p| p.url.as_str());
+        assert_eq!(family, Some("http://example.org/sp/family"));
+        let count = registry
+            .for_type("Patient")
+            .iter()
+            .filter(|p| p.code == "family")
+            .count();
+        assert_eq!(count, 1);
+        // Practitioner keeps the official shared `family`.
+        let other = registry
+            .get("Practitioner", "family")
+            .map(|p| p.url.as_str());
+        assert_eq!(
+            other,
+            Some("http://hl7.org/fhir/SearchParameter/individual-family")
+        );
+
+        let refused = [
+            json!({"resourceType": "SearchParameter", "code": "x", "type": "string", "base": ["Patient"], "expression": "Patient.name.first()"}),
+            json!({"resourceType": "SearchParameter", "code": "x", "type": "string", "base": ["Patient"]}),
+            json!({"resourceType": "SearchParameter", "code": "x", "type": "bogus", "base": ["Patient"], "expression": "Patient.name"}),
+            json!({"resourceType": "SearchParameter", "code": "x", "type": "string", "expression": "Patient.name"}),
+            json!({"resourceType": "Patient", "code": "x"}),
+        ];
+        for sp in refused {
+            let result = registry.add(&sp);
+            assert!(result.is_err(), "{sp}");
+            println!("refused: {}", result.err().unwrap_or_default());
+        }
+    }
+}

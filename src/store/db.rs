@@ -1,0 +1,223 @@
+//! One database handle over SQLite or PostgreSQL. Only the store knows sqlx; every query in
+//! the server is written once, with `$1`-style placeholders that both dialects accept
+//! (SQLite reads `$N` as a named parameter numbered by first use, so the builders below
+//! always number arguments in the order they first appear).
+
+use sqlx::pool::PoolConnection;
+// `AssertSqlSafe`: every SQL text is built in this crate from constants and `SqlBuilder`
+// placeholders; client values are only ever bound as arguments.
+use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite};
+
+use crate::error::Result;
+
+/// A pooled connection of either backend. Owned, so that a write job can borrow it for the
+/// duration of one transaction without lifetime parameters leaking into the job type.
+pub enum Db {
+    Sqlite(PoolConnection<Sqlite>),
+    Pg(PoolConnection<Postgres>),
+}
+
+/// A bound argument.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+    Real(f64),
+}
+
+/// The declared type of a result column, so rows decode without guessing.
+#[derive(Debug, Clone, Copy)]
+pub enum Ty {
+    Int,
+    Text,
+    OptText,
+    Real,
+}
+
+/// A decoded column value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    Int(i64),
+    Text(String),
+    Null,
+    Real(f64),
+}
+
+impl Val {
+    pub fn int(&self) -> i64 {
+        match self {
+            Val::Int(i) => *i,
+            Val::Real(f) => *f as i64,
+            _ => 0,
+        }
+    }
+    pub fn text(self) -> Option<String> {
+        match self {
+            Val::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! bind_args {
+    ($q:expr, $args:expr) => {{
+        let mut q = $q;
+        for a in $args {
+            q = match a {
+                Arg::Text(s) => q.bind(s.as_str()),
+                Arg::OptText(s) => q.bind(s.as_deref()),
+                Arg::Int(i) => q.bind(*i),
+                Arg::Real(f) => q.bind(*f),
+            };
+        }
+        q
+    }};
+}
+
+macro_rules! decode_row {
+    ($row:expr, $shape:expr) => {{
+        let row = $row;
+        let mut out = Vec::with_capacity($shape.len());
+        for (i, ty) in $shape.iter().enumerate() {
+            out.push(match ty {
+                Ty::Int => row
+                    .try_get::<Option<i64>, _>(i)?
+                    .map_or(Val::Null, Val::Int),
+                Ty::Text | Ty::OptText => row
+                    .try_get::<Option<String>, _>(i)?
+                    .map_or(Val::Null, Val::Text),
+                Ty::Real => row
+                    .try_get::<Option<f64>, _>(i)?
+                    .map_or(Val::Null, Val::Real),
+            });
+        }
+        out
+    }};
+}
+
+impl Db {
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Db::Pg(_))
+    }
+
+    /// Runs a statement, returning the number of rows affected.
+    pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
+        Ok(match self {
+            Db::Sqlite(c) => bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
+                .execute(&mut **c)
+                .await?
+                .rows_affected(),
+            Db::Pg(c) => bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
+                .execute(&mut **c)
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    /// Runs SQL without arguments, possibly several statements (migrations, BEGIN, ...).
+    pub async fn raw(&mut self, sql: &str) -> Result<()> {
+        match self {
+            Db::Sqlite(c) => {
+                sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **c).await?;
+            }
+            Db::Pg(c) => {
+                sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **c).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn fetch_all(
+        &mut self,
+        sql: &str,
+        args: &[Arg],
+        shape: &[Ty],
+    ) -> Result<Vec<Vec<Val>>> {
+        let mut out = Vec::new();
+        match self {
+            Db::Sqlite(c) => {
+                for row in bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
+                    .fetch_all(&mut **c)
+                    .await?
+                {
+                    out.push(decode_row!(row, shape));
+                }
+            }
+            Db::Pg(c) => {
+                for row in bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
+                    .fetch_all(&mut **c)
+                    .await?
+                {
+                    out.push(decode_row!(row, shape));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn fetch_optional(
+        &mut self,
+        sql: &str,
+        args: &[Arg],
+        shape: &[Ty],
+    ) -> Result<Option<Vec<Val>>> {
+        Ok(match self {
+            Db::Sqlite(c) => match bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
+                .fetch_optional(&mut **c)
+                .await?
+            {
+                Some(row) => Some(decode_row!(row, shape)),
+                None => None,
+            },
+            Db::Pg(c) => match bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
+                .fetch_optional(&mut **c)
+                .await?
+            {
+                Some(row) => Some(decode_row!(row, shape)),
+                None => None,
+            },
+        })
+    }
+
+    pub async fn fetch_one_int(&mut self, sql: &str, args: &[Arg]) -> Result<i64> {
+        Ok(self
+            .fetch_optional(sql, args, &[Ty::Int])
+            .await?
+            .and_then(|r| r.into_iter().next())
+            .map_or(0, |v| v.int()))
+    }
+}
+
+/// Builds SQL with numbered placeholders in first-use order.
+#[derive(Default, Debug)]
+pub struct SqlBuilder {
+    pub sql: String,
+    pub args: Vec<Arg>,
+}
+
+impl SqlBuilder {
+    pub fn new(sql: &str) -> Self {
+        SqlBuilder {
+            sql: sql.to_string(),
+            args: Vec::new(),
+        }
+    }
+    pub fn push(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self
+    }
+    /// Appends a placeholder for `arg`.
+    pub fn bind(&mut self, arg: Arg) -> &mut Self {
+        self.args.push(arg);
+        self.sql.push('$');
+        self.sql.push_str(&self.args.len().to_string());
+        self
+    }
+    pub fn text(&mut self, s: impl Into<String>) -> &mut Self {
+        self.bind(Arg::Text(s.into()))
+    }
+    pub fn int(&mut self, i: i64) -> &mut Self {
+        self.bind(Arg::Int(i))
+    }
+}

@@ -1,0 +1,353 @@
+//! Resource storage (FHIR R4 http.html "versioning", "history"): the one write path.
+//!
+//! Every write is a *job* run inside one database transaction. On SQLite a single writer
+//! task owns the write connection and commits jobs in groups: it drains whatever jobs are
+//! queued, runs each inside its own SAVEPOINT (a failing job rolls back alone), commits
+//! once, and only then answers every job. One fsync is shared by the whole group, so
+//! throughput comes from group commit while each acknowledgement still follows a durable
+//! commit. On PostgreSQL each job runs in its own transaction on a pooled connection; the
+//! server's WAL writer groups concurrent commits itself.
+//!
+//! Architecture invariant: nothing outside this module opens a transaction, and no caller
+//! learns the outcome of a write before its COMMIT has returned.
+
+pub mod db;
+mod migrate;
+pub mod resource;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{ErrorKind, FhirError, Result};
+pub use db::{Arg, Db, SqlBuilder, Ty, Val};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Called with the commit result once the group holding the job has committed or failed.
+type Finish = Box<dyn FnOnce(Result<()>) + Send>;
+/// A write job: runs inside a transaction; says whether it succeeded and how to answer.
+type Job = Box<dyn for<'a> FnOnce(&'a mut Db) -> BoxFuture<'a, (bool, Finish)> + Send>;
+
+/// What the SQLite writer receives, in order: jobs, then at most one `Close`.
+enum WriterMsg {
+    Job(Job),
+    /// Checkpoint the WAL, drop the write connection and answer.
+    Close(oneshot::Sender<()>),
+}
+
+/// Durability of commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledged writes survive power loss (SQLite `synchronous=FULL`, PostgreSQL fsync).
+    Full,
+    /// Faster: SQLite `synchronous=NORMAL` (a power loss may drop the last commits, never
+    /// corrupt), PostgreSQL `synchronous_commit=off` for this server's sessions.
+    Relaxed,
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: String,
+    pub durability: Durability,
+    /// Connections for reads (SQLite) or for everything (PostgreSQL).
+    pub pool_size: u32,
+    /// Most jobs committed together by the SQLite writer.
+    pub group_commit_max: usize,
+}
+
+/// The store: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+enum Inner {
+    Sqlite {
+        read: SqlitePool,
+        writer: mpsc::Sender<WriterMsg>,
+        write_pool: SqlitePool,
+    },
+    Postgres {
+        pool: PgPool,
+    },
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the database named by `config.url`.
+    pub async fn open(config: &StoreConfig) -> Result<Store, String> {
+        if let Some(path) = config
+            .url
+            .strip_prefix("sqlite://")
+            .or_else(|| config.url.strip_prefix("sqlite:"))
+        {
+            Self::open_sqlite(path, config).await
+        } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
+            Self::open_postgres(config).await
+        } else {
+            Err(format!(
+                "unsupported database URL {:?}: use sqlite://PATH or postgres://USER@HOST/DB",
+                config.url
+            ))
+        }
+    }
+
+    async fn open_sqlite(path: &str, config: &StoreConfig) -> Result<Store, String> {
+        let path = if path.is_empty() {
+            "./data/iomt-fhir.db"
+        } else {
+            path
+        };
+        if path != ":memory:"
+            && let Some(dir) = std::path::Path::new(path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create database directory {}: {e}", dir.display()))?;
+        }
+        let sync = match config.durability {
+            Durability::Full => SqliteSynchronous::Full,
+            Durability::Relaxed => SqliteSynchronous::Normal,
+        };
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
+            .map_err(|e| format!("bad SQLite path {path:?}: {e}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(sync)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-65536")
+            .pragma("temp_store", "memory")
+            .foreign_keys(false);
+        let write_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts.clone())
+            .await
+            .map_err(|e| format!("cannot open SQLite database {path}: {e}"))?;
+        let mut conn = write_pool
+            .acquire()
+            .await
+            .map_err(|e| format!("cannot open SQLite database {path}: {e}"))?;
+        let mut db = Db::Sqlite(conn);
+        migrate::run(&mut db)
+            .await
+            .map_err(|e| format!("migrating {path}: {e}"))?;
+        conn = match db {
+            Db::Sqlite(c) => c,
+            Db::Pg(_) => return Err("internal: sqlite handle expected".into()),
+        };
+        let read = SqlitePoolOptions::new()
+            .max_connections(config.pool_size.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts.read_only(true))
+            .await
+            .map_err(|e| format!("cannot open SQLite database {path}: {e}"))?;
+        let (tx, rx) = mpsc::channel::<WriterMsg>(4096);
+        tokio::spawn(sqlite_writer(
+            Db::Sqlite(conn),
+            rx,
+            config.group_commit_max.max(1),
+        ));
+        Ok(Store {
+            inner: Arc::new(Inner::Sqlite {
+                read,
+                writer: tx,
+                write_pool,
+            }),
+        })
+    }
+
+    async fn open_postgres(config: &StoreConfig) -> Result<Store, String> {
+        let mut opts = PgConnectOptions::from_str(&config.url)
+            .map_err(|e| format!("bad PostgreSQL URL: {e}"))?
+            .application_name("iomt-fhir");
+        if config.durability == Durability::Relaxed {
+            opts = opts.options([("synchronous_commit", "off")]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pool_size.max(2))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await
+            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        let conn = pool
+            .acquire()
+            .await
+            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        let mut db = Db::Pg(conn);
+        migrate::run(&mut db)
+            .await
+            .map_err(|e| format!("migrating PostgreSQL: {e}"))?;
+        Ok(Store {
+            inner: Arc::new(Inner::Postgres { pool }),
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match &*self.inner {
+            Inner::Sqlite { .. } => "sqlite",
+            Inner::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// A connection for reads (no transaction).
+    pub async fn reader(&self) -> Result<Db> {
+        Ok(match &*self.inner {
+            Inner::Sqlite { read, .. } => Db::Sqlite(read.acquire().await?),
+            Inner::Postgres { pool } => Db::Pg(pool.acquire().await?),
+        })
+    }
+
+    /// Runs `f` inside one database transaction and returns its result only after COMMIT.
+    /// If `f` fails, everything it wrote is rolled back.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'a> FnOnce(&'a mut Db) -> BoxFuture<'a, Result<T>> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(move |db: &mut Db| {
+            Box::pin(async move {
+                let outcome = f(db).await;
+                let ok = outcome.is_ok();
+                let finish: Finish = Box::new(move |commit: Result<()>| {
+                    let _ = answer.send(commit.and(outcome));
+                });
+                (ok, finish)
+            })
+        });
+        match &*self.inner {
+            Inner::Sqlite { writer, .. } => {
+                writer.send(WriterMsg::Job(job)).await.map_err(|_| {
+                    FhirError::new(ErrorKind::Unavailable, "the store is shutting down")
+                })?;
+            }
+            Inner::Postgres { pool } => {
+                let mut db = Db::Pg(pool.acquire().await?);
+                db.raw("BEGIN").await?;
+                run_postgres_job(&mut db, job).await;
+            }
+        }
+        answered.await.map_err(|_| {
+            tracing::error!("a write job ended without an answer (panic inside the job)");
+            FhirError::internal("write job aborted")
+        })?
+    }
+
+    /// Closes the database cleanly (waits for the writer to finish queued jobs).
+    pub async fn close(&self) {
+        match &*self.inner {
+            Inner::Sqlite {
+                read,
+                write_pool,
+                writer,
+            } => {
+                // The writer handles messages in order: every job queued before this one is
+                // committed and answered first.
+                let (done, closed) = oneshot::channel();
+                if writer.send(WriterMsg::Close(done)).await.is_ok() {
+                    let _ = closed.await;
+                }
+                read.close().await;
+                write_pool.close().await;
+            }
+            Inner::Postgres { pool } => pool.close().await,
+        }
+    }
+}
+
+/// Runs one job inside the transaction its caller began.
+async fn run_postgres_job(db: &mut Db, job: Job) {
+    match AssertUnwindSafe(job(db)).catch_unwind().await {
+        Ok((true, finish)) => {
+            let commit = db.raw("COMMIT").await;
+            finish(commit);
+        }
+        Ok((false, finish)) => {
+            let _ = db.raw("ROLLBACK").await;
+            finish(Ok(()));
+        }
+        Err(_) => {
+            tracing::error!("panic inside a write job; rolled back");
+            let _ = db.raw("ROLLBACK").await;
+        }
+    }
+}
+
+/// The SQLite group-commit writer. See the module documentation.
+async fn sqlite_writer(mut db: Db, mut inbox: mpsc::Receiver<WriterMsg>, max_group: usize) {
+    let mut group: Vec<Job> = Vec::with_capacity(max_group);
+    let mut finishes: Vec<Finish> = Vec::with_capacity(max_group);
+    let mut close: Option<oneshot::Sender<()>> = None;
+    while close.is_none() {
+        match inbox.recv().await {
+            Some(WriterMsg::Job(job)) => group.push(job),
+            Some(WriterMsg::Close(done)) => close = Some(done),
+            None => break,
+        }
+        while close.is_none() && group.len() < max_group {
+            match inbox.try_recv() {
+                Ok(WriterMsg::Job(job)) => group.push(job),
+                Ok(WriterMsg::Close(done)) => close = Some(done),
+                Err(_) => break,
+            }
+        }
+        if group.is_empty() {
+            continue;
+        }
+        let result = run_group(&mut db, &mut group, &mut finishes).await;
+        if result.is_err() {
+            let _ = db.raw("ROLLBACK").await;
+        }
+        for finish in finishes.drain(..) {
+            finish(result.clone());
+        }
+    }
+    // A clean close leaves no WAL behind; the connection returns to its pool when dropped.
+    if let Err(e) = db.raw("PRAGMA wal_checkpoint(TRUNCATE)").await {
+        tracing::warn!(error = %e, "WAL checkpoint at close failed");
+    }
+    drop(db);
+    if let Some(done) = close {
+        let _ = done.send(());
+    }
+    tracing::debug!("SQLite writer stopped");
+}
+
+async fn run_group(db: &mut Db, group: &mut Vec<Job>, finishes: &mut Vec<Finish>) -> Result<()> {
+    if let Err(e) = db.raw("BEGIN IMMEDIATE").await {
+        // Dropping the jobs unanswered makes each caller report the write as failed.
+        tracing::error!(error = %e, "cannot begin a write transaction");
+        group.clear();
+        return Err(e);
+    }
+    for job in group.drain(..) {
+        db.raw("SAVEPOINT job").await?;
+        match AssertUnwindSafe(job(db)).catch_unwind().await {
+            Ok((ok, finish)) => {
+                if !ok {
+                    db.raw("ROLLBACK TO job").await?;
+                }
+                finishes.push(finish);
+            }
+            Err(_) => {
+                tracing::error!("panic inside a write job; rolled back");
+                db.raw("ROLLBACK TO job").await?;
+            }
+        }
+        db.raw("RELEASE job").await?;
+    }
+    db.raw("COMMIT").await
+}

@@ -1,0 +1,492 @@
+//! Versioned resource rows and their search indexes (FHIR R4 http.html "versioning";
+//! search.html parameter types). Every function here runs on a [`Db`] the caller owns,
+//! inside or outside a transaction.
+
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+use super::{Arg, Db, SqlBuilder, Ty, Val};
+use crate::error::{FhirError, Result};
+use crate::search::extract::{IndexEntry, IndexValue};
+use crate::time::{Micros, format_instant};
+
+/// The current row of a resource.
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub rid: i64,
+    pub version: i64,
+    pub last_updated: Micros,
+    pub deleted: bool,
+    pub seq: i64,
+    pub idx_mask: i64,
+}
+
+/// One stored version. `body` is `None` for a delete tombstone.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub res_type: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: Micros,
+    pub method: String,
+    pub body: Option<String>,
+    pub seq: i64,
+}
+
+/// A resource made ready for storage outside the write transaction: serialised with
+/// placeholders for the server-owned `meta.versionId` and `meta.lastUpdated`, and with its
+/// search index entries extracted. The single SQLite writer then only substitutes two
+/// strings and runs SQL; the CPU work happens on the request's own task.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub body: String,
+    pub index: Vec<IndexEntry>,
+}
+
+struct Placeholders {
+    version: String,
+    updated: String,
+}
+
+/// Random per process, so no client-supplied text can ever equal them.
+fn placeholders() -> &'static Placeholders {
+    static P: OnceLock<Placeholders> = OnceLock::new();
+    P.get_or_init(|| {
+        let n = uuid::Uuid::new_v4().simple().to_string();
+        Placeholders {
+            version: format!("vid-{n}"),
+            updated: format!("upd-{n}"),
+        }
+    })
+}
+
+/// Sets server-owned meta to placeholders, serialises, extracts index entries.
+pub fn prepare(resource: &mut Value, index: Vec<IndexEntry>) -> Result<Prepared> {
+    let p = placeholders();
+    let obj = resource
+        .as_object_mut()
+        .ok_or_else(|| FhirError::invalid("a resource must be a JSON object"))?;
+    let meta = obj
+        .entry("meta")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !meta.is_object() {
+        *meta = Value::Object(Default::default());
+    }
+    if let Some(meta) = meta.as_object_mut() {
+        meta.insert("versionId".into(), Value::String(p.version.clone()));
+        meta.insert("lastUpdated".into(), Value::String(p.updated.clone()));
+    }
+    let body = serde_json::to_string(resource).map_err(|e| FhirError::internal(e.to_string()))?;
+    Ok(Prepared { body, index })
+}
+
+/// Fills the placeholders of a prepared body.
+fn finish_body(body: &str, version: i64, last_updated: Micros) -> String {
+    let p = placeholders();
+    body.replacen(&p.version, &version.to_string(), 1).replacen(
+        &p.updated,
+        &format_instant(last_updated),
+        1,
+    )
+}
+
+/// The result of writing one version.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub id: String,
+    pub version: i64,
+    pub last_updated: Micros,
+    /// The stored JSON (meta filled), `None` for a delete.
+    pub body: Option<String>,
+    pub created: bool,
+}
+
+const CURRENT_COLS: [Ty; 6] = [Ty::Int, Ty::Int, Ty::Int, Ty::Int, Ty::Int, Ty::Int];
+
+fn current_from(row: Vec<Val>) -> Current {
+    Current {
+        rid: row[0].int(),
+        version: row[1].int(),
+        last_updated: row[2].int(),
+        deleted: row[3].int() != 0,
+        seq: row[4].int(),
+        idx_mask: row[5].int(),
+    }
+}
+
+const INDEX_TABLES: [&str; 7] = [
+    "idx_token",
+    "idx_string",
+    "idx_reference",
+    "idx_date",
+    "idx_number",
+    "idx_quantity",
+    "idx_uri",
+];
+
+fn kind_bit(v: &IndexValue) -> usize {
+    match v {
+        IndexValue::Token { .. } => 0,
+        IndexValue::String { .. } => 1,
+        IndexValue::Reference { .. } => 2,
+        IndexValue::Date { .. } => 3,
+        IndexValue::Number { .. } => 4,
+        IndexValue::Quantity { .. } => 5,
+        IndexValue::Uri(_) => 6,
+    }
+}
+
+/// A stable 63-bit hash (FNV-1a) for PostgreSQL advisory locks.
+pub fn lock_key(parts: &[&str]) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    (h >> 1) as i64
+}
+
+impl Db {
+    /// The current row, without locking.
+    pub async fn current(&mut self, ty: &str, id: &str) -> Result<Option<Current>> {
+        let row = self
+            .fetch_optional(
+                "SELECT rid, version, last_updated, deleted, seq, idx_mask FROM resource WHERE res_type = $1 AND res_id = $2",
+                &[Arg::Text(ty.into()), Arg::Text(id.into())],
+                &CURRENT_COLS,
+            )
+            .await?;
+        Ok(row.map(current_from))
+    }
+
+    /// The current row, locked against concurrent writers until the transaction ends.
+    /// On PostgreSQL an advisory lock on (type, id) also serialises two creators of the
+    /// same new id; SQLite has a single writer, so reading is enough.
+    pub async fn current_for_update(&mut self, ty: &str, id: &str) -> Result<Option<Current>> {
+        if !self.is_postgres() {
+            return self.current(ty, id).await;
+        }
+        self.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[Arg::Int(lock_key(&[ty, id]))],
+        )
+        .await?;
+        let row = self
+            .fetch_optional(
+                "SELECT rid, version, last_updated, deleted, seq, idx_mask FROM resource WHERE res_type = $1 AND res_id = $2 FOR UPDATE",
+                &[Arg::Text(ty.into()), Arg::Text(id.into())],
+                &CURRENT_COLS,
+            )
+            .await?;
+        Ok(row.map(current_from))
+    }
+
+    /// Serialises writers that test a condition before creating (conditional create and
+    /// update): two concurrent `If-None-Exist` creates must not both create.
+    pub async fn lock_condition(&mut self, ty: &str, condition: &str) -> Result<()> {
+        if self.is_postgres() {
+            self.execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[Arg::Int(lock_key(&["condition", ty, condition]))],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The current version of a resource (deleted ones come back with `body: None`).
+    pub async fn read(&mut self, ty: &str, id: &str) -> Result<Option<Stored>> {
+        let row = self
+            .fetch_optional(
+                "SELECT v.version, v.last_updated, v.method, v.body, v.seq FROM resource r JOIN resource_version v ON v.seq = r.seq WHERE r.res_type = $1 AND r.res_id = $2",
+                &[Arg::Text(ty.into()), Arg::Text(id.into())],
+                &[Ty::Int, Ty::Int, Ty::Text, Ty::OptText, Ty::Int],
+            )
+            .await?;
+        Ok(row.map(|r| stored_from(ty, id, r)))
+    }
+
+    /// One version of a resource.
+    pub async fn vread(&mut self, ty: &str, id: &str, version: i64) -> Result<Option<Stored>> {
+        let row = self
+            .fetch_optional(
+                "SELECT version, last_updated, method, body, seq FROM resource_version WHERE res_type = $1 AND res_id = $2 AND version = $3",
+                &[Arg::Text(ty.into()), Arg::Text(id.into()), Arg::Int(version)],
+                &[Ty::Int, Ty::Int, Ty::Text, Ty::OptText, Ty::Int],
+            )
+            .await?;
+        Ok(row.map(|r| stored_from(ty, id, r)))
+    }
+
+    /// Writes a new version (or a tombstone when `prepared` is `None`) after `prior`,
+    /// which the caller read with [`Db::current_for_update`] in this transaction.
+    pub async fn write_version(
+        &mut self,
+        ty: &str,
+        id: &str,
+        prior: Option<&Current>,
+        prepared: Option<&Prepared>,
+        method: &str,
+        now: Micros,
+    ) -> Result<Written> {
+        let version = prior.map_or(1, |c| c.version + 1);
+        // lastUpdated never goes backwards for one resource, even if the clock does.
+        let last_updated = prior.map_or(now, |c| now.max(c.last_updated + 1));
+        let body = prepared.map(|p| finish_body(&p.body, version, last_updated));
+        let seq = self
+            .fetch_one_int(
+                "INSERT INTO resource_version (res_type, res_id, version, last_updated, method, body) VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+                &[
+                    Arg::Text(ty.into()),
+                    Arg::Text(id.into()),
+                    Arg::Int(version),
+                    Arg::Int(last_updated),
+                    Arg::Text(method.into()),
+                    Arg::OptText(body.clone()),
+                ],
+            )
+            .await?;
+        let deleted = i64::from(prepared.is_none());
+        let mut mask = 0i64;
+        if let Some(p) = prepared {
+            for e in &p.index {
+                mask |= 1 << kind_bit(&e.value);
+            }
+        }
+        let rid = match prior {
+            Some(c) => {
+                self.execute(
+                    "UPDATE resource SET version = $1, last_updated = $2, deleted = $3, seq = $4, idx_mask = $5 WHERE rid = $6",
+                    &[
+                        Arg::Int(version),
+                        Arg::Int(last_updated),
+                        Arg::Int(deleted),
+                        Arg::Int(seq),
+                        Arg::Int(mask),
+                        Arg::Int(c.rid),
+                    ],
+                )
+                .await?;
+                self.clear_index(c.rid, c.idx_mask).await?;
+                c.rid
+            }
+            None => {
+                self.fetch_one_int(
+                    "INSERT INTO resource (res_type, res_id, version, last_updated, deleted, seq, idx_mask) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING rid",
+                    &[
+                        Arg::Text(ty.into()),
+                        Arg::Text(id.into()),
+                        Arg::Int(version),
+                        Arg::Int(last_updated),
+                        Arg::Int(deleted),
+                        Arg::Int(seq),
+                        Arg::Int(mask),
+                    ],
+                )
+                .await?
+            }
+        };
+        if let Some(p) = prepared {
+            self.insert_index(rid, ty, &p.index).await?;
+        }
+        Ok(Written {
+            id: id.to_string(),
+            version,
+            last_updated,
+            body,
+            created: prior.is_none(),
+        })
+    }
+
+    async fn clear_index(&mut self, rid: i64, mask: i64) -> Result<()> {
+        for (bit, table) in INDEX_TABLES.iter().enumerate() {
+            if mask & (1 << bit) != 0 {
+                self.execute(
+                    &format!("DELETE FROM {table} WHERE rid = $1"),
+                    &[Arg::Int(rid)],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn insert_index(&mut self, rid: i64, ty: &str, entries: &[IndexEntry]) -> Result<()> {
+        for bit in 0..INDEX_TABLES.len() {
+            let rows: Vec<&IndexEntry> = entries
+                .iter()
+                .filter(|e| kind_bit(&e.value) == bit)
+                .collect();
+            // 100 rows of at most 7 arguments stay far below SQLite's argument limit.
+            for chunk in rows.chunks(100) {
+                let mut b = SqlBuilder::new(match bit {
+                    0 => "INSERT INTO idx_token (rid, res_type, code, system, value, text) VALUES ",
+                    1 => "INSERT INTO idx_string (rid, res_type, code, norm, exact) VALUES ",
+                    2 => {
+                        "INSERT INTO idx_reference (rid, res_type, code, target_type, target_id, url) VALUES "
+                    }
+                    3 => "INSERT INTO idx_date (rid, res_type, code, lo, hi) VALUES ",
+                    4 => "INSERT INTO idx_number (rid, res_type, code, value) VALUES ",
+                    5 => {
+                        "INSERT INTO idx_quantity (rid, res_type, code, value, system, unit_code, unit) VALUES "
+                    }
+                    _ => "INSERT INTO idx_uri (rid, res_type, code, value) VALUES ",
+                });
+                for (i, e) in chunk.iter().enumerate() {
+                    b.push(if i == 0 { "(" } else { ", (" });
+                    b.int(rid)
+                        .push(", ")
+                        .text(ty)
+                        .push(", ")
+                        .text(e.code.clone());
+                    match &e.value {
+                        IndexValue::Token { system, code, text } => {
+                            b.push(", ").bind(Arg::OptText(system.clone()));
+                            b.push(", ").bind(Arg::OptText(code.clone()));
+                            b.push(", ").bind(Arg::OptText(text.clone()));
+                        }
+                        IndexValue::String { normalized, exact } => {
+                            b.push(", ")
+                                .text(normalized.clone())
+                                .push(", ")
+                                .text(exact.clone());
+                        }
+                        IndexValue::Reference {
+                            target_type,
+                            target_id,
+                            url,
+                        } => {
+                            b.push(", ").bind(Arg::OptText(target_type.clone()));
+                            b.push(", ").bind(Arg::OptText(target_id.clone()));
+                            b.push(", ").text(url.clone());
+                        }
+                        IndexValue::Date { start, end } => {
+                            b.push(", ").int(*start).push(", ").int(*end);
+                        }
+                        IndexValue::Number { value } => {
+                            b.push(", ").bind(Arg::Real(*value));
+                        }
+                        IndexValue::Quantity {
+                            value,
+                            system,
+                            code,
+                            unit,
+                        } => {
+                            b.push(", ").bind(Arg::Real(*value));
+                            b.push(", ").bind(Arg::OptText(system.clone()));
+                            b.push(", ").bind(Arg::OptText(code.clone()));
+                            b.push(", ").bind(Arg::OptText(unit.clone()));
+                        }
+                        IndexValue::Uri(u) => {
+                            b.push(", ").text(u.clone());
+                        }
+                    }
+                    b.push(")");
+                }
+                self.execute(&b.sql, &b.args).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// History (http.html#history): newest first, at most `count` entries with
+    /// `seq < before` (keyset paging, stable while others write).
+    pub async fn history(&mut self, q: &HistoryQuery) -> Result<Vec<Stored>> {
+        let mut b = SqlBuilder::new(
+            "SELECT v.res_type, v.res_id, v.version, v.last_updated, v.method, v.body, v.seq FROM resource_version v WHERE 1 = 1",
+        );
+        q.filter(&mut b);
+        b.push(" ORDER BY v.seq DESC LIMIT ").int(q.count);
+        let rows = self
+            .fetch_all(
+                &b.sql,
+                &b.args,
+                &[
+                    Ty::Text,
+                    Ty::Text,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Text,
+                    Ty::OptText,
+                    Ty::Int,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                let ty = it.next().and_then(Val::text).unwrap_or_default();
+                let id = it.next().and_then(Val::text).unwrap_or_default();
+                stored_from(&ty, &id, it.collect())
+            })
+            .collect())
+    }
+
+    /// The number of entries a history query matches (without paging).
+    pub async fn history_total(&mut self, q: &HistoryQuery) -> Result<i64> {
+        let mut b = SqlBuilder::new("SELECT COUNT(*) FROM resource_version v WHERE 1 = 1");
+        let unpaged = HistoryQuery {
+            before: None,
+            ..q.clone()
+        };
+        unpaged.filter(&mut b);
+        self.fetch_one_int(&b.sql, &b.args).await
+    }
+}
+
+/// What a history interaction asks for.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    pub res_type: Option<String>,
+    pub id: Option<String>,
+    pub since: Option<Micros>,
+    /// `_at`: only versions that were current at this instant.
+    pub at: Option<Micros>,
+    pub before: Option<i64>,
+    pub count: i64,
+}
+
+impl HistoryQuery {
+    fn filter(&self, b: &mut SqlBuilder) {
+        if let Some(t) = &self.res_type {
+            b.push(" AND v.res_type = ").text(t.clone());
+        }
+        if let Some(id) = &self.id {
+            b.push(" AND v.res_id = ").text(id.clone());
+        }
+        if let Some(s) = self.since {
+            b.push(" AND v.last_updated >= ").int(s);
+        }
+        if let Some(at) = self.at {
+            b.push(" AND v.last_updated <= ").int(at);
+            b.push(" AND NOT EXISTS (SELECT 1 FROM resource_version w WHERE w.res_type = v.res_type AND w.res_id = v.res_id AND w.version > v.version AND w.last_updated <= ")
+                .int(at)
+                .push(")");
+        }
+        if let Some(before) = self.before {
+            b.push(" AND v.seq < ").int(before);
+        }
+    }
+}
+
+fn stored_from(ty: &str, id: &str, row: Vec<Val>) -> Stored {
+    let mut it = row.into_iter();
+    let version = it.next().map_or(0, |v| v.int());
+    let last_updated = it.next().map_or(0, |v| v.int());
+    let method = it.next().and_then(Val::text).unwrap_or_default();
+    let body = it.next().and_then(Val::text);
+    let seq = it.next().map_or(0, |v| v.int());
+    Stored {
+        res_type: ty.to_string(),
+        id: id.to_string(),
+        version,
+        last_updated,
+        method,
+        body,
+        seq,
+    }
+}

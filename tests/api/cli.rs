@@ -1,0 +1,196 @@
+//! The real binary: `import` of the Synthea bundles, configuration errors, SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::helpers::POSTGRES_ENV;
+
+const BIN: &str = env!("CARGO_BIN_EXE_iomt-fhir");
+const SYNTHEA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/synthea");
+
+fn import_synthea(database: &str) {
+    let out = Command::new(BIN)
+        .args(["import", "--database", database, SYNTHEA])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run import");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "import failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("imported 5665 resources from 20 files"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("; 0 failures"), "{stdout}");
+}
+
+#[test]
+fn import_loads_all_of_synthea_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/synthea.db", dir.path().display());
+    import_synthea(&db);
+    // loading again adds the same number of new resources (POST entries), and still succeeds
+    import_synthea(&db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_loads_all_of_synthea_postgres() {
+    let Ok(base) = std::env::var(POSTGRES_ENV) else {
+        eprintln!("skipped: {POSTGRES_ENV} is not set");
+        return;
+    };
+    // A database of its own, so the count is exact.
+    use sqlx::Connection;
+    let name = format!("import_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("PostgreSQL reachable");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let url = match base.rfind('/') {
+        Some(i) => format!("{}/{name}", &base[..i]),
+        None => panic!("{POSTGRES_ENV} must end in /DATABASE"),
+    };
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || import_synthea(&u))
+        .await
+        .unwrap();
+    let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM resource")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 5665);
+    let dangling: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM resource_version WHERE body LIKE '%\"reference\":\"urn:uuid:%'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(dangling, 0, "every urn:uuid reference was rewritten");
+    drop(c);
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+        .execute(&mut conn)
+        .await;
+}
+
+#[test]
+fn bad_configuration_fails_with_one_line() {
+    for args in [
+        vec!["serve", "--listen", "not-an-address"],
+        vec!["serve", "--database", "mysql://x"],
+        vec!["serve", "--base-url", "ftp://x"],
+        vec!["serve", "--max-count", "0"],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("iomt-fhir: "), "{err}");
+    }
+    // a config file with an unknown key
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\ncolour = \"blue\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap(), "serve"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_data_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/t.db", dir.path().display());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let start = || {
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--database",
+                &db,
+            ])
+            .env("IOMT_FHIR_DURABILITY", "full")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let base = format!("http://127.0.0.1:{port}/fhir");
+    let wait_up = || {
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not start");
+    };
+    let mut child = start();
+    wait_up();
+    let client = raw_http::blocking_client();
+    let r = client(
+        &format!("{base}/Patient/keep"),
+        r#"{"resourceType":"Patient","id":"keep"}"#,
+    );
+    assert_eq!(r, 201);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+    let mut child = start();
+    wait_up();
+    let body = reqwest_get(&format!("{base}/Patient/keep"));
+    assert!(body.contains("\"id\":\"keep\""), "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Minimal blocking HTTP over std, to keep the test free of a second runtime.
+mod raw_http {
+    use std::io::{Read, Write};
+
+    fn exchange(url: &str, method: &str, body: &str) -> String {
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_once('/').unwrap();
+        let mut s = std::net::TcpStream::connect(host).unwrap();
+        write!(
+            s,
+            "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    pub fn blocking_client() -> impl Fn(&str, &str) -> u16 {
+        |url, body| {
+            let resp = exchange(url, "PUT", body);
+            resp.split_whitespace().nth(1).unwrap().parse().unwrap()
+        }
+    }
+
+    pub fn get(url: &str) -> String {
+        exchange(url, "GET", "")
+    }
+}
+
+fn reqwest_get(url: &str) -> String {
+    raw_http::get(url)
+}

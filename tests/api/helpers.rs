@@ -1,0 +1,170 @@
+//! Test harness: `spawn_app` starts the server on port 0 with a fresh database.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use iomt_fhir::app::Application;
+use iomt_fhir::config::{ServerArgs, Settings};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub const POSTGRES_ENV: &str = "IOMT_FHIR_TEST_POSTGRES_URL";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub database: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .put(self.url(path))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Stops the server gracefully and waits for the database to close.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.server.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+pub async fn json(r: reqwest::Response) -> Value {
+    let text = r.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// A fresh PostgreSQL schema per test, selected through `search_path`.
+async fn postgres_url(base: &str) -> String {
+    use sqlx::Connection;
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(base).await.unwrap_or_else(|e| {
+        panic!("{POSTGRES_ENV}={base} is set but PostgreSQL is unreachable: {e}")
+    });
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await
+        .expect("create schema");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-c%20search_path%3D{schema}")
+}
+
+/// Starts a server; `None` when the backend is PostgreSQL and no URL is configured.
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_with(backend, |_| {}).await
+}
+
+pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut ServerArgs)) -> Option<TestApp> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = match backend {
+        Backend::Sqlite => format!("sqlite://{}/test.db", dir.path().display()),
+        Backend::Postgres => match std::env::var(POSTGRES_ENV) {
+            Ok(url) => postgres_url(&url).await,
+            Err(_) => {
+                eprintln!("skipped: {POSTGRES_ENV} is not set");
+                return None;
+            }
+        },
+    };
+    let mut args = ServerArgs {
+        listen: Some("127.0.0.1:0".into()),
+        database: Some(database.clone()),
+        ..ServerArgs::default()
+    };
+    tweak(&mut args);
+    let settings = Settings::resolve(&args, None).expect("settings");
+    let app = Application::build(settings).await.expect("server starts");
+    let base = app.base_url().to_string();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    Some(TestApp {
+        base,
+        client,
+        database,
+        shutdown: Some(tx),
+        server: Some(server),
+        _dir: dir,
+    })
+}
+
+/// Defines `sqlite_NAME` and `postgres_NAME` tests running `NAME(app)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        pub mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite).await.expect("sqlite");
+                    super::$name(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+        pub mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(app) = $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await else { return };
+                    super::$name(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,259 @@
+//! transaction (atomic, ordered, references rewritten) and batch (independent entries).
+
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, json};
+
+async fn count(app: &TestApp, ty: &str) -> i64 {
+    json(app.get(&format!("{ty}?_summary=count")).await).await["total"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn transaction_rewrites_references_and_reports_each_entry(app: &TestApp) {
+    assert_eq!(
+        app.put(
+            "Patient/gone",
+            &json!({"resourceType": "Patient", "id": "gone"})
+        )
+        .await
+        .status(),
+        201
+    );
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",
+                "resource": {"resourceType": "Observation", "status": "final",
+                    "code": {"text": "heart rate"},
+                    "subject": {"reference": "urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059"}},
+                "request": {"method": "POST", "url": "Observation"}
+            },
+            {
+                "fullUrl": "urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059",
+                "resource": {"resourceType": "Patient",
+                    "identifier": [{"system": "urn:mrn", "value": "tx-1"}]},
+                "request": {"method": "POST", "url": "Patient"}
+            },
+            {
+                "resource": {"resourceType": "Device", "id": "monitor-1", "status": "active",
+                    "patient": {"reference": "urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059"}},
+                "request": {"method": "PUT", "url": "Device/monitor-1"}
+            },
+            {"request": {"method": "DELETE", "url": "Patient/gone"}},
+            {"request": {"method": "GET", "url": "Device/monitor-1"}}
+        ]
+    });
+    let r = app.post("", &bundle).await;
+    assert_eq!(r.status(), 200);
+    let b = json(r).await;
+    assert_eq!(b["type"], "transaction-response");
+    let e = b["entry"].as_array().unwrap();
+    assert_eq!(e.len(), 5, "one response per entry, in request order");
+    assert_eq!(e[0]["response"]["status"], "201 Created");
+    assert_eq!(e[1]["response"]["status"], "201 Created");
+    assert_eq!(e[2]["response"]["status"], "201 Created");
+    assert_eq!(e[3]["response"]["status"], "204 No Content");
+    assert_eq!(e[4]["response"]["status"], "200 OK");
+    assert_eq!(e[0]["response"]["etag"], "W/\"1\"");
+    assert!(e[0]["response"]["lastModified"].is_string());
+    let obs_loc = e[0]["response"]["location"].as_str().unwrap();
+    let pat_loc = e[1]["response"]["location"].as_str().unwrap();
+    let patient_ref = pat_loc.split("/_history").next().unwrap();
+    // references to the urn:uuid now name the assigned id
+    let obs = json(app.get(obs_loc.split("/_history").next().unwrap()).await).await;
+    assert_eq!(obs["subject"]["reference"], patient_ref);
+    let dev = json(app.get("Device/monitor-1").await).await;
+    assert_eq!(dev["patient"]["reference"], patient_ref);
+    assert_eq!(app.get("Patient/gone").await.status(), 410);
+    // GET entries see the transaction's own writes
+    assert_eq!(e[4]["response"]["etag"], "W/\"1\"");
+}
+
+async fn transaction_is_all_or_nothing(app: &TestApp) {
+    let before = count(app, "Patient").await;
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Patient", "id": "x", "gender": "banana"},
+             "request": {"method": "PUT", "url": "Patient/x"}}
+        ]
+    });
+    let r = app.post("", &bundle).await;
+    assert_eq!(r.status(), 422);
+    let oo = json(r).await;
+    assert_eq!(oo["issue"][0]["expression"][0], "Patient.gender");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("Bundle.entry[1]")
+    );
+    // a failure found inside the database transaction rolls back earlier entries too
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Patient", "id": "y"},
+             "request": {"method": "PUT", "url": "Patient/y", "ifMatch": "W/\"7\""}}
+        ]
+    });
+    let r = app.post("", &bundle).await;
+    assert_eq!(r.status(), 412);
+    assert_eq!(
+        count(app, "Patient").await,
+        before,
+        "nothing from a failed transaction is kept"
+    );
+    // two entries for one resource are refused
+    let bundle = json!({
+        "resourceType": "Bundle", "type": "transaction",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": "z"}, "request": {"method": "PUT", "url": "Patient/z"}},
+            {"request": {"method": "DELETE", "url": "Patient/z"}}
+        ]
+    });
+    assert_eq!(app.post("", &bundle).await.status(), 400);
+    // an unresolvable urn:uuid reference
+    let bundle = json!({
+        "resourceType": "Bundle", "type": "transaction",
+        "entry": [{"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "urn:uuid:00000000-0000-0000-0000-000000000000"}},
+            "request": {"method": "POST", "url": "Observation"}}]
+    });
+    assert_eq!(app.post("", &bundle).await.status(), 400);
+}
+
+async fn transaction_conditional_references_and_creates(app: &TestApp) {
+    let p =
+        json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "c-1"}]});
+    assert_eq!(app.post("Patient", &p).await.status(), 201);
+    let bundle = |value: &str| {
+        json!({
+            "resourceType": "Bundle", "type": "transaction",
+            "entry": [
+                {"fullUrl": "urn:uuid:3f0f3b3c-62f4-4c05-9d39-4d5a2a2d9a01",
+                 "resource": {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": value}]},
+                 "request": {"method": "POST", "url": "Patient", "ifNoneExist": format!("identifier=urn:mrn|{value}")}},
+                {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                    "subject": {"reference": "urn:uuid:3f0f3b3c-62f4-4c05-9d39-4d5a2a2d9a01"},
+                    "performer": [{"reference": "Patient?identifier=urn:mrn|c-1"}]},
+                 "request": {"method": "POST", "url": "Observation"}},
+                {"resource": {"resourceType": "Encounter", "status": "finished",
+                    "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                    "identifier": [{"system": "urn:enc", "value": value}]},
+                 "request": {"method": "PUT", "url": format!("Encounter?identifier=urn:enc|{value}")}}
+            ]
+        })
+    };
+    let b = json(app.post("", &bundle("c-1")).await).await;
+    assert_eq!(
+        b["entry"][0]["response"]["status"], "200 OK",
+        "ifNoneExist matched: {b}"
+    );
+    assert_eq!(b["entry"][2]["response"]["status"], "201 Created");
+    let existing = b["entry"][0]["response"]["location"]
+        .as_str()
+        .unwrap()
+        .split("/_history")
+        .next()
+        .unwrap()
+        .to_string();
+    let obs_loc = b["entry"][1]["response"]["location"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let obs = json(app.get(&obs_loc).await).await;
+    assert_eq!(obs["subject"]["reference"], existing.as_str());
+    assert_eq!(obs["performer"][0]["reference"], existing.as_str());
+    // run again: idempotent for the conditional parts
+    let b = json(app.post("", &bundle("c-1")).await).await;
+    assert_eq!(b["entry"][2]["response"]["status"], "200 OK");
+    assert_eq!(count(app, "Patient").await, 1);
+    assert_eq!(count(app, "Encounter").await, 1);
+    // a conditional reference that matches nothing fails the transaction
+    let mut bad = bundle("c-2");
+    bad["entry"][1]["resource"]["performer"][0]["reference"] =
+        json!("Patient?identifier=urn:mrn|nobody");
+    assert_eq!(app.post("", &bad).await.status(), 412);
+    assert_eq!(count(app, "Patient").await, 1);
+}
+
+async fn batch_entries_are_independent(app: &TestApp) {
+    let bundle = json!({
+        "resourceType": "Bundle", "type": "batch",
+        "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Patient", "gender": "banana"}, "request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "GET", "url": "Patient/missing"}},
+            {"request": {"method": "GET", "url": "Nonsense/1"}},
+            {"request": {"method": "POST"}}
+        ]
+    });
+    let r = app.post("", &bundle).await;
+    assert_eq!(r.status(), 200);
+    let b = json(r).await;
+    assert_eq!(b["type"], "batch-response");
+    let statuses: Vec<&str> = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "201 Created",
+            "422 Unprocessable Entity",
+            "404 Not Found",
+            "404 Not Found",
+            "400 Bad Request"
+        ]
+    );
+    assert_eq!(
+        b["entry"][1]["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
+    assert_eq!(count(app, "Patient").await, 1);
+}
+
+async fn bundle_limits(app: &TestApp) {
+    let entry = json!({"resource": {"resourceType": "Basic", "code": {"text": "x"}}, "request": {"method": "POST", "url": "Basic"}});
+    let entries: Vec<Value> = std::iter::repeat_n(entry, 11).collect();
+    let r = app
+        .post(
+            "",
+            &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+        )
+        .await;
+    assert_eq!(r.status(), 413);
+    let r = app
+        .post("", &json!({"resourceType": "Bundle", "type": "collection"}))
+        .await;
+    assert_eq!(r.status(), 400);
+    let r = app.post("", &json!({"resourceType": "Patient"})).await;
+    assert_eq!(r.status(), 400);
+}
+
+crate::both_backends!(
+    transaction_rewrites_references_and_reports_each_entry,
+    transaction_is_all_or_nothing,
+    transaction_conditional_references_and_creates,
+    batch_entries_are_independent,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_bundle_limits() {
+    let app = crate::helpers::spawn_with(crate::helpers::Backend::Sqlite, |a| {
+        a.max_bundle_entries = Some(10)
+    })
+    .await
+    .unwrap();
+    bundle_limits(&app).await;
+    app.stop().await;
+}
