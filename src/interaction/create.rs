@@ -40,13 +40,11 @@ pub async fn create_in(
             }
         }
     }
-    let prior = db.current_for_update(ty, id).await?;
-    if prior.as_ref().is_some_and(|c| !c.deleted) {
-        return Err(FhirError::conflict(format!("{ty}/{id} already exists")));
-    }
+    // `id` is a fresh random UUID (`new_id`): no earlier version can exist, so there is no
+    // current row to read or lock.
     let now = crate::time::now_micros();
     let w = db
-        .write_version(ty, id, prior.as_ref(), Some(prepared), "POST", now)
+        .write_version(ty, id, None, Some(prepared), "POST", now)
         .await?;
     Ok(Created::New(w))
 }

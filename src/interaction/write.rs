@@ -113,6 +113,8 @@ pub async fn matching_ids(
     limit: usize,
 ) -> Result<Vec<String>> {
     let q = parse_condition(&ctx.defs.registry, ty, query)?;
+    // Earlier writes of this job must be visible to the condition.
+    db.flush_index().await?;
     let b = q.ids_sql(limit);
     let rows = db.fetch_all(&b.sql, &b.args, &[Ty::Text]).await?;
     Ok(rows

@@ -10,11 +10,18 @@ use sqlx::{AssertSqlSafe, Postgres, Row, Sqlite};
 
 use crate::error::Result;
 
-/// A pooled connection of either backend. Owned, so that a write job can borrow it for the
-/// duration of one transaction without lifetime parameters leaking into the job type.
-pub enum Db {
+/// A pooled connection of either backend.
+pub enum Conn {
     Sqlite(PoolConnection<Sqlite>),
     Pg(PoolConnection<Postgres>),
+}
+
+/// A database handle: a connection plus the search-index rows written by the current job
+/// but not yet sent (see [`Db::flush_index`]). Owned, so that a write job can borrow it for
+/// the duration of one transaction without lifetime parameters leaking into the job type.
+pub struct Db {
+    pub conn: Conn,
+    pub(crate) pending_index: Vec<crate::store::resource::PendingIndex>,
 }
 
 /// A bound argument.
@@ -97,18 +104,32 @@ macro_rules! decode_row {
 }
 
 impl Db {
+    pub fn sqlite(c: PoolConnection<Sqlite>) -> Db {
+        Db {
+            conn: Conn::Sqlite(c),
+            pending_index: Vec::new(),
+        }
+    }
+
+    pub fn pg(c: PoolConnection<Postgres>) -> Db {
+        Db {
+            conn: Conn::Pg(c),
+            pending_index: Vec::new(),
+        }
+    }
+
     pub fn is_postgres(&self) -> bool {
-        matches!(self, Db::Pg(_))
+        matches!(self.conn, Conn::Pg(_))
     }
 
     /// Runs a statement, returning the number of rows affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
-        Ok(match self {
-            Db::Sqlite(c) => bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
+        Ok(match &mut self.conn {
+            Conn::Sqlite(c) => bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
                 .execute(&mut **c)
                 .await?
                 .rows_affected(),
-            Db::Pg(c) => bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
+            Conn::Pg(c) => bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
                 .execute(&mut **c)
                 .await?
                 .rows_affected(),
@@ -117,11 +138,11 @@ impl Db {
 
     /// Runs SQL without arguments, possibly several statements (migrations, BEGIN, ...).
     pub async fn raw(&mut self, sql: &str) -> Result<()> {
-        match self {
-            Db::Sqlite(c) => {
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
                 sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **c).await?;
             }
-            Db::Pg(c) => {
+            Conn::Pg(c) => {
                 sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **c).await?;
             }
         }
@@ -135,8 +156,8 @@ impl Db {
         shape: &[Ty],
     ) -> Result<Vec<Vec<Val>>> {
         let mut out = Vec::new();
-        match self {
-            Db::Sqlite(c) => {
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
                 for row in bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
                     .fetch_all(&mut **c)
                     .await?
@@ -144,7 +165,7 @@ impl Db {
                     out.push(decode_row!(row, shape));
                 }
             }
-            Db::Pg(c) => {
+            Conn::Pg(c) => {
                 for row in bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
                     .fetch_all(&mut **c)
                     .await?
@@ -156,28 +177,18 @@ impl Db {
         Ok(out)
     }
 
+    /// The first row, if any. Implemented with `fetch_all` on purpose: stepping a SQLite
+    /// statement to completion ends its statement transaction. A statement left active
+    /// (as `fetch_optional` leaves it in sqlx's statement cache) keeps a statement journal
+    /// open, and every later write then opens its own at a deeper savepoint level; that cost
+    /// 40% of the server's CPU in the ingest benchmark.
     pub async fn fetch_optional(
         &mut self,
         sql: &str,
         args: &[Arg],
         shape: &[Ty],
     ) -> Result<Option<Vec<Val>>> {
-        Ok(match self {
-            Db::Sqlite(c) => match bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
-                .fetch_optional(&mut **c)
-                .await?
-            {
-                Some(row) => Some(decode_row!(row, shape)),
-                None => None,
-            },
-            Db::Pg(c) => match bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
-                .fetch_optional(&mut **c)
-                .await?
-            {
-                Some(row) => Some(decode_row!(row, shape)),
-                None => None,
-            },
-        })
+        Ok(self.fetch_all(sql, args, shape).await?.into_iter().next())
     }
 
     pub async fn fetch_one_int(&mut self, sql: &str, args: &[Arg]) -> Result<i64> {

@@ -102,6 +102,14 @@ pub struct Written {
     pub created: bool,
 }
 
+/// A search-index row waiting for [`Db::flush_index`].
+#[derive(Debug, Clone)]
+pub struct PendingIndex {
+    pub rid: i64,
+    pub res_type: String,
+    pub entry: IndexEntry,
+}
+
 const CURRENT_COLS: [Ty; 6] = [Ty::Int, Ty::Int, Ty::Int, Ty::Int, Ty::Int, Ty::Int];
 
 fn current_from(row: Vec<Val>) -> Current {
@@ -135,6 +143,112 @@ fn kind_bit(v: &IndexValue) -> usize {
         IndexValue::Quantity { .. } => 5,
         IndexValue::Uri(_) => 6,
     }
+}
+
+/// JSON has no NaN or infinity; such values are not indexed as numbers anyway.
+fn finite(v: f64) -> Value {
+    serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+}
+
+/// `INSERT ... SELECT` over a JSON array of row arrays, per dialect.
+fn bulk_insert_sql(bit: usize, pg: bool) -> String {
+    // (table, [(column, PostgreSQL type)])
+    let (table, cols): (&str, &[(&str, &str)]) = match bit {
+        0 => (
+            "idx_token",
+            &[
+                ("rid", "bigint"),
+                ("res_type", "text"),
+                ("code", "text"),
+                ("system", "text"),
+                ("value", "text"),
+                ("text", "text"),
+            ],
+        ),
+        1 => (
+            "idx_string",
+            &[
+                ("rid", "bigint"),
+                ("res_type", "text"),
+                ("code", "text"),
+                ("norm", "text"),
+                ("exact", "text"),
+            ],
+        ),
+        2 => (
+            "idx_reference",
+            &[
+                ("rid", "bigint"),
+                ("res_type", "text"),
+                ("code", "text"),
+                ("target_type", "text"),
+                ("target_id", "text"),
+                ("url", "text"),
+            ],
+        ),
+        3 => (
+            "idx_date",
+            &[
+                ("rid", "bigint"),
+                ("res_type", "text"),
+                ("code", "text"),
+                ("lo", "bigint"),
+                ("hi", "bigint"),
+            ],
+        ),
+        4 => (
+            "idx_number",
+            &[
+                ("rid", "bigint"),
+                ("res_type", "text"),
+                ("code", "text"),
+                ("value", "double precision"),
+            ],
+        ),
+        5 => (
+            "idx_quantity",
+            &[
+                ("rid", "bigint"),
+                ("res_type", "text"),
+                ("code", "text"),
+                ("value", "double precision"),
+                ("system", "text"),
+                ("unit_code", "text"),
+                ("unit", "text"),
+            ],
+        ),
+        _ => (
+            "idx_uri",
+            &[
+                ("rid", "bigint"),
+                ("res_type", "text"),
+                ("code", "text"),
+                ("value", "text"),
+            ],
+        ),
+    };
+    let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+    let values: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (_, t))| {
+            if pg {
+                format!("(e->>{i})::{t}")
+            } else {
+                format!("e.value->>{i}")
+            }
+        })
+        .collect();
+    let source = if pg {
+        "json_array_elements($1::json) AS e"
+    } else {
+        "json_each($1) AS e"
+    };
+    format!(
+        "INSERT INTO {table} ({}) SELECT {} FROM {source}",
+        names.join(", "),
+        values.join(", ")
+    )
 }
 
 /// A stable 63-bit hash (FNV-1a) for PostgreSQL advisory locks.
@@ -290,7 +404,12 @@ impl Db {
             }
         };
         if let Some(p) = prepared {
-            self.insert_index(rid, ty, &p.index).await?;
+            self.pending_index
+                .extend(p.index.iter().map(|e| PendingIndex {
+                    rid,
+                    res_type: ty.to_string(),
+                    entry: e.clone(),
+                }));
         }
         Ok(Written {
             id: id.to_string(),
@@ -302,6 +421,7 @@ impl Db {
     }
 
     async fn clear_index(&mut self, rid: i64, mask: i64) -> Result<()> {
+        self.pending_index.retain(|p| p.rid != rid);
         for (bit, table) in INDEX_TABLES.iter().enumerate() {
             if mask & (1 << bit) != 0 {
                 self.execute(
@@ -314,80 +434,83 @@ impl Db {
         Ok(())
     }
 
-    async fn insert_index(&mut self, rid: i64, ty: &str, entries: &[IndexEntry]) -> Result<()> {
-        for bit in 0..INDEX_TABLES.len() {
-            let rows: Vec<&IndexEntry> = entries
-                .iter()
-                .filter(|e| kind_bit(&e.value) == bit)
-                .collect();
-            // 100 rows of at most 7 arguments stay far below SQLite's argument limit.
-            for chunk in rows.chunks(100) {
-                let mut b = SqlBuilder::new(match bit {
-                    0 => "INSERT INTO idx_token (rid, res_type, code, system, value, text) VALUES ",
-                    1 => "INSERT INTO idx_string (rid, res_type, code, norm, exact) VALUES ",
-                    2 => {
-                        "INSERT INTO idx_reference (rid, res_type, code, target_type, target_id, url) VALUES "
-                    }
-                    3 => "INSERT INTO idx_date (rid, res_type, code, lo, hi) VALUES ",
-                    4 => "INSERT INTO idx_number (rid, res_type, code, value) VALUES ",
-                    5 => {
-                        "INSERT INTO idx_quantity (rid, res_type, code, value, system, unit_code, unit) VALUES "
-                    }
-                    _ => "INSERT INTO idx_uri (rid, res_type, code, value) VALUES ",
-                });
-                for (i, e) in chunk.iter().enumerate() {
-                    b.push(if i == 0 { "(" } else { ", (" });
-                    b.int(rid)
-                        .push(", ")
-                        .text(ty)
-                        .push(", ")
-                        .text(e.code.clone());
-                    match &e.value {
-                        IndexValue::Token { system, code, text } => {
-                            b.push(", ").bind(Arg::OptText(system.clone()));
-                            b.push(", ").bind(Arg::OptText(code.clone()));
-                            b.push(", ").bind(Arg::OptText(text.clone()));
-                        }
-                        IndexValue::String { normalized, exact } => {
-                            b.push(", ")
-                                .text(normalized.clone())
-                                .push(", ")
-                                .text(exact.clone());
-                        }
-                        IndexValue::Reference {
-                            target_type,
-                            target_id,
-                            url,
-                        } => {
-                            b.push(", ").bind(Arg::OptText(target_type.clone()));
-                            b.push(", ").bind(Arg::OptText(target_id.clone()));
-                            b.push(", ").text(url.clone());
-                        }
-                        IndexValue::Date { start, end } => {
-                            b.push(", ").int(*start).push(", ").int(*end);
-                        }
-                        IndexValue::Number { value } => {
-                            b.push(", ").bind(Arg::Real(*value));
-                        }
-                        IndexValue::Quantity {
-                            value,
-                            system,
-                            code,
-                            unit,
-                        } => {
-                            b.push(", ").bind(Arg::Real(*value));
-                            b.push(", ").bind(Arg::OptText(system.clone()));
-                            b.push(", ").bind(Arg::OptText(code.clone()));
-                            b.push(", ").bind(Arg::OptText(unit.clone()));
-                        }
-                        IndexValue::Uri(u) => {
-                            b.push(", ").text(u.clone());
-                        }
-                    }
-                    b.push(")");
+    /// Writes the buffered search-index rows: one statement per index table, whatever the
+    /// number of rows, with a fixed SQL text (rows travel as one JSON array argument). A
+    /// job's index rows are flushed before any search inside the job and before its commit.
+    pub async fn flush_index(&mut self) -> Result<()> {
+        if self.pending_index.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending_index);
+        let mut tables: [Vec<Value>; 7] = Default::default();
+        for p in &pending {
+            let (rid, ty, code) = (
+                Value::from(p.rid),
+                Value::from(p.res_type.as_str()),
+                Value::from(p.entry.code.as_str()),
+            );
+            let opt = |o: &Option<String>| o.as_deref().map_or(Value::Null, Value::from);
+            let row = match &p.entry.value {
+                IndexValue::Token {
+                    system,
+                    code: c,
+                    text,
+                } => vec![rid, ty, code, opt(system), opt(c), opt(text)],
+                IndexValue::String { normalized, exact } => {
+                    vec![
+                        rid,
+                        ty,
+                        code,
+                        Value::from(normalized.as_str()),
+                        Value::from(exact.as_str()),
+                    ]
                 }
-                self.execute(&b.sql, &b.args).await?;
+                IndexValue::Reference {
+                    target_type,
+                    target_id,
+                    url,
+                } => {
+                    vec![
+                        rid,
+                        ty,
+                        code,
+                        opt(target_type),
+                        opt(target_id),
+                        Value::from(url.as_str()),
+                    ]
+                }
+                IndexValue::Date { start, end } => {
+                    vec![rid, ty, code, Value::from(*start), Value::from(*end)]
+                }
+                IndexValue::Number { value } => vec![rid, ty, code, finite(*value)],
+                IndexValue::Quantity {
+                    value,
+                    system,
+                    code: c,
+                    unit,
+                } => {
+                    vec![
+                        rid,
+                        ty,
+                        code,
+                        finite(*value),
+                        opt(system),
+                        opt(c),
+                        opt(unit),
+                    ]
+                }
+                IndexValue::Uri(u) => vec![rid, ty, code, Value::from(u.as_str())],
+            };
+            tables[kind_bit(&p.entry.value)].push(Value::Array(row));
+        }
+        let pg = self.is_postgres();
+        for (bit, rows) in tables.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
             }
+            let sql = bulk_insert_sql(bit, pg);
+            self.execute(&sql, &[Arg::Text(Value::Array(rows.clone()).to_string())])
+                .await?;
         }
         Ok(())
     }
