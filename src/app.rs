@@ -25,6 +25,7 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         durability: settings.durability,
         pool_size: settings.db_pool_size,
         group_commit_max: settings.group_commit_max,
+        cache_bytes: settings.cache_mib << 20,
     })
     .await?;
     Ok(Arc::new(Ctx {

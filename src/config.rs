@@ -78,6 +78,10 @@ pub struct ServerArgs {
     /// Most writes the SQLite writer commits together [default: 256].
     #[arg(long, env = "IOMT_FHIR_GROUP_COMMIT_MAX")]
     pub group_commit_max: Option<usize>,
+    /// MiB of current resource versions cached for reads by id (SQLite only; 0 turns it
+    /// off) [default: 64].
+    #[arg(long, env = "IOMT_FHIR_CACHE_MIB")]
+    pub cache_mib: Option<usize>,
     /// Conditional delete matching several resources: single (412) or multiple [default: single].
     #[arg(long, env = "IOMT_FHIR_CONDITIONAL_DELETE", value_enum)]
     pub conditional_delete: Option<ConditionalDeleteMode>,
@@ -97,6 +101,7 @@ pub struct Settings {
     pub max_count: usize,
     pub db_pool_size: u32,
     pub group_commit_max: usize,
+    pub cache_mib: usize,
     pub conditional_delete: ConditionalDeleteMode,
 }
 
@@ -190,6 +195,7 @@ impl Settings {
                     .or(file.group_commit_max)
                     .unwrap_or(256),
             )?,
+            cache_mib: args.cache_mib.or(file.cache_mib).unwrap_or(64),
             conditional_delete: args
                 .conditional_delete
                 .or(file.conditional_delete)

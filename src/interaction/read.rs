@@ -7,8 +7,8 @@ use crate::interaction::{Body, FhirRequest, FhirResponse, SharedCtx, parse_etag}
 
 /// `GET [base]/[type]/[id]`.
 pub async fn read(ctx: &SharedCtx, ty: &str, id: &str, req: &FhirRequest) -> Result<FhirResponse> {
-    let mut db = ctx.store.reader().await?;
-    let stored = db
+    let stored = ctx
+        .store
         .read(ty, id)
         .await?
         .ok_or_else(|| FhirError::not_found(format!("{ty}/{id} is not known")))?;

@@ -5,7 +5,7 @@ use serde_json::Value;
 use crate::error::{FhirError, Result};
 use crate::interaction::{Ctx, FhirRequest, FhirResponse, SharedCtx, new_id, write};
 use crate::store::Db;
-use crate::store::resource::{Prepared, Written};
+use crate::store::resource::{Prepared, Written, finish_body};
 
 /// Writes a new version of `ty/id` (creating it if absent) inside the caller's transaction.
 pub async fn update_in(
@@ -17,6 +17,22 @@ pub async fn update_in(
 ) -> Result<Written> {
     let prior = db.current_for_update(ty, id).await?;
     write::check_if_match(if_match, prior.as_ref(), &format!("{ty}/{id}"))?;
+    // An update that changes nothing writes nothing (no new version): redelivered HL7 v2
+    // messages and device readings stay no-ops. Both texts come from the same serialiser, so
+    // the prepared body with the current meta filled in equals the stored text exactly when
+    // the content is the same.
+    if let Some(c) = prior.as_ref().filter(|c| !c.deleted)
+        && let Some(current) = db.vread(ty, id, c.version).await?.and_then(|s| s.body)
+        && finish_body(&prepared.body, c.version, c.last_updated) == current
+    {
+        return Ok(Written {
+            id: id.to_string(),
+            version: c.version,
+            last_updated: c.last_updated,
+            body: Some(current),
+            created: false,
+        });
+    }
     let now = crate::time::now_micros();
     let mut w = db
         .write_version(ty, id, prior.as_ref(), Some(prepared), "PUT", now)

@@ -22,6 +22,8 @@ pub enum Conn {
 pub struct Db {
     pub conn: Conn,
     pub(crate) pending_index: Vec<crate::store::resource::PendingIndex>,
+    /// Versions written in the current transaction, for the read cache once committed.
+    pub(crate) written: Vec<(String, String, crate::store::cache::Cached)>,
 }
 
 /// A bound argument.
@@ -108,6 +110,7 @@ impl Db {
         Db {
             conn: Conn::Sqlite(c),
             pending_index: Vec::new(),
+            written: Vec::new(),
         }
     }
 
@@ -115,6 +118,7 @@ impl Db {
         Db {
             conn: Conn::Pg(c),
             pending_index: Vec::new(),
+            written: Vec::new(),
         }
     }
 

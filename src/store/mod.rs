@@ -11,6 +11,7 @@
 //! Architecture invariant: nothing outside this module opens a transaction, and no caller
 //! learns the outcome of a write before its COMMIT has returned.
 
+pub mod cache;
 pub mod db;
 mod migrate;
 pub mod resource;
@@ -65,6 +66,8 @@ pub struct StoreConfig {
     pub pool_size: u32,
     /// Most jobs committed together by the SQLite writer.
     pub group_commit_max: usize,
+    /// Bytes of current versions cached for reads by id (SQLite only).
+    pub cache_bytes: usize,
 }
 
 /// The store: cheap to clone, shared by every request.
@@ -78,6 +81,7 @@ enum Inner {
         read: SqlitePool,
         writer: mpsc::Sender<WriterMsg>,
         write_pool: SqlitePool,
+        cache: Arc<cache::ResourceCache>,
     },
     Postgres {
         pool: PgPool,
@@ -155,12 +159,19 @@ impl Store {
             .await
             .map_err(|e| format!("cannot open SQLite database {path}: {e}"))?;
         let (tx, rx) = mpsc::channel::<WriterMsg>(4096);
-        tokio::spawn(sqlite_writer(db, rx, config.group_commit_max.max(1)));
+        let cache = Arc::new(cache::ResourceCache::new(config.cache_bytes));
+        tokio::spawn(sqlite_writer(
+            db,
+            rx,
+            config.group_commit_max.max(1),
+            cache.clone(),
+        ));
         Ok(Store {
             inner: Arc::new(Inner::Sqlite {
                 read,
                 writer: tx,
                 write_pool,
+                cache,
             }),
         })
     }
@@ -204,6 +215,22 @@ impl Store {
             Inner::Sqlite { read, .. } => Db::sqlite(read.acquire().await?),
             Inner::Postgres { pool } => Db::pg(pool.acquire().await?),
         })
+    }
+
+    /// The current version of `ty/id` (deleted ones with `body: None`): from the read cache
+    /// on SQLite when it has it, else from the database.
+    pub async fn read(&self, ty: &str, id: &str) -> Result<Option<resource::Stored>> {
+        if let Inner::Sqlite { cache, .. } = &*self.inner {
+            if let Some(s) = cache.get(ty, id) {
+                return Ok(Some(s));
+            }
+            let stored = self.reader().await?.read(ty, id).await?;
+            if let Some(s) = &stored {
+                cache.observed(s);
+            }
+            return Ok(stored);
+        }
+        self.reader().await?.read(ty, id).await
     }
 
     /// Runs `f` inside one database transaction and returns its result only after COMMIT.
@@ -258,6 +285,7 @@ impl Store {
                 read,
                 write_pool,
                 writer,
+                ..
             } => {
                 // The writer handles messages in order: every job queued before this one is
                 // committed and answered first.
@@ -292,7 +320,12 @@ async fn run_postgres_job(db: &mut Db, job: Job) {
 }
 
 /// The SQLite group-commit writer. See the module documentation.
-async fn sqlite_writer(mut db: Db, mut inbox: mpsc::Receiver<WriterMsg>, max_group: usize) {
+async fn sqlite_writer(
+    mut db: Db,
+    mut inbox: mpsc::Receiver<WriterMsg>,
+    max_group: usize,
+    cache: Arc<cache::ResourceCache>,
+) {
     let mut group: Vec<Job> = Vec::with_capacity(max_group);
     let mut finishes: Vec<Finish> = Vec::with_capacity(max_group);
     let mut close: Option<oneshot::Sender<()>> = None;
@@ -315,7 +348,13 @@ async fn sqlite_writer(mut db: Db, mut inbox: mpsc::Receiver<WriterMsg>, max_gro
         let result = run_group(&mut db, &mut group, &mut finishes).await;
         if result.is_err() {
             let _ = db.raw("ROLLBACK").await;
+        } else {
+            // Only committed versions reach the read cache.
+            for (ty, id, c) in db.written.drain(..) {
+                cache.committed(&ty, &id, c);
+            }
         }
+        db.written.clear();
         for finish in finishes.drain(..) {
             finish(result.clone());
         }
@@ -340,16 +379,19 @@ async fn run_group(db: &mut Db, group: &mut Vec<Job>, finishes: &mut Vec<Finish>
     }
     for job in group.drain(..) {
         db.raw("SAVEPOINT job").await?;
+        let mark = db.written.len();
         match AssertUnwindSafe(job(db)).catch_unwind().await {
             Ok((ok, finish)) => {
                 if !ok {
                     db.raw("ROLLBACK TO job").await?;
+                    db.written.truncate(mark);
                 }
                 finishes.push(finish);
             }
             Err(_) => {
                 tracing::error!("panic inside a write job; rolled back");
                 db.raw("ROLLBACK TO job").await?;
+                db.written.truncate(mark);
             }
         }
         db.raw("RELEASE job").await?;

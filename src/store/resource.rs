@@ -82,7 +82,7 @@ pub fn prepare(resource: &mut Value, index: Vec<IndexEntry>) -> Result<Prepared>
 }
 
 /// Fills the placeholders of a prepared body.
-fn finish_body(body: &str, version: i64, last_updated: Micros) -> String {
+pub fn finish_body(body: &str, version: i64, last_updated: Micros) -> String {
     let p = placeholders();
     body.replacen(&p.version, &version.to_string(), 1).replacen(
         &p.updated,
@@ -403,6 +403,16 @@ impl Db {
                 .await?
             }
         };
+        self.written.push((
+            ty.to_string(),
+            id.to_string(),
+            super::cache::Cached {
+                version,
+                last_updated,
+                method: std::sync::Arc::from(method),
+                body: body.as_deref().map(std::sync::Arc::from),
+            },
+        ));
         if let Some(p) = prepared {
             self.pending_index
                 .extend(p.index.iter().map(|e| PendingIndex {

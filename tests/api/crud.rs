@@ -128,9 +128,24 @@ async fn update_as_create_and_client_ids(app: &TestApp) {
     let body = json!({"resourceType": "Device", "id": "pump-7", "status": "active"});
     let r = app.put("Device/pump-7", &body).await;
     assert_eq!(r.status(), 201);
+    // the same content again is a no-op: no new version
     let r = app.put("Device/pump-7", &body).await;
     assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "etag"), "W/\"1\"");
+    let changed = json!({"resourceType": "Device", "id": "pump-7", "status": "inactive"});
+    let r = app.put("Device/pump-7", &changed).await;
     assert_eq!(header(&r, "etag"), "W/\"2\"");
+    let h = json(app.get("Device/pump-7/_history").await).await;
+    assert_eq!(h["total"], 2);
+    // reads see every committed version at once (the SQLite read cache never serves stale data)
+    for i in 0..20 {
+        let body = json!({"resourceType": "Device", "id": "pump-7", "status": "active", "lotNumber": i.to_string()});
+        assert!(app.put("Device/pump-7", &body).await.status().is_success());
+        let read = json(app.get("Device/pump-7").await).await;
+        assert_eq!(read["lotNumber"], i.to_string());
+    }
+    assert_eq!(app.delete("Device/pump-7").await.status(), 204);
+    assert_eq!(app.get("Device/pump-7").await.status(), 410);
     // create ignores a client id and assigns its own
     let r = app.post("Device", &body).await;
     assert_eq!(r.status(), 201);
