@@ -13,12 +13,15 @@
 //!   the only module that knows sqlx.
 //! - [`definitions`]: the official R4 definitions, embedded in the binary.
 //! - [`import`]: the `import` command.
+//! - [`hl7v2`]: HL7 v2 parsing, MLLP framing, ACKs and the HL7 v2 → FHIR mapping (pure; not yet
+//!   wired to a listener).
 //! - [`error`]: error kinds and OperationOutcomes, one table.
 
 pub mod app;
 pub mod config;
 pub mod definitions;
 pub mod error;
+pub mod hl7v2;
 pub mod import;
 pub mod interaction;
 pub mod rest;

@@ -345,7 +345,15 @@ async fn sqlite_writer(
         if group.is_empty() {
             continue;
         }
+        let size = group.len();
+        let started = std::time::Instant::now();
         let result = run_group(&mut db, &mut group, &mut finishes).await;
+        tracing::debug!(
+            jobs = size,
+            micros = started.elapsed().as_micros() as u64,
+            ok = result.is_ok(),
+            "group committed"
+        );
         if result.is_err() {
             let _ = db.raw("ROLLBACK").await;
         } else {
@@ -396,5 +404,8 @@ async fn run_group(db: &mut Db, group: &mut Vec<Job>, finishes: &mut Vec<Finish>
         }
         db.raw("RELEASE job").await?;
     }
-    db.raw("COMMIT").await
+    let commit = std::time::Instant::now();
+    let r = db.raw("COMMIT").await;
+    tracing::trace!(micros = commit.elapsed().as_micros() as u64, "COMMIT");
+    r
 }
