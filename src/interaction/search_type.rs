@@ -40,7 +40,7 @@ pub async fn search_in(
         ctx.limits.max_count,
     )?;
     // Inside a transaction, earlier entries' index rows must be visible.
-    db.flush_index().await?;
+    db.flush().await?;
     let total = if params.iter().any(|(k, v)| k == "_total" && v == "none") {
         None
     } else {

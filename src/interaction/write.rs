@@ -114,7 +114,7 @@ pub async fn matching_ids(
 ) -> Result<Vec<String>> {
     let q = parse_condition(&ctx.defs.registry, ty, query)?;
     // Earlier writes of this job must be visible to the condition.
-    db.flush_index().await?;
+    db.flush().await?;
     let b = q.ids_sql(limit);
     let rows = db.fetch_all(&b.sql, &b.args, &[Ty::Text]).await?;
     Ok(rows

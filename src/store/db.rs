@@ -17,13 +17,19 @@ pub enum Conn {
 }
 
 /// A database handle: a connection plus the search-index rows written by the current job
-/// but not yet sent (see [`Db::flush_index`]). Owned, so that a write job can borrow it for
+/// but not yet sent (see [`Db::flush`]). Owned, so that a write job can borrow it for
 /// the duration of one transaction without lifetime parameters leaking into the job type.
 pub struct Db {
     pub conn: Conn,
     pub(crate) pending_index: Vec<crate::store::resource::PendingIndex>,
     /// Versions written in the current transaction, for the read cache once committed.
     pub(crate) written: Vec<(String, String, crate::store::cache::Cached)>,
+    /// SQLite writer only: rows waiting for [`Db::flush`], and the id allocator.
+    pub(crate) pending: crate::store::resource::Pending,
+    pub(crate) alloc: Option<crate::store::resource::IdAlloc>,
+    pub(crate) savepoint: crate::store::resource::Savepoint,
+    /// The previous job's savepoint is still open and is released by the next flush.
+    pub(crate) release_pending: bool,
 }
 
 /// A bound argument.
@@ -111,6 +117,10 @@ impl Db {
             conn: Conn::Sqlite(c),
             pending_index: Vec::new(),
             written: Vec::new(),
+            pending: Default::default(),
+            alloc: None,
+            savepoint: Default::default(),
+            release_pending: false,
         }
     }
 
@@ -119,6 +129,10 @@ impl Db {
             conn: Conn::Pg(c),
             pending_index: Vec::new(),
             written: Vec::new(),
+            pending: Default::default(),
+            alloc: None,
+            savepoint: Default::default(),
+            release_pending: false,
         }
     }
 
@@ -128,6 +142,12 @@ impl Db {
 
     /// Runs a statement, returning the number of rows affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
+        self.flush().await?;
+        self.execute_unflushed(sql, args).await
+    }
+
+    /// Runs SQL (on SQLite possibly several statements) without flushing buffered writes.
+    pub(crate) async fn execute_unflushed(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
         Ok(match &mut self.conn {
             Conn::Sqlite(c) => bind_args!(sqlx::query(AssertSqlSafe(sql)), args)
                 .execute(&mut **c)
@@ -159,6 +179,7 @@ impl Db {
         args: &[Arg],
         shape: &[Ty],
     ) -> Result<Vec<Vec<Val>>> {
+        self.flush().await?;
         let mut out = Vec::new();
         match &mut self.conn {
             Conn::Sqlite(c) => {

@@ -152,6 +152,19 @@ impl Store {
         migrate::run(&mut db)
             .await
             .map_err(|e| format!("migrating {path}: {e}"))?;
+        // This task is the database's only writer: it allocates row ids itself.
+        let next_seq = db
+            .fetch_one_int(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM resource_version",
+                &[],
+            )
+            .await
+            .map_err(|e| format!("reading {path}: {e}"))?;
+        let next_rid = db
+            .fetch_one_int("SELECT COALESCE(MAX(rid), 0) + 1 FROM resource", &[])
+            .await
+            .map_err(|e| format!("reading {path}: {e}"))?;
+        db.alloc = Some(resource::IdAlloc { next_seq, next_rid });
         let read = SqlitePoolOptions::new()
             .max_connections(config.pool_size.max(1))
             .acquire_timeout(Duration::from_secs(30))
@@ -243,12 +256,16 @@ impl Store {
         let (answer, answered) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(move |db: &mut Db| {
             Box::pin(async move {
-                db.pending_index.clear();
                 let mut outcome = f(db).await;
                 if outcome.is_ok()
-                    && let Err(e) = db.flush_index().await
+                    && let Err(e) = db.flush().await
                 {
                     outcome = Err(e);
+                }
+                if outcome.is_err() {
+                    // Nothing of a failed job may reach a later flush.
+                    db.pending_index.clear();
+                    db.pending = Default::default();
                 }
                 let ok = outcome.is_ok();
                 let finish: Finish = Box::new(move |commit: Result<()>| {
@@ -386,24 +403,33 @@ async fn run_group(db: &mut Db, group: &mut Vec<Job>, finishes: &mut Vec<Finish>
         return Err(e);
     }
     for job in group.drain(..) {
-        db.raw("SAVEPOINT job").await?;
+        // The job's SAVEPOINT opens with its first write (inside `Db::flush`), so a job
+        // costs no round trips of its own for it; see `resource::Savepoint`.
+        if db.savepoint == resource::Savepoint::Open {
+            db.release_pending = true;
+        }
+        db.savepoint = resource::Savepoint::Wanted;
         let mark = db.written.len();
-        match AssertUnwindSafe(job(db)).catch_unwind().await {
-            Ok((ok, finish)) => {
-                if !ok {
-                    db.raw("ROLLBACK TO job").await?;
-                    db.written.truncate(mark);
-                }
-                finishes.push(finish);
-            }
+        let (ok, finish) = match AssertUnwindSafe(job(db)).catch_unwind().await {
+            Ok((ok, finish)) => (ok, Some(finish)),
             Err(_) => {
                 tracing::error!("panic inside a write job; rolled back");
-                db.raw("ROLLBACK TO job").await?;
-                db.written.truncate(mark);
+                db.pending_index.clear();
+                db.pending = Default::default();
+                (false, None)
             }
+        };
+        if !ok {
+            if db.savepoint == resource::Savepoint::Open {
+                db.raw("ROLLBACK TO job; RELEASE job").await?;
+            }
+            db.savepoint = resource::Savepoint::Off;
+            db.written.truncate(mark);
         }
-        db.raw("RELEASE job").await?;
+        finishes.extend(finish);
     }
+    db.savepoint = resource::Savepoint::Off;
+    db.release_pending = false;
     let commit = std::time::Instant::now();
     let r = db.raw("COMMIT").await;
     tracing::trace!(micros = commit.elapsed().as_micros() as u64, "COMMIT");

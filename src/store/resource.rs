@@ -102,7 +102,45 @@ pub struct Written {
     pub created: bool,
 }
 
-/// A search-index row waiting for [`Db::flush_index`].
+/// The SQLite writer's id allocator: it is the only writer of its database, so it hands out
+/// `resource_version.seq` and `resource.rid` itself instead of asking for them row by row.
+#[derive(Debug, Clone, Copy)]
+pub struct IdAlloc {
+    pub next_seq: i64,
+    pub next_rid: i64,
+}
+
+/// Where the SQLite writer's per-job savepoint stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Savepoint {
+    /// Not managed (PostgreSQL, readers).
+    #[default]
+    Off,
+    /// A job runs; its savepoint opens with its first write.
+    Wanted,
+    /// The job has written inside `SAVEPOINT job`.
+    Open,
+}
+
+/// Rows a SQLite job has written but not yet sent (see [`Db::flush`]).
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub versions: Vec<Value>,
+    pub inserts: Vec<Value>,
+    pub updates: Vec<Value>,
+    pub clears: [Vec<i64>; 7],
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+            && self.inserts.is_empty()
+            && self.updates.is_empty()
+            && self.clears.iter().all(Vec::is_empty)
+    }
+}
+
+/// A search-index row waiting for [`Db::flush`].
 #[derive(Debug, Clone)]
 pub struct PendingIndex {
     pub rid: i64,
@@ -151,7 +189,7 @@ fn finite(v: f64) -> Value {
 }
 
 /// `INSERT ... SELECT` over a JSON array of row arrays, per dialect.
-fn bulk_insert_sql(bit: usize, pg: bool) -> String {
+fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
     // (table, [(column, PostgreSQL type)])
     let (table, cols): (&str, &[(&str, &str)]) = match bit {
         0 => (
@@ -240,9 +278,9 @@ fn bulk_insert_sql(bit: usize, pg: bool) -> String {
         })
         .collect();
     let source = if pg {
-        "json_array_elements($1::json) AS e"
+        format!("json_array_elements({arg}::json) AS e")
     } else {
-        "json_each($1) AS e"
+        format!("json_each({arg}) AS e")
     };
     format!(
         "INSERT INTO {table} ({}) SELECT {} FROM {source}",
@@ -350,6 +388,142 @@ impl Db {
         // lastUpdated never goes backwards for one resource, even if the clock does.
         let last_updated = prior.map_or(now, |c| now.max(c.last_updated + 1));
         let body = prepared.map(|p| finish_body(&p.body, version, last_updated));
+        let deleted = i64::from(prepared.is_none());
+        let mut mask = 0i64;
+        if let Some(p) = prepared {
+            for e in &p.index {
+                mask |= 1 << kind_bit(&e.value);
+            }
+        }
+        let rid = if self.alloc.is_some() {
+            self.buffer_version(
+                ty,
+                id,
+                prior,
+                version,
+                last_updated,
+                method,
+                body.as_deref(),
+                deleted,
+                mask,
+            )
+        } else {
+            self.insert_version(
+                ty,
+                id,
+                prior,
+                version,
+                last_updated,
+                method,
+                body.as_deref(),
+                deleted,
+                mask,
+            )
+            .await?
+        };
+        self.written.push((
+            ty.to_string(),
+            id.to_string(),
+            super::cache::Cached {
+                version,
+                last_updated,
+                method: std::sync::Arc::from(method),
+                body: body.as_deref().map(std::sync::Arc::from),
+            },
+        ));
+        if let Some(p) = prepared {
+            self.pending_index
+                .extend(p.index.iter().map(|e| PendingIndex {
+                    rid,
+                    res_type: ty.to_string(),
+                    entry: e.clone(),
+                }));
+        }
+        Ok(Written {
+            id: id.to_string(),
+            version,
+            last_updated,
+            body,
+            created: prior.is_none(),
+        })
+    }
+
+    /// SQLite's single writer: ids come from the in-process allocator and the rows wait in
+    /// [`Pending`] for the job's one multi-statement flush.
+    #[allow(clippy::too_many_arguments)]
+    fn buffer_version(
+        &mut self,
+        ty: &str,
+        id: &str,
+        prior: Option<&Current>,
+        version: i64,
+        last_updated: Micros,
+        method: &str,
+        body: Option<&str>,
+        deleted: i64,
+        mask: i64,
+    ) -> i64 {
+        let Some(alloc) = self.alloc.as_mut() else {
+            return 0;
+        };
+        let seq = alloc.next_seq;
+        alloc.next_seq += 1;
+        let rid = match prior {
+            Some(c) => c.rid,
+            None => {
+                alloc.next_rid += 1;
+                alloc.next_rid - 1
+            }
+        };
+        let body = body.map_or(Value::Null, Value::from);
+        self.pending.versions.push(Value::Array(vec![
+            seq.into(),
+            ty.into(),
+            id.into(),
+            version.into(),
+            last_updated.into(),
+            method.into(),
+            body,
+        ]));
+        let row = Value::Array(vec![
+            rid.into(),
+            ty.into(),
+            id.into(),
+            version.into(),
+            last_updated.into(),
+            deleted.into(),
+            seq.into(),
+            mask.into(),
+        ]);
+        match prior {
+            Some(c) => {
+                self.pending.updates.push(row);
+                self.pending_index.retain(|p| p.rid != rid);
+                for bit in 0..INDEX_TABLES.len() {
+                    if c.idx_mask & (1 << bit) != 0 {
+                        self.pending.clears[bit].push(rid);
+                    }
+                }
+            }
+            None => self.pending.inserts.push(row),
+        }
+        rid
+    }
+
+    /// PostgreSQL: several processes share the sequences, so ids come back from RETURNING.
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_version(
+        &mut self,
+        ty: &str,
+        id: &str,
+        prior: Option<&Current>,
+        version: i64,
+        last_updated: Micros,
+        method: &str,
+        body: Option<&str>,
+        deleted: i64,
+        mask: i64,
+    ) -> Result<i64> {
         let seq = self
             .fetch_one_int(
                 "INSERT INTO resource_version (res_type, res_id, version, last_updated, method, body) VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
@@ -359,18 +533,11 @@ impl Db {
                     Arg::Int(version),
                     Arg::Int(last_updated),
                     Arg::Text(method.into()),
-                    Arg::OptText(body.clone()),
+                    Arg::OptText(body.map(str::to_string)),
                 ],
             )
             .await?;
-        let deleted = i64::from(prepared.is_none());
-        let mut mask = 0i64;
-        if let Some(p) = prepared {
-            for e in &p.index {
-                mask |= 1 << kind_bit(&e.value);
-            }
-        }
-        let rid = match prior {
+        Ok(match prior {
             Some(c) => {
                 self.execute(
                     "UPDATE resource SET version = $1, last_updated = $2, deleted = $3, seq = $4, idx_mask = $5 WHERE rid = $6",
@@ -402,31 +569,6 @@ impl Db {
                 )
                 .await?
             }
-        };
-        self.written.push((
-            ty.to_string(),
-            id.to_string(),
-            super::cache::Cached {
-                version,
-                last_updated,
-                method: std::sync::Arc::from(method),
-                body: body.as_deref().map(std::sync::Arc::from),
-            },
-        ));
-        if let Some(p) = prepared {
-            self.pending_index
-                .extend(p.index.iter().map(|e| PendingIndex {
-                    rid,
-                    res_type: ty.to_string(),
-                    entry: e.clone(),
-                }));
-        }
-        Ok(Written {
-            id: id.to_string(),
-            version,
-            last_updated,
-            body,
-            created: prior.is_none(),
         })
     }
 
@@ -444,11 +586,14 @@ impl Db {
         Ok(())
     }
 
-    /// Writes the buffered search-index rows: one statement per index table, whatever the
-    /// number of rows, with a fixed SQL text (rows travel as one JSON array argument). A
-    /// job's index rows are flushed before any search inside the job and before its commit.
-    pub async fn flush_index(&mut self) -> Result<()> {
-        if self.pending_index.is_empty() {
+    /// Writes what the job has buffered, in one round trip where the dialect allows: on
+    /// SQLite one multi-statement query holds the savepoint operations, the versions, the
+    /// current rows, the index deletions and one `INSERT ... SELECT` per index table (rows
+    /// travel as JSON array arguments, so the SQL text is fixed per shape and cached). On
+    /// PostgreSQL, versions are already written and the index tables get one statement each.
+    /// Every read on a [`Db`] calls this first, so a job always sees its own writes.
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.pending_index.is_empty() && self.pending.is_empty() {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending_index);
@@ -514,13 +659,63 @@ impl Db {
             tables[kind_bit(&p.entry.value)].push(Value::Array(row));
         }
         let pg = self.is_postgres();
+        let mut b = SqlBuilder::default();
+        let pending = std::mem::take(&mut self.pending);
+        if !pg {
+            // The job's savepoint opens with its first write, in the same round trip; the
+            // previous job's savepoint is released here rather than by a call of its own.
+            if std::mem::take(&mut self.release_pending) {
+                b.push("RELEASE job;\n");
+            }
+            if self.savepoint == Savepoint::Wanted {
+                b.push("SAVEPOINT job;\n");
+                self.savepoint = Savepoint::Open;
+            }
+        }
+        if !pending.versions.is_empty() {
+            b.push("INSERT INTO resource_version (seq, res_type, res_id, version, last_updated, method, body) SELECT e.value->>0, e.value->>1, e.value->>2, e.value->>3, e.value->>4, e.value->>5, e.value->>6 FROM json_each(")
+                .text(Value::Array(pending.versions).to_string())
+                .push(") AS e;\n");
+        }
+        if !pending.inserts.is_empty() {
+            b.push("INSERT INTO resource (rid, res_type, res_id, version, last_updated, deleted, seq, idx_mask) SELECT e.value->>0, e.value->>1, e.value->>2, e.value->>3, e.value->>4, e.value->>5, e.value->>6, e.value->>7 FROM json_each(")
+                .text(Value::Array(pending.inserts).to_string())
+                .push(") AS e;\n");
+        }
+        if !pending.updates.is_empty() {
+            b.push("UPDATE resource SET version = u.version, last_updated = u.last_updated, deleted = u.deleted, seq = u.seq, idx_mask = u.idx_mask FROM (SELECT e.value->>0 AS rid, e.value->>3 AS version, e.value->>4 AS last_updated, e.value->>5 AS deleted, e.value->>6 AS seq, e.value->>7 AS idx_mask FROM json_each(")
+                .text(Value::Array(pending.updates).to_string())
+                .push(") AS e) AS u WHERE resource.rid = u.rid;\n");
+        }
+        for (bit, rids) in pending.clears.iter().enumerate() {
+            if !rids.is_empty() {
+                b.push(&format!(
+                    "DELETE FROM {} WHERE rid IN (SELECT value FROM json_each(",
+                    INDEX_TABLES[bit]
+                ))
+                .text(Value::from(rids.clone()).to_string())
+                .push("));\n");
+            }
+        }
         for (bit, rows) in tables.iter().enumerate() {
             if rows.is_empty() {
                 continue;
             }
-            let sql = bulk_insert_sql(bit, pg);
-            self.execute(&sql, &[Arg::Text(Value::Array(rows.clone()).to_string())])
-                .await?;
+            if pg {
+                // PostgreSQL runs one statement per query with arguments.
+                let sql = bulk_insert_sql(bit, true, "$1");
+                self.execute_unflushed(&sql, &[Arg::Text(Value::Array(rows.clone()).to_string())])
+                    .await?;
+            } else {
+                let n = b.args.len() + 1;
+                b.push(&bulk_insert_sql(bit, false, &format!("${n}")));
+                b.args
+                    .push(Arg::Text(Value::Array(rows.clone()).to_string()));
+                b.push(";\n");
+            }
+        }
+        if !b.sql.is_empty() {
+            self.execute_unflushed(&b.sql, &b.args).await?;
         }
         Ok(())
     }
