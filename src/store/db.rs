@@ -30,6 +30,8 @@ pub struct Db {
     pub(crate) savepoint: crate::store::resource::Savepoint,
     /// The previous job's savepoint is still open and is released by the next flush.
     pub(crate) release_pending: bool,
+    /// A write failed outside any savepoint: the writer must roll back the whole group.
+    pub(crate) group_failed: bool,
 }
 
 /// A bound argument.
@@ -121,6 +123,7 @@ impl Db {
             alloc: None,
             savepoint: Default::default(),
             release_pending: false,
+            group_failed: false,
         }
     }
 
@@ -133,6 +136,7 @@ impl Db {
             alloc: None,
             savepoint: Default::default(),
             release_pending: false,
+            group_failed: false,
         }
     }
 

@@ -258,7 +258,7 @@ impl Store {
             Box::pin(async move {
                 let mut outcome = f(db).await;
                 if outcome.is_ok()
-                    && let Err(e) = db.flush().await
+                    && let Err(e) = db.flush_final().await
                 {
                     outcome = Err(e);
                 }
@@ -419,6 +419,14 @@ async fn run_group(db: &mut Db, group: &mut Vec<Job>, finishes: &mut Vec<Finish>
                 (false, None)
             }
         };
+        finishes.extend(finish);
+        if std::mem::take(&mut db.group_failed) {
+            db.savepoint = resource::Savepoint::Off;
+            return Err(crate::error::FhirError::new(
+                crate::error::ErrorKind::Unavailable,
+                "the database failed to write; nothing was committed, retry",
+            ));
+        }
         if !ok {
             if db.savepoint == resource::Savepoint::Open {
                 db.raw("ROLLBACK TO job; RELEASE job").await?;
@@ -426,7 +434,6 @@ async fn run_group(db: &mut Db, group: &mut Vec<Job>, finishes: &mut Vec<Finish>
             db.savepoint = resource::Savepoint::Off;
             db.written.truncate(mark);
         }
-        finishes.extend(finish);
     }
     db.savepoint = resource::Savepoint::Off;
     db.release_pending = false;

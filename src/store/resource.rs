@@ -120,6 +120,8 @@ pub enum Savepoint {
     Wanted,
     /// The job has written inside `SAVEPOINT job`.
     Open,
+    /// The job's only write is its final flush, without a savepoint.
+    Unprotected,
 }
 
 /// Rows a SQLite job has written but not yet sent (see [`Db::flush`]).
@@ -596,6 +598,25 @@ impl Db {
         if self.pending_index.is_empty() && self.pending.is_empty() {
             return Ok(());
         }
+        self.flush_inner().await
+    }
+
+    /// The last flush of a job. A job that has not written before needs no savepoint: its
+    /// writes go in one multi-statement query, and if that fails the writer rolls back the
+    /// whole group (the database itself failed; every job of the group is answered with the
+    /// error and nothing is committed). Savepoints cost a copy of every touched page.
+    pub async fn flush_final(&mut self) -> Result<()> {
+        if self.savepoint == Savepoint::Wanted {
+            self.savepoint = Savepoint::Unprotected;
+        }
+        let r = self.flush().await;
+        if r.is_err() && self.savepoint == Savepoint::Unprotected {
+            self.group_failed = true;
+        }
+        r
+    }
+
+    async fn flush_inner(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.pending_index);
         let mut tables: [Vec<Value>; 7] = Default::default();
         for p in &pending {
