@@ -254,6 +254,9 @@ impl Store {
         F: for<'a> FnOnce(&'a mut Db) -> BoxFuture<'a, Result<T>> + Send + 'static,
     {
         let (answer, answered) = oneshot::channel::<Result<T>>();
+        // Shared so that the PostgreSQL path can answer a failure to start the transaction.
+        let answer = Arc::new(std::sync::Mutex::new(Some(answer)));
+        let reply = answer.clone();
         let job: Job = Box::new(move |db: &mut Db| {
             Box::pin(async move {
                 let mut outcome = f(db).await;
@@ -269,7 +272,7 @@ impl Store {
                 }
                 let ok = outcome.is_ok();
                 let finish: Finish = Box::new(move |commit: Result<()>| {
-                    let _ = answer.send(commit.and(outcome));
+                    send(&reply, commit.and(outcome));
                 });
                 (ok, finish)
             })
@@ -281,12 +284,20 @@ impl Store {
                 })?;
             }
             Inner::Postgres { pool } => {
-                // The job runs on a task of its own: if the client goes away, the request's
-                // future is dropped but the transaction still ends (commit or rollback)
-                // instead of leaving an open transaction on a pooled connection.
-                let mut db = Db::pg(pool.acquire().await?);
-                db.raw("BEGIN").await?;
-                tokio::spawn(async move { run_postgres_job(&mut db, job).await });
+                // Everything from acquiring the connection to COMMIT runs on a task of its own:
+                // if the client goes away, the request's future is dropped, but no transaction
+                // is ever left open on a pooled connection, and an accepted write completes.
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let mut db = match pool.acquire().await {
+                        Ok(c) => Db::pg(c),
+                        Err(e) => return send(&answer, Err(e.into())),
+                    };
+                    if let Err(e) = db.raw("BEGIN").await {
+                        return send(&answer, Err(e));
+                    }
+                    run_postgres_job(&mut db, job).await;
+                });
             }
         }
         answered.await.map_err(|_| {
@@ -315,6 +326,15 @@ impl Store {
             }
             Inner::Postgres { pool } => pool.close().await,
         }
+    }
+}
+
+/// Answers a write once (the first answer wins).
+fn send<T>(slot: &std::sync::Mutex<Option<oneshot::Sender<Result<T>>>>, r: Result<T>) {
+    if let Ok(mut slot) = slot.lock()
+        && let Some(tx) = slot.take()
+    {
+        let _ = tx.send(r);
     }
 }
 
