@@ -60,15 +60,7 @@ pub async fn create(ctx: &SharedCtx, ty: &str, mut req: FhirRequest) -> Result<F
         ctx.store
             .write(move |db| {
                 Box::pin(async move {
-                    let mut resource = resource;
-                    write::resolve_conditional_references(
-                        db,
-                        &c,
-                        &mut resource,
-                        &mut Default::default(),
-                    )
-                    .await?;
-                    let prepared = write::prepare_with_id(&c, resource, &id)?;
+                    let prepared = write::resolve_and_prepare(db, &c, resource, &id).await?;
                     create_in(db, &c, &t, &id, &prepared, cond.as_deref()).await
                 })
             })

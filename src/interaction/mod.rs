@@ -343,6 +343,25 @@ pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<
     }
 }
 
+/// Splits a URL path below the base into percent-decoded segments.
+pub fn split_path(path: &str) -> Vec<String> {
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// Decodes a query string (`a=1&b=2`) into its parameters, in order.
+pub fn parse_query(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
 /// A logical id (datatypes.html#id): 1-64 of `[A-Za-z0-9\-\.]`.
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()

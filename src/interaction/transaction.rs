@@ -131,18 +131,8 @@ fn parse_entry(ctx: &Ctx, index: usize, e: Value) -> Result<Entry> {
         .unwrap_or(url)
         .trim_start_matches('/');
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
-    let segments: Vec<String> = path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .collect();
-    let query: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
+    let segments = crate::interaction::split_path(path);
+    let query = crate::interaction::parse_query(query);
     let mut req = FhirRequest::new(method, segments, query);
     let text = |k: &str| request.get(k).and_then(Value::as_str).map(str::to_string);
     req.if_match = text("ifMatch");
@@ -232,22 +222,38 @@ fn raw_bundle(b: BundleText) -> FhirResponse {
     }
 }
 
-fn write_response_entry(b: &mut BundleText, ctx: &Ctx, r: &FhirResponse) {
-    let mut response = json!({ "status": status_line(r.status) });
-    if let Some(l) = &r.location {
-        response["location"] = Value::String(l.clone());
+/// `Bundle.entry.response` (bundle.html#BundleEntryResponse) and the entry's fullUrl.
+fn entry_response(
+    ctx: &Ctx,
+    status: String,
+    location: Option<&str>,
+    version: Option<i64>,
+    last_modified: Option<i64>,
+) -> (Value, Option<String>) {
+    let mut response = json!({ "status": status });
+    if let Some(l) = location {
+        response["location"] = Value::String(l.to_string());
     }
-    if let Some(v) = r.version {
+    if let Some(v) = version {
         response["etag"] = Value::String(format!("W/\"{v}\""));
     }
-    if let Some(t) = r.last_modified {
+    if let Some(t) = last_modified {
         response["lastModified"] = Value::String(crate::time::format_instant(t));
     }
-    let full_url = r
-        .location
-        .as_deref()
+    let full_url = location
         .and_then(|l| l.split("/_history").next())
         .map(|l| format!("{}/{l}", ctx.base));
+    (response, full_url)
+}
+
+fn write_response_entry(b: &mut BundleText, ctx: &Ctx, r: &FhirResponse) {
+    let (mut response, full_url) = entry_response(
+        ctx,
+        status_line(r.status),
+        r.location.as_deref(),
+        r.version,
+        r.last_modified,
+    );
     let body = match &r.body {
         Body::Raw(s) => Some(s.clone()),
         Body::Json(v) if r.status < 300 => Some(v.to_string()),
@@ -391,21 +397,13 @@ async fn transaction(
         .await?;
     let mut b = BundleText::new("transaction-response", None, &[]);
     for o in outcomes {
-        let mut response = json!({ "status": o.status });
-        if let Some(l) = &o.location {
-            response["location"] = Value::String(l.clone());
-        }
-        if let Some(v) = o.version {
-            response["etag"] = Value::String(format!("W/\"{v}\""));
-        }
-        if let Some(t) = o.last_modified {
-            response["lastModified"] = Value::String(crate::time::format_instant(t));
-        }
-        let full_url = o
-            .location
-            .as_deref()
-            .and_then(|l| l.split("/_history").next())
-            .map(|l| format!("{}/{l}", ctx.base));
+        let (response, full_url) = entry_response(
+            ctx,
+            o.status.to_string(),
+            o.location.as_deref(),
+            o.version,
+            o.last_modified,
+        );
         let body = if ret == Some(Return::Representation) {
             o.resource.as_deref()
         } else {

@@ -61,15 +61,7 @@ pub async fn update(
         ctx.store
             .write(move |db| {
                 Box::pin(async move {
-                    let mut resource = resource;
-                    write::resolve_conditional_references(
-                        db,
-                        &c,
-                        &mut resource,
-                        &mut Default::default(),
-                    )
-                    .await?;
-                    let prepared = write::prepare_with_id(&c, resource, &i)?;
+                    let prepared = write::resolve_and_prepare(db, &c, resource, &i).await?;
                     update_in(db, &t, &i, &prepared, if_match.as_deref()).await
                 })
             })

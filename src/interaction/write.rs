@@ -230,3 +230,15 @@ pub async fn resolve_conditional_references(
         Ok(())
     })
 }
+
+/// Resolves conditional references inside the job, then prepares the resource for storage
+/// (for writes whose resource needs the database before it can be serialised).
+pub async fn resolve_and_prepare(
+    db: &mut Db,
+    ctx: &Ctx,
+    mut resource: Value,
+    id: &str,
+) -> Result<Prepared> {
+    resolve_conditional_references(db, ctx, &mut resource, &mut Default::default()).await?;
+    prepare_with_id(ctx, resource, id)
+}

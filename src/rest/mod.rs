@@ -53,14 +53,10 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let query: Vec<(String, String)> = parts
+    let query = parts
         .uri
         .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
-        })
+        .map(interaction::parse_query)
         .unwrap_or_default();
     let negotiation = match Negotiation::from_request(&parts.headers, &query) {
         Ok(n) => n,
@@ -93,15 +89,7 @@ async fn build_request(
         .path()
         .strip_prefix(FHIR_PREFIX)
         .unwrap_or(parts.uri.path());
-    let segments: Vec<String> = path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .collect();
+    let segments = interaction::split_path(path);
     let method = Method::parse(parts.method.as_str());
     let mut req = FhirRequest::new(method, segments, query);
     let h = &parts.headers;
