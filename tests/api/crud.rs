@@ -572,4 +572,90 @@ crate::both_backends!(
     summary_elements_pretty_and_formats,
     search_basics,
     no_lost_updates_under_concurrency,
+    history_at_validate_and_delete_outcome,
 );
+
+async fn history_at_validate_and_delete_outcome(app: &TestApp) {
+    let r = app
+        .put(
+            "Basic/at",
+            &json!({"resourceType": "Basic", "id": "at", "code": {"text": "one"}}),
+        )
+        .await;
+    let first_time = json(r).await["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    app.put(
+        "Basic/at",
+        &json!({"resourceType": "Basic", "id": "at", "code": {"text": "two"}}),
+    )
+    .await;
+    // _at: the version current at that instant
+    let h = json(
+        app.get(&format!("Basic/at/_history?_at={first_time}"))
+            .await,
+    )
+    .await;
+    assert_eq!(h["total"], 1, "{h}");
+    assert_eq!(h["entry"][0]["resource"]["code"]["text"], "one");
+
+    // $validate: instance level checks the id; Parameters-wrapped resources work too
+    let ok = json!({"resourceType": "Basic", "id": "at", "code": {"text": "x"}});
+    let r = app.post("Basic/at/$validate", &ok).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["issue"][0]["severity"], "information");
+    let wrong_id = json!({"resourceType": "Basic", "id": "other", "code": {"text": "x"}});
+    let oo = json(app.post("Basic/at/$validate", &wrong_id).await).await;
+    assert_eq!(oo["issue"][0]["severity"], "error");
+    let params = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "resource", "resource": {"resourceType": "Basic"}}]});
+    let oo = json(app.post("Basic/$validate", &params).await).await;
+    assert_eq!(oo["issue"][0]["expression"][0], "Basic.code", "{oo}");
+    // nothing was stored by $validate
+    assert_eq!(json(app.get("Basic/_history").await).await["total"], 2);
+
+    // Prefer: return=OperationOutcome on delete
+    let r = app
+        .client
+        .delete(app.url("Basic/at"))
+        .header("prefer", "return=OperationOutcome")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["resourceType"], "OperationOutcome");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_delete_multiple_mode() {
+    use iomt_fhir::interaction::delete::ConditionalDeleteMode;
+    let app = crate::helpers::spawn_with(crate::helpers::Backend::Sqlite, |a| {
+        a.conditional_delete = Some(ConditionalDeleteMode::Multiple)
+    })
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            app.post("Patient", &patient("900", "Many")).await.status(),
+            201
+        );
+    }
+    assert_eq!(
+        app.delete("Patient?identifier=urn:oid:1.2.3.4|900")
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(
+        json(app.get("Patient?_summary=count").await).await["total"],
+        0
+    );
+    let cs = json(app.get("metadata").await).await;
+    assert_eq!(
+        cs["rest"][0]["resource"][0]["conditionalDelete"],
+        "multiple"
+    );
+    app.stop().await;
+}

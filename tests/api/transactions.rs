@@ -70,6 +70,29 @@ async fn transaction_rewrites_references_and_reports_each_entry(app: &TestApp) {
     assert_eq!(app.get("Patient/gone").await.status(), 410);
     // GET entries see the transaction's own writes
     assert_eq!(e[4]["response"]["etag"], "W/\"1\"");
+    assert!(e[0].get("resource").is_none(), "minimal by default");
+    // Prefer: return=representation puts the stored resources in the response
+    let one = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Basic", "code": {"text": "r"}}, "request": {"method": "POST", "url": "Basic"}}]});
+    let r = app
+        .client
+        .post(app.url(""))
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "return=representation")
+        .body(one.to_string())
+        .send()
+        .await
+        .unwrap();
+    let b = json(r).await;
+    assert_eq!(b["entry"][0]["resource"]["meta"]["versionId"], "1");
+    assert_eq!(
+        b["entry"][0]["fullUrl"].as_str().unwrap(),
+        format!(
+            "{}/Basic/{}",
+            app.base,
+            b["entry"][0]["resource"]["id"].as_str().unwrap()
+        )
+    );
 }
 
 async fn transaction_is_all_or_nothing(app: &TestApp) {
