@@ -15,6 +15,8 @@ pub struct Application {
     listener: TcpListener,
     ctx: SharedCtx,
     port: u16,
+    mllp: Option<(TcpListener, crate::mllp::MllpConfig)>,
+    mllp_port: Option<u16>,
 }
 
 /// Opens the store and builds the shared context (also used by `import`).
@@ -53,6 +55,24 @@ impl Application {
             .clone()
             .unwrap_or_else(|| format!("http://{addr}/fhir"));
         let ctx = context(&settings, base).await?;
+        crate::interaction::hl7v2::terminology()?;
+        let mllp = match settings.mllp_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen for MLLP on {addr}: {e}"))?;
+                let config = crate::mllp::MllpConfig {
+                    max_message_bytes: settings.mllp_max_bytes,
+                    idle: std::time::Duration::from_secs(settings.mllp_idle_secs),
+                };
+                Some((l, config))
+            }
+            None => None,
+        };
+        let mllp_port = mllp
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
+            .map(|a| a.port());
         let report = &ctx.defs.search_report;
         tracing::info!(
             resource_types = ctx.defs.resource_types.len(),
@@ -65,11 +85,18 @@ impl Application {
             listener,
             port: addr.port(),
             ctx,
+            mllp,
+            mllp_port,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The MLLP listener's port, when `--mllp-listen` was given.
+    pub fn mllp_port(&self) -> Option<u16> {
+        self.mllp_port
     }
 
     pub fn base_url(&self) -> &str {
@@ -83,10 +110,27 @@ impl Application {
     ) -> Result<(), String> {
         tracing::info!(base = %self.ctx.base, "serving FHIR R4");
         let app = crate::rest::router(self.ctx.clone());
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mllp = self.mllp.map(|(listener, config)| {
+            tracing::info!(addr = ?listener.local_addr().ok(), "accepting HL7 v2 over MLLP");
+            tokio::spawn(crate::mllp::serve(
+                listener,
+                self.ctx.clone(),
+                config,
+                stop_rx,
+            ))
+        });
+        let result = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            })
             .await
-            .map_err(|e| format!("server error: {e}"))?;
+            .map_err(|e| format!("server error: {e}"));
+        if let Some(m) = mllp {
+            let _ = m.await;
+        }
+        result?;
         self.ctx.store.close().await;
         tracing::info!("stopped; database closed");
         Ok(())

@@ -78,6 +78,15 @@ pub struct ServerArgs {
     /// Most writes the SQLite writer commits together [default: 256].
     #[arg(long, env = "IOMT_FHIR_GROUP_COMMIT_MAX")]
     pub group_commit_max: Option<usize>,
+    /// Address for the HL7 v2 MLLP listener (off unless given), e.g. 127.0.0.1:2575.
+    #[arg(long, env = "IOMT_FHIR_MLLP_LISTEN")]
+    pub mllp_listen: Option<String>,
+    /// Largest HL7 v2 message over MLLP, in bytes [default: 1 MiB].
+    #[arg(long, env = "IOMT_FHIR_MLLP_MAX_BYTES")]
+    pub mllp_max_bytes: Option<usize>,
+    /// Seconds an idle MLLP connection stays open [default: 300].
+    #[arg(long, env = "IOMT_FHIR_MLLP_IDLE_SECS")]
+    pub mllp_idle_secs: Option<u64>,
     /// MiB of current resource versions cached for reads by id (SQLite only; 0 turns it
     /// off) [default: 64].
     #[arg(long, env = "IOMT_FHIR_CACHE_MIB")]
@@ -103,6 +112,9 @@ pub struct Settings {
     pub group_commit_max: usize,
     pub cache_mib: usize,
     pub conditional_delete: ConditionalDeleteMode,
+    pub mllp_listen: Option<SocketAddr>,
+    pub mllp_max_bytes: usize,
+    pub mllp_idle_secs: u64,
 }
 
 impl Settings {
@@ -160,7 +172,25 @@ impl Settings {
                 Ok(v)
             }
         };
+        let mllp_listen = match args.mllp_listen.clone().or(file.mllp_listen) {
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                format!("--mllp-listen {a:?} is not an address like 127.0.0.1:2575")
+            })?),
+            None => None,
+        };
         Ok(Settings {
+            mllp_listen,
+            mllp_max_bytes: positive(
+                "mllp-max-bytes",
+                args.mllp_max_bytes
+                    .or(file.mllp_max_bytes)
+                    .unwrap_or(1 << 20),
+            )?,
+            mllp_idle_secs: args
+                .mllp_idle_secs
+                .or(file.mllp_idle_secs)
+                .unwrap_or(300)
+                .max(1),
             listen,
             database,
             base_url: base_url.map(|b| b.trim_end_matches('/').to_string()),

@@ -5,6 +5,7 @@
 //! - [`config`]: flags, environment and TOML file, resolved into [`config::Settings`].
 //! - [`app`]: start-up (store, definitions, listener) and graceful shutdown.
 //! - [`rest`]: the HTTP transport; the only module that knows axum.
+//! - [`mllp`]: the MLLP transport for HL7 v2 (`--mllp-listen`).
 //! - [`interaction`]: the FHIR interactions (read, create, transaction, ...), one file each,
 //!   shared by REST calls and Bundle entries.
 //! - [`search`]: search parameter registry, FHIRPath index extraction, query compilation.
@@ -13,8 +14,7 @@
 //!   the only module that knows sqlx.
 //! - [`definitions`]: the official R4 definitions, embedded in the binary.
 //! - [`import`]: the `import` command.
-//! - [`hl7v2`]: HL7 v2 parsing, MLLP framing, ACKs and the HL7 v2 → FHIR mapping (pure; not yet
-//!   wired to a listener).
+//! - [`hl7v2`]: HL7 v2 parsing, MLLP framing, ACKs and the HL7 v2 → FHIR mapping (pure).
 //! - [`error`]: error kinds and OperationOutcomes, one table.
 
 pub mod app;
@@ -24,6 +24,7 @@ pub mod error;
 pub mod hl7v2;
 pub mod import;
 pub mod interaction;
+pub mod mllp;
 pub mod rest;
 pub mod search;
 pub mod store;

@@ -7,6 +7,7 @@ pub mod capabilities;
 pub mod create;
 pub mod delete;
 pub mod history;
+pub mod hl7v2;
 pub mod patch;
 pub mod read;
 pub mod search_type;
@@ -90,6 +91,8 @@ pub enum RequestBody {
     JsonPatch(Value),
     /// `application/x-www-form-urlencoded` search parameters.
     Form(Vec<(String, String)>),
+    /// Bytes the transport does not interpret (an HL7 v2 message).
+    Bytes(Vec<u8>),
 }
 
 /// One FHIR request, from HTTP or from a Bundle entry.
@@ -106,6 +109,8 @@ pub struct FhirRequest {
     /// `Prefer: return=...`, `None` when the client did not say.
     pub prefer_return: Option<Return>,
     pub prefer_lenient: bool,
+    /// The client accepts FHIR JSON (for operations that can also answer in another format).
+    pub wants_fhir_json: bool,
     pub body: RequestBody,
 }
 
@@ -121,6 +126,7 @@ impl FhirRequest {
             if_none_exist: None,
             prefer_return: None,
             prefer_lenient: false,
+            wants_fhir_json: false,
             body: RequestBody::None,
         }
     }
@@ -149,6 +155,8 @@ pub enum Body {
     /// Stored JSON text, sent as it is unless the client asked for a subset or pretty print.
     Raw(String),
     Json(Value),
+    /// Another media type (e.g. an HL7 v2 acknowledgement).
+    Bytes(&'static str, Vec<u8>),
 }
 
 /// One FHIR response, before HTTP framing.
@@ -202,6 +210,8 @@ impl FhirResponse {
 pub enum Interaction {
     Capabilities,
     Bundle,
+    /// `POST [base]/$hl7v2`: HL7 v2 message ingestion.
+    Hl7v2,
     HistorySystem,
     SearchType(String),
     Create(String),
@@ -246,6 +256,13 @@ pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<
             )),
             _ => not_allowed(),
         },
+        ["$hl7v2"] => {
+            if method == M::Post {
+                Ok(I::Hl7v2)
+            } else {
+                not_allowed()
+            }
+        }
         ["metadata"] => {
             if get {
                 Ok(I::Capabilities)
@@ -401,6 +418,7 @@ pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirRespons
     match interaction {
         I::Capabilities => Ok(FhirResponse::json(200, capabilities::statement(ctx))),
         I::Bundle => transaction::bundle(ctx, &mut req).await,
+        I::Hl7v2 => hl7v2::http(ctx, req).await,
         I::HistorySystem => history::history(ctx, &req, None, None).await,
         I::HistoryType(t) => history::history(ctx, &req, Some(&t), None).await,
         I::HistoryInstance(t, id) => history::history(ctx, &req, Some(&t), Some(&id)).await,

@@ -261,7 +261,7 @@ fn write_response_entry(b: &mut BundleText, ctx: &Ctx, r: &FhirResponse) {
             response["outcome"] = v.clone();
             None
         }
-        Body::None => None,
+        Body::None | Body::Bytes(..) => None,
     };
     b.entry(
         full_url.as_deref(),
@@ -302,17 +302,15 @@ fn rewrite(v: &mut Value, ids: &HashMap<String, String>) -> Result<()> {
     })
 }
 
-async fn transaction(
-    ctx: &SharedCtx,
-    mut entries: Vec<Entry>,
-    ret: Option<Return>,
-) -> Result<FhirResponse> {
+/// Checks every entry and refuses what a transaction cannot hold, before any write.
+/// Returns each entry's payload and whether resolving ids needs the database.
+fn plan(ctx: &Ctx, entries: &mut [Entry]) -> Result<(Vec<Payload>, bool)> {
     use Interaction as I;
     // Check every resource and refuse what a transaction cannot hold, before any write.
     let mut payloads: Vec<Payload> = Vec::with_capacity(entries.len());
     let mut needs_db = false;
     let mut targets = std::collections::HashSet::new();
-    for e in &mut entries {
+    for e in entries.iter_mut() {
         let index = e.index;
         let payload = match &e.interaction {
             I::Create(t) | I::ConditionalUpdate(t) | I::Update(t, _) => {
@@ -366,6 +364,35 @@ async fn transaction(
         }
         payloads.push(payload);
     }
+    Ok((payloads, needs_db))
+}
+
+/// Runs a transaction Bundle inside the caller's database transaction (used where other
+/// rows must commit together with the Bundle's resources, e.g. an HL7 v2 message and what
+/// it produced). Returns the location (`Type/id/_history/n`) of every entry that has one.
+pub async fn transaction_in(db: &mut Db, ctx: &Ctx, bundle: Value) -> Result<Vec<String>> {
+    let raw_entries = bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut entries = Vec::with_capacity(raw_entries.len());
+    for (index, e) in raw_entries.into_iter().enumerate() {
+        entries.push(parse_entry(ctx, index, e)?);
+    }
+    let (payloads, _) = plan(ctx, &mut entries)?;
+    let ids = vec![None; entries.len()];
+    let outcomes = run(db, ctx, entries, payloads, ids).await?;
+    Ok(outcomes.into_iter().filter_map(|o| o.location).collect())
+}
+
+async fn transaction(
+    ctx: &SharedCtx,
+    mut entries: Vec<Entry>,
+    ret: Option<Return>,
+) -> Result<FhirResponse> {
+    use Interaction as I;
+    let (mut payloads, needs_db) = plan(ctx, &mut entries)?;
     // Without conditions, ids are known now: assign, rewrite and serialise outside the
     // database transaction.
     let mut ids: Vec<Option<String>> = vec![None; entries.len()];

@@ -58,13 +58,24 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
         .query()
         .map(interaction::parse_query)
         .unwrap_or_default();
+    // `$hl7v2` answers with an HL7 acknowledgement unless the client accepts FHIR JSON.
+    let hl7 = parts.uri.path().ends_with("/$hl7v2");
+    let accept = parts
+        .headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let wants_fhir_json =
+        accept.contains("application/fhir+json") || accept.contains("application/json");
     let negotiation = match Negotiation::from_request(&parts.headers, &query) {
         Ok(n) => n,
+        Err(_) if hl7 => Negotiation::default(),
         Err(e) => return render_error(&e, &Negotiation::default()),
     };
     let head = parts.method == axum::http::Method::HEAD;
     let result = async {
-        let req = build_request(&ctx, &parts, query, body).await?;
+        let mut req = build_request(&ctx, &parts, query, body).await?;
+        req.wants_fhir_json = wants_fhir_json;
         interaction::handle(&ctx, req).await
     }
     .await;
@@ -141,6 +152,10 @@ async fn build_request(
         .to_string();
     req.body = match media.as_str() {
         "application/json-patch+json" => RequestBody::JsonPatch(parse_json(&bytes)?),
+        "x-application/hl7-v2+er7"
+        | "application/hl7-v2"
+        | "application/edi-hl7"
+        | "text/plain" => RequestBody::Bytes(bytes.to_vec()),
         "application/x-www-form-urlencoded"
             if req.segments.last().is_none_or(|s| s != "_search") =>
         {
@@ -207,6 +222,10 @@ fn render(ctx: &SharedCtx, r: FhirResponse, n: &Negotiation) -> Response {
         headers.insert(header::CONTENT_LOCATION, h);
     }
     let text = match r.body {
+        Body::Bytes(content_type, bytes) => {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            return (status, headers, bytes).into_response();
+        }
         Body::None => None,
         Body::Raw(s) if !n.transforms() => Some(s),
         Body::Raw(s) => match serde_json::from_str::<serde_json::Value>(&s) {

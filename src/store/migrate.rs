@@ -5,12 +5,20 @@ use super::Db;
 use crate::error::Result;
 
 /// (version, name, SQLite text, PostgreSQL text). Add new migrations at the end.
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "resources",
-    include_str!("../../migrations/sqlite/0001_resources.sql"),
-    include_str!("../../migrations/postgres/0001_resources.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (
+        1,
+        "resources",
+        include_str!("../../migrations/sqlite/0001_resources.sql"),
+        include_str!("../../migrations/postgres/0001_resources.sql"),
+    ),
+    (
+        2,
+        "hl7_message",
+        include_str!("../../migrations/sqlite/0002_hl7_message.sql"),
+        include_str!("../../migrations/postgres/0002_hl7_message.sql"),
+    ),
+];
 
 pub async fn run(db: &mut Db) -> Result<()> {
     let pg = db.is_postgres();

@@ -19,6 +19,8 @@ pub enum Backend {
 
 pub struct TestApp {
     pub base: String,
+    /// The MLLP port, when the test asked for a listener.
+    pub mllp_port: Option<u16>,
     pub client: reqwest::Client,
     pub database: String,
     shutdown: Option<oneshot::Sender<()>>,
@@ -124,6 +126,7 @@ pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut ServerArgs)) -
     let settings = Settings::resolve(&args, None).expect("settings");
     let app = Application::build(settings).await.expect("server starts");
     let base = app.base_url().to_string();
+    let mllp_port = app.mllp_port();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {
         let _ = rx.await;
@@ -134,6 +137,7 @@ pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut ServerArgs)) -
         .expect("client");
     Some(TestApp {
         base,
+        mllp_port,
         client,
         database,
         shutdown: Some(tx),

@@ -10,4 +10,5 @@ mod cli;
 mod conformance;
 mod crud;
 mod errors;
+mod hl7;
 mod transactions;

@@ -1,0 +1,515 @@
+//! HL7 v2 ingestion (`$hl7v2`; HL7 v2.x chapter 2 acknowledgement rules, HL7 v2-to-FHIR
+//! IG): one message in, one acknowledgement out. Shared by `POST [base]/$hl7v2` and the
+//! MLLP listener.
+//!
+//! Every message is stored raw with its outcome. The resources a message produces are
+//! written in the same database transaction as its stored row, so `AA` (or `CA`) is sent
+//! only after both are committed; a redelivered message (same MSH-3, MSH-4, MSH-10) gets
+//! the stored acknowledgement and writes nothing.
+
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::error::{ErrorKind, FhirError, Result};
+use crate::hl7v2::ack::{self, AckCode, AckError, Outcome};
+use crate::hl7v2::map::terminology::Terminology;
+use crate::hl7v2::map::{MapContext, MapError, map};
+use crate::hl7v2::message::Message;
+use crate::hl7v2::parse;
+use crate::interaction::{Body, FhirRequest, FhirResponse, RequestBody, SharedCtx};
+use crate::store::{Arg, Db, Ty};
+
+/// The message types and trigger events the mapping handles.
+const SUPPORTED: &[(&str, &str)] = &[
+    ("ADT", "A01"),
+    ("ADT", "A02"),
+    ("ADT", "A03"),
+    ("ADT", "A04"),
+    ("ADT", "A05"),
+    ("ADT", "A08"),
+    ("ADT", "A11"),
+    ("ADT", "A13"),
+    ("ADT", "A28"),
+    ("ADT", "A31"),
+    ("ORU", "R01"),
+    ("RDE", "O11"),
+    ("RAS", "O17"),
+];
+const VERSIONS: &[&str] = &[
+    "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2", "2.9",
+];
+
+/// The MDC → LOINC and MDC unit → UCUM ConceptMaps of `terminology/`, embedded.
+const CONCEPT_MAPS: &[&str] = &[
+    include_str!("../../terminology/mdc-to-loinc.json"),
+    include_str!("../../terminology/mdc-units-to-ucum.json"),
+];
+
+/// The terminology the mapping uses, loaded once (the server loads it at start-up so a bad
+/// ConceptMap stops the start, not the first message).
+pub fn terminology() -> std::result::Result<&'static Terminology, String> {
+    static T: OnceLock<std::result::Result<Terminology, String>> = OnceLock::new();
+    T.get_or_init(|| {
+        let maps = CONCEPT_MAPS
+            .iter()
+            .map(|m| serde_json::from_str::<Value>(m).map_err(|e| format!("terminology/: {e}")))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Terminology::from_concept_maps(&maps)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// What became of one message.
+#[derive(Debug, Clone)]
+pub struct Ingested {
+    /// The acknowledgement(s), as text with `\r` segment separators.
+    pub ack: String,
+    /// The acknowledgement encoded for the wire (the message's MSH-18 charset).
+    pub wire: Vec<u8>,
+    pub code: AckCode,
+    /// `Type/id/_history/n` of everything written.
+    pub resources: Vec<String>,
+    pub error: Option<String>,
+    /// The message had been received before; nothing was written.
+    pub duplicate: bool,
+}
+
+fn dedup_key(msg: &Message) -> Option<String> {
+    let msh = msg.first("MSH")?;
+    let part = |f: usize| msh.get(f, 0, 1, 1).unwrap_or("");
+    Some(format!("{}|{}|{}", part(3), part(4), msg.control_id()?))
+}
+
+/// Builds the acknowledgement for `outcome` (one or, in enhanced mode, two messages).
+fn acknowledge(
+    msg: Option<&Message>,
+    outcome: Outcome,
+    error: Option<&AckError>,
+) -> (String, AckCode) {
+    let codes = ack::acks_for(msg, outcome);
+    let code = codes.last().copied().unwrap_or(match outcome {
+        Outcome::Committed => AckCode::AA,
+        Outcome::Error => AckCode::AE,
+        Outcome::Rejected => AckCode::AR,
+    });
+    let text: String = codes.iter().map(|c| ack::ack(msg, *c, error)).collect();
+    // A sender that wants no acknowledgement at all still gets the original-mode answer
+    // on a synchronous transport.
+    let text = if text.is_empty() {
+        ack::ack(msg, code, error)
+    } else {
+        text
+    };
+    (text, code)
+}
+
+/// Processes one message: parse, check, map, write, acknowledge. Never fails: every
+/// problem becomes an AE/AR acknowledgement, and the message is stored either way.
+pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
+    let received_at = crate::time::now_micros();
+    let msg = match parse::parse(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            let header = parse::parse_header(bytes);
+            let err = AckError::from(&e);
+            let (ack, code) = acknowledge(header.as_ref(), Outcome::Rejected, Some(&err));
+            return record(
+                ctx,
+                bytes,
+                peer,
+                received_at,
+                header.as_ref(),
+                ack,
+                code,
+                Vec::new(),
+                Some(e.to_string()),
+                None,
+            )
+            .await;
+        }
+    };
+    if let Err(err) = ack::check_header(&msg, SUPPORTED, VERSIONS) {
+        let (ack, code) = acknowledge(Some(&msg), Outcome::Rejected, Some(&err));
+        return record(
+            ctx,
+            bytes,
+            peer,
+            received_at,
+            Some(&msg),
+            ack,
+            code,
+            Vec::new(),
+            Some(err.text.clone()),
+            None,
+        )
+        .await;
+    }
+    let key = dedup_key(&msg);
+    if let Some(k) = &key
+        && let Some(previous) = stored_ack(ctx, k).await
+    {
+        return previous_answer(previous, &msg);
+    }
+    let terminology = match terminology() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "terminology unavailable");
+            let err = AckError::new(ack::APPLICATION_INTERNAL_ERROR, "terminology unavailable");
+            let (ack, code) = acknowledge(Some(&msg), Outcome::Error, Some(&err));
+            return record(
+                ctx,
+                bytes,
+                peer,
+                received_at,
+                Some(&msg),
+                ack,
+                code,
+                Vec::new(),
+                Some(e),
+                None,
+            )
+            .await;
+        }
+    };
+    let map_ctx = MapContext {
+        terminology,
+        message_ref: format!("urn:hl7v2:message:{}", key.clone().unwrap_or_default()),
+    };
+    let mapped = match map(&msg, &map_ctx) {
+        Ok(m) => m,
+        Err(errors) => {
+            let first = errors.first();
+            let err = first.map_or_else(
+                || {
+                    AckError::new(
+                        ack::APPLICATION_INTERNAL_ERROR,
+                        "the message could not be mapped",
+                    )
+                },
+                ack_error,
+            );
+            let text = errors
+                .iter()
+                .map(MapError::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            let (ack, code) = acknowledge(Some(&msg), Outcome::Error, Some(&err));
+            return record(
+                ctx,
+                bytes,
+                peer,
+                received_at,
+                Some(&msg),
+                ack,
+                code,
+                Vec::new(),
+                Some(text),
+                None,
+            )
+            .await;
+        }
+    };
+    // The acknowledgement is decided before the write and stored with the message; it is
+    // sent only once the transaction holding both has committed.
+    let (ack_text, code) = acknowledge(Some(&msg), Outcome::Committed, None);
+    let row = MessageRow::new(
+        bytes,
+        peer,
+        received_at,
+        Some(&msg),
+        &ack_text,
+        code,
+        None,
+        key.clone(),
+    );
+    let (c, bundle) = (ctx.clone(), mapped.bundle);
+    let written = ctx
+        .store
+        .write(move |db| {
+            Box::pin(async move {
+                let resources =
+                    crate::interaction::transaction::transaction_in(db, &c, bundle).await?;
+                let mut row = row;
+                row.resources = resources.clone();
+                row.insert(db).await?;
+                Ok(resources)
+            })
+        })
+        .await;
+    match written {
+        Ok(resources) => Ingested {
+            wire: ack::to_wire(&ack_text, Some(&msg)),
+            ack: ack_text,
+            code,
+            resources,
+            error: None,
+            duplicate: false,
+        },
+        Err(e) => {
+            // A concurrent delivery of the same message may have won the race.
+            if let Some(k) = &key
+                && let Some(previous) = stored_ack(ctx, k).await
+            {
+                return previous_answer(previous, &msg);
+            }
+            let text = e
+                .issues
+                .iter()
+                .map(|i| i.diagnostics.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let err = AckError::new(ack::APPLICATION_INTERNAL_ERROR, text.clone());
+            let (ack, code) = acknowledge(Some(&msg), Outcome::Error, Some(&err));
+            record(
+                ctx,
+                bytes,
+                peer,
+                received_at,
+                Some(&msg),
+                ack,
+                code,
+                Vec::new(),
+                Some(text),
+                None,
+            )
+            .await
+        }
+    }
+}
+
+fn ack_error(e: &MapError) -> AckError {
+    AckError::new(e.code, e.text.clone()).at(&e.segment, e.sequence, e.field)
+}
+
+fn previous_answer(previous: (String, String), msg: &Message) -> Ingested {
+    let (ack_text, outcome) = previous;
+    let code = match outcome.as_str() {
+        "AA" | "CA" => AckCode::AA,
+        "AR" | "CR" => AckCode::AR,
+        _ => AckCode::AE,
+    };
+    Ingested {
+        wire: ack::to_wire(&ack_text, Some(msg)),
+        ack: ack_text,
+        code,
+        resources: Vec::new(),
+        error: None,
+        duplicate: true,
+    }
+}
+
+/// The stored acknowledgement and outcome of an earlier delivery of the same message.
+async fn stored_ack(ctx: &SharedCtx, key: &str) -> Option<(String, String)> {
+    let mut db = ctx.store.reader().await.ok()?;
+    let row = db
+        .fetch_optional(
+            "SELECT ack, outcome FROM hl7_message WHERE dedup_key = $1",
+            &[Arg::Text(key.to_string())],
+            &[Ty::Text, Ty::Text],
+        )
+        .await
+        .ok()??;
+    let mut it = row.into_iter();
+    Some((it.next()?.text()?, it.next()?.text()?))
+}
+
+/// A stored message.
+struct MessageRow {
+    received_at: i64,
+    peer: String,
+    sending_application: Option<String>,
+    sending_facility: Option<String>,
+    control_id: Option<String>,
+    message_type: Option<String>,
+    raw_base64: String,
+    outcome: &'static str,
+    ack: String,
+    resources: Vec<String>,
+    error: Option<String>,
+    /// Only committed messages claim their key: a message answered AE/AR may be resent.
+    dedup_key: Option<String>,
+}
+
+impl MessageRow {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        bytes: &[u8],
+        peer: &str,
+        received_at: i64,
+        msg: Option<&Message>,
+        ack: &str,
+        code: AckCode,
+        error: Option<String>,
+        dedup_key: Option<String>,
+    ) -> Self {
+        let msh = msg.and_then(|m| m.first("MSH"));
+        let field = |f: usize| msh.and_then(|s| s.get(f, 0, 1, 1)).map(str::to_string);
+        let (ty, trigger, _) = msg.map(Message::message_type).unwrap_or((None, None, None));
+        MessageRow {
+            received_at,
+            peer: peer.to_string(),
+            sending_application: field(3),
+            sending_facility: field(4),
+            control_id: msg.and_then(Message::control_id).map(str::to_string),
+            message_type: ty.map(|t| format!("{t}^{}", trigger.unwrap_or(""))),
+            raw_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            outcome: match code {
+                AckCode::AA | AckCode::CA => "AA",
+                AckCode::AE | AckCode::CE => "AE",
+                AckCode::AR | AckCode::CR => "AR",
+            },
+            ack: ack.to_string(),
+            resources: Vec::new(),
+            error,
+            dedup_key,
+        }
+    }
+
+    async fn insert(&self, db: &mut Db) -> Result<()> {
+        db.execute(
+            "INSERT INTO hl7_message (received_at, peer, sending_application, sending_facility, control_id, message_type, raw_base64, outcome, ack, resources, error, dedup_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            &[
+                Arg::Int(self.received_at),
+                Arg::Text(self.peer.clone()),
+                Arg::OptText(self.sending_application.clone()),
+                Arg::OptText(self.sending_facility.clone()),
+                Arg::OptText(self.control_id.clone()),
+                Arg::OptText(self.message_type.clone()),
+                Arg::Text(self.raw_base64.clone()),
+                Arg::Text(self.outcome.to_string()),
+                Arg::Text(self.ack.clone()),
+                Arg::Text(json!(self.resources).to_string()),
+                Arg::OptText(self.error.clone()),
+                Arg::OptText(self.dedup_key.clone()),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Stores a message that wrote nothing (AE/AR) and builds its answer. If even storing
+/// fails, the sender gets an AE so it resends: nothing accepted is lost.
+#[allow(clippy::too_many_arguments)]
+async fn record(
+    ctx: &SharedCtx,
+    bytes: &[u8],
+    peer: &str,
+    received_at: i64,
+    msg: Option<&Message>,
+    ack_text: String,
+    code: AckCode,
+    resources: Vec<String>,
+    error: Option<String>,
+    dedup_key: Option<String>,
+) -> Ingested {
+    let row = MessageRow::new(
+        bytes,
+        peer,
+        received_at,
+        msg,
+        &ack_text,
+        code,
+        error.clone(),
+        dedup_key,
+    );
+    let stored = ctx
+        .store
+        .write(move |db| Box::pin(async move { row.insert(db).await }))
+        .await;
+    if let Err(e) = stored {
+        tracing::error!(error = %e, "could not store an HL7 v2 message");
+        let err = AckError::new(
+            ack::APPLICATION_INTERNAL_ERROR,
+            "the message could not be stored; resend it",
+        );
+        let (text, code) = acknowledge(msg, Outcome::Error, Some(&err));
+        return Ingested {
+            wire: ack::to_wire(&text, msg),
+            ack: text,
+            code,
+            resources,
+            error,
+            duplicate: false,
+        };
+    }
+    Ingested {
+        wire: ack::to_wire(&ack_text, msg),
+        ack: ack_text,
+        code,
+        resources,
+        error,
+        duplicate: false,
+    }
+}
+
+/// `POST [base]/$hl7v2`: the body is one message (or an FHS/BHS batch); the answer is the
+/// acknowledgement, or an OperationOutcome when the client accepts FHIR JSON.
+pub async fn http(ctx: &SharedCtx, req: FhirRequest) -> Result<FhirResponse> {
+    let RequestBody::Bytes(bytes) = &req.body else {
+        return Err(FhirError::new(
+            ErrorKind::UnsupportedMediaType,
+            "$hl7v2 takes an HL7 v2 message (Content-Type x-application/hl7-v2+er7 or text/plain)",
+        ));
+    };
+    let messages = if bytes.windows(3).any(|w| w == b"FHS" || w == b"BHS") {
+        parse::split_batch(bytes).map_err(|e| FhirError::invalid(format!("HL7 v2 batch: {e}")))?
+    } else {
+        vec![bytes.clone()]
+    };
+    let mut results = Vec::with_capacity(messages.len());
+    for m in &messages {
+        results.push(ingest(ctx, m, "http").await);
+    }
+    if req.wants_fhir_json {
+        let issues: Vec<Value> = results
+            .iter()
+            .map(|r| {
+                let (severity, code) = match r.code {
+                    AckCode::AA | AckCode::CA => ("information", "informational"),
+                    AckCode::AE | AckCode::CE => ("error", "processing"),
+                    AckCode::AR | AckCode::CR => ("error", "not-supported"),
+                };
+                let mut text = format!("{:?}", r.code);
+                if r.duplicate {
+                    text.push_str(" (duplicate: already processed, nothing written)");
+                }
+                if let Some(e) = &r.error {
+                    text.push_str(": ");
+                    text.push_str(e);
+                }
+                if !r.resources.is_empty() {
+                    text.push_str(&format!("; wrote {}", r.resources.join(", ")));
+                }
+                json!({"severity": severity, "code": code, "diagnostics": text})
+            })
+            .collect();
+        let status = if results
+            .iter()
+            .all(|r| matches!(r.code, AckCode::AA | AckCode::CA))
+        {
+            200
+        } else if results
+            .iter()
+            .any(|r| matches!(r.code, AckCode::AR | AckCode::CR))
+        {
+            400
+        } else {
+            422
+        };
+        return Ok(FhirResponse::json(
+            status,
+            json!({"resourceType": "OperationOutcome", "issue": issues}),
+        ));
+    }
+    let text: Vec<u8> = results
+        .iter()
+        .flat_map(|r| r.wire.iter().copied())
+        .collect();
+    let mut r = FhirResponse::json(200, Value::Null);
+    r.body = Body::Bytes("x-application/hl7-v2+er7; charset=utf-8", text);
+    Ok(r)
+}

@@ -1,0 +1,210 @@
+//! HL7 v2 ingestion end to end: `POST $hl7v2` and MLLP over a real TCP socket; the ACK comes
+//! after commit, the resources are searchable, a resend writes nothing.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{Backend, TestApp, json, spawn_with};
+
+const PHILIPS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/samples/hl7v2/ihe_pcd_tf2_E.1.1_philips_pcd01.hl7"
+);
+const ACME: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/samples/hl7v2/ihe_pcd_tf2_E.1.2_acme_pcd01.hl7"
+);
+
+async fn post_hl7(app: &TestApp, body: Vec<u8>, accept: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("$hl7v2"))
+        .header("content-type", "x-application/hl7-v2+er7")
+        .header("accept", accept)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn count(app: &TestApp, query: &str) -> i64 {
+    json(
+        app.get(&format!(
+            "{query}{}_summary=count",
+            if query.contains('?') { "&" } else { "?" }
+        ))
+        .await,
+    )
+    .await["total"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn pcd01_over_http_is_acknowledged_after_commit_and_idempotent(app: &TestApp) {
+    let msg = std::fs::read(PHILIPS).unwrap();
+    let r = post_hl7(app, msg.clone(), "x-application/hl7-v2+er7").await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("x-application/hl7-v2+er7")
+    );
+    let ack = r.text().await.unwrap();
+    // MSH-15 AL / MSH-16 NE: an enhanced-mode commit acknowledgement
+    assert!(
+        ack.contains("MSA|CA|HP0122182658686QQ000CND119C0WS61"),
+        "{ack}"
+    );
+    // committed and searchable: heart rate with its LOINC code, BP with components, devices
+    assert_eq!(
+        count(app, "Observation?code=http://loinc.org|8867-4").await,
+        1
+    );
+    let bp = json(app.get("Observation?code=http://loinc.org|85354-9").await).await;
+    assert_eq!(bp["total"], 1);
+    assert_eq!(
+        bp["entry"][0]["resource"]["component"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let devices = count(app, "Device").await;
+    assert!(devices >= 3, "MDS, VMD and channel devices: {devices}");
+    let observations = count(app, "Observation").await;
+    let patients = count(app, "Patient").await;
+    assert_eq!(patients, 1);
+    // a resend gets the stored ACK and writes nothing
+    let again = post_hl7(app, msg, "x-application/hl7-v2+er7")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(again, ack);
+    assert_eq!(count(app, "Observation").await, observations);
+    assert_eq!(count(app, "Device").await, devices);
+    assert_eq!(
+        json(app.get("Observation/_history").await).await["total"],
+        observations
+    );
+    // FHIR clients get an OperationOutcome
+    let acme = std::fs::read(ACME).unwrap();
+    let r = post_hl7(app, acme, "application/fhir+json").await;
+    assert_eq!(r.status(), 200);
+    let oo = json(r).await;
+    assert_eq!(oo["issue"][0]["severity"], "information", "{oo}");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("Observation/")
+    );
+    // garbage and unsupported types are rejected with AR, and stored
+    let r = post_hl7(app, b"this is not HL7".to_vec(), "x-application/hl7-v2+er7").await;
+    assert!(r.text().await.unwrap().contains("MSA|AR"));
+    let unsupported = b"MSH|^~\\&|A|B|C|D|20250101000000||QRY^A19|Q1|P|2.5\rQRD|x\r".to_vec();
+    let r = post_hl7(app, unsupported, "x-application/hl7-v2+er7").await;
+    let text = r.text().await.unwrap();
+    assert!(text.contains("MSA|AR|Q1"), "{text}");
+    assert!(text.contains("ERR|"), "{text}");
+    // a message that maps with an error: AE naming the segment and field
+    let no_pid =
+        b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20250101000000||ADT^A01|M1|P|2.5\rPV1||I|W^1^2\r".to_vec();
+    let text = post_hl7(app, no_pid, "x-application/hl7-v2+er7")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("MSA|AE|M1"), "{text}");
+}
+
+crate::both_backends!(pcd01_over_http_is_acknowledged_after_commit_and_idempotent);
+
+async fn read_ack(stream: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed before the ACK");
+        out.extend_from_slice(&buf[..n]);
+        if out.ends_with(&[0x1c, 0x0d]) {
+            return String::from_utf8_lossy(&out[1..out.len() - 2]).to_string();
+        }
+    }
+}
+
+fn framed(msg: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x0b];
+    v.extend_from_slice(msg);
+    v.extend_from_slice(&[0x1c, 0x0d]);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mllp_socket_many_messages_bad_frames_and_dropped_connections() {
+    let app = spawn_with(Backend::Sqlite, |a| {
+        a.mllp_listen = Some("127.0.0.1:0".into())
+    })
+    .await
+    .unwrap();
+    let port = app.mllp_port.unwrap();
+    let philips = std::fs::read(PHILIPS).unwrap();
+    let acme = std::fs::read(ACME).unwrap();
+
+    // two messages in one write on one connection: two ACKs, in order
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut both = framed(&philips);
+    both.extend(framed(&acme));
+    s.write_all(&both).await.unwrap();
+    let first = read_ack(&mut s).await;
+    let second = read_ack(&mut s).await;
+    assert!(
+        first.contains("MSA|CA|HP0122182658686QQ000CND119C0WS61"),
+        "{first}"
+    );
+    assert!(second.contains("MSA|CA|"), "{second}");
+    // garbage outside a frame gets a NAK, and the connection still works
+    s.write_all(b"garbage").await.unwrap();
+    s.write_all(&framed(&philips)).await.unwrap();
+    let nak = read_ack(&mut s).await;
+    assert!(nak.contains("MSA|AR"), "{nak}");
+    let dup = read_ack(&mut s).await;
+    assert_eq!(dup, first, "a resend gets the stored ACK");
+    drop(s);
+
+    // a connection dropped mid-frame leaves the server healthy
+    let mut cut = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    cut.write_all(&framed(&acme)[..40]).await.unwrap();
+    drop(cut);
+
+    // concurrent senders
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let text = String::from_utf8_lossy(&acme).to_string();
+        // a distinct control id per sender
+        let control = text.split('|').nth(9).unwrap().to_string();
+        let text = text.replacen(&control, &format!("{control}-{i}"), 1);
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            s.write_all(&framed(text.as_bytes())).await.unwrap();
+            read_ack(&mut s).await
+        }));
+    }
+    for t in tasks {
+        let ack = t.await.unwrap();
+        assert!(ack.contains("MSA|CA|"), "{ack}");
+    }
+    let h = json(app.get("Patient?_summary=count").await).await;
+    assert!(h["total"].as_i64().unwrap() >= 1);
+    app.stop().await;
+}
