@@ -155,7 +155,11 @@ async fn build_request(
         "x-application/hl7-v2+er7"
         | "application/hl7-v2"
         | "application/edi-hl7"
-        | "text/plain" => RequestBody::Bytes(bytes.to_vec()),
+        | "text/plain"
+            if req.segments.last().is_some_and(|s| s == "$hl7v2") =>
+        {
+            RequestBody::Bytes(bytes.to_vec())
+        }
         "application/x-www-form-urlencoded"
             if req.segments.last().is_none_or(|s| s != "_search") =>
         {
