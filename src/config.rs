@@ -40,6 +40,38 @@ pub enum Command {
         #[arg(long, default_value_t = 4)]
         jobs: usize,
     },
+    /// List or replay stored HL7 v2 messages.
+    #[command(subcommand)]
+    Hl7(Hl7Command),
+}
+
+/// `iomt-fhir hl7 ...`: the stored HL7 v2 messages.
+#[derive(Subcommand, Debug)]
+pub enum Hl7Command {
+    /// List stored messages (JSON lines), oldest first.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Only messages answered AA, AE or AR.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only messages after this id.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Process stored messages again (e.g. after a mapping fix).
+    Replay {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The message with this id.
+        #[arg(long)]
+        id: Option<i64>,
+        /// Every message answered with this outcome (AE or AR).
+        #[arg(long)]
+        outcome: Option<String>,
+    },
 }
 
 /// Options shared by `serve` and `import`. Every field is optional here so that the

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use iomt_fhir::app::{Application, context, shutdown_signal};
-use iomt_fhir::config::{Cli, Command, Settings};
+use iomt_fhir::config::{Cli, Command, Hl7Command, Settings};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -78,6 +78,66 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Hl7(hl7) => {
+            let server = match &hl7 {
+                Hl7Command::List { server, .. } | Hl7Command::Replay { server, .. } => server,
+            };
+            let settings = Settings::resolve(server, cli.config.as_ref())?;
+            let base = settings
+                .base_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
+            let ctx = context(&settings, base).await?;
+            let result = match hl7 {
+                Hl7Command::List {
+                    outcome,
+                    after,
+                    limit,
+                    ..
+                } => iomt_fhir::interaction::hl7v2::list(
+                    &ctx,
+                    outcome.as_deref(),
+                    after,
+                    limit.max(1),
+                )
+                .await
+                .map(|messages| {
+                    for m in messages {
+                        println!("{m}");
+                    }
+                }),
+                Hl7Command::Replay { id, outcome, .. } => {
+                    iomt_fhir::interaction::hl7v2::replay(&ctx, id, outcome.as_deref())
+                        .await
+                        .map(|results| {
+                            for (id, r) in &results {
+                                println!(
+                                    "message {id}: {:?}{}{}",
+                                    r.code,
+                                    if r.duplicate {
+                                        " (duplicate, nothing written)"
+                                    } else {
+                                        ""
+                                    },
+                                    r.error
+                                        .as_deref()
+                                        .map(|e| format!(": {e}"))
+                                        .unwrap_or_default()
+                                );
+                            }
+                            println!("replayed {} messages", results.len());
+                        })
+                }
+            };
+            ctx.store.close().await;
+            result.map_err(|e| {
+                e.issues
+                    .first()
+                    .map(|i| i.diagnostics.clone())
+                    .unwrap_or_default()
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -513,3 +513,139 @@ pub async fn http(ctx: &SharedCtx, req: FhirRequest) -> Result<FhirResponse> {
     r.body = Body::Bytes("x-application/hl7-v2+er7; charset=utf-8", text);
     Ok(r)
 }
+
+/// One stored message, as listed (the raw bytes are left out; replay reads them).
+pub async fn list(
+    ctx: &SharedCtx,
+    outcome: Option<&str>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Value>> {
+    let mut db = ctx.store.reader().await?;
+    let mut b = crate::store::SqlBuilder::new(
+        "SELECT id, received_at, peer, sending_application, sending_facility, control_id, message_type, outcome, error, resources FROM hl7_message WHERE id > ",
+    );
+    b.int(after);
+    if let Some(o) = outcome {
+        b.push(" AND outcome = ").text(o);
+    }
+    b.push(" ORDER BY id LIMIT ").int(limit);
+    let rows = db
+        .fetch_all(
+            &b.sql,
+            &b.args,
+            &[
+                Ty::Int,
+                Ty::Int,
+                Ty::OptText,
+                Ty::OptText,
+                Ty::OptText,
+                Ty::OptText,
+                Ty::OptText,
+                Ty::Text,
+                Ty::OptText,
+                Ty::OptText,
+            ],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let t = |i: usize| match &r[i] {
+                crate::store::Val::Text(s) => Value::String(s.clone()),
+                _ => Value::Null,
+            };
+            json!({
+                "id": r[0].int(),
+                "receivedAt": crate::time::format_instant(r[1].int()),
+                "peer": t(2),
+                "sendingApplication": t(3),
+                "sendingFacility": t(4),
+                "controlId": t(5),
+                "messageType": t(6),
+                "outcome": t(7),
+                "error": t(8),
+                "resources": match &r[9] {
+                    crate::store::Val::Text(s) => serde_json::from_str(s).unwrap_or(Value::Null),
+                    _ => Value::Null,
+                },
+            })
+        })
+        .collect())
+}
+
+/// Processes stored messages again (after a mapping fix, say): by id, or every message with
+/// an outcome. Each replay is a new delivery with its own stored row; a message that was
+/// committed before is a duplicate and writes nothing.
+pub async fn replay(
+    ctx: &SharedCtx,
+    id: Option<i64>,
+    outcome: Option<&str>,
+) -> Result<Vec<(i64, Ingested)>> {
+    let mut db = ctx.store.reader().await?;
+    let mut b = crate::store::SqlBuilder::new("SELECT id, raw_base64 FROM hl7_message WHERE 1 = 1");
+    if let Some(id) = id {
+        b.push(" AND id = ").int(id);
+    }
+    if let Some(o) = outcome {
+        b.push(" AND outcome = ").text(o);
+    }
+    if id.is_none() && outcome.is_none() {
+        return Err(FhirError::invalid(
+            "say which messages to replay: an id or an outcome (AE, AR)",
+        ));
+    }
+    b.push(" ORDER BY id");
+    let rows = db.fetch_all(&b.sql, &b.args, &[Ty::Int, Ty::Text]).await?;
+    drop(db);
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let mut it = r.into_iter();
+        let (Some(id), Some(raw)) = (it.next().map(|v| v.int()), it.next().and_then(|v| v.text()))
+        else {
+            continue;
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(raw)
+            .map_err(|e| FhirError::internal(format!("stored message {id} is not base64: {e}")))?;
+        out.push((id, ingest(ctx, &bytes, "replay").await));
+    }
+    Ok(out)
+}
+
+/// `GET [base]/$hl7v2-messages?outcome=AE&after=<id>&_count=50`.
+pub async fn http_list(ctx: &SharedCtx, req: &FhirRequest) -> Result<FhirResponse> {
+    let outcome = req.param("outcome").map(str::to_string);
+    if let Some(o) = &outcome
+        && !matches!(o.as_str(), "AA" | "AE" | "AR")
+    {
+        return Err(FhirError::invalid("outcome must be AA, AE or AR"));
+    }
+    let after = req
+        .param("after")
+        .map_or(Ok(0), str::parse)
+        .map_err(|_| FhirError::invalid("after must be a message id"))?;
+    let count = req
+        .param("_count")
+        .map_or(Ok(ctx.limits.default_count as i64), str::parse)
+        .map_err(|_| FhirError::invalid("_count must be a number"))?
+        .clamp(1, ctx.limits.max_count as i64);
+    let messages = list(ctx, outcome.as_deref(), after, count).await?;
+    Ok(FhirResponse::json(200, json!({ "messages": messages })))
+}
+
+/// `POST [base]/$hl7v2-replay?id=<id>` or `?outcome=AE`.
+pub async fn http_replay(ctx: &SharedCtx, req: &FhirRequest) -> Result<FhirResponse> {
+    let id = req
+        .param("id")
+        .map(str::parse::<i64>)
+        .transpose()
+        .map_err(|_| FhirError::invalid("id must be a message id"))?;
+    let outcome = req.param("outcome");
+    let results = replay(ctx, id, outcome).await?;
+    let replayed: Vec<Value> = results
+        .iter()
+        .map(|(id, r)| json!({"id": id, "ack": format!("{:?}", r.code), "duplicate": r.duplicate, "error": r.error, "resources": r.resources}))
+        .collect();
+    Ok(FhirResponse::json(200, json!({ "replayed": replayed })))
+}

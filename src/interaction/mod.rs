@@ -212,6 +212,10 @@ pub enum Interaction {
     Bundle,
     /// `POST [base]/$hl7v2`: HL7 v2 message ingestion.
     Hl7v2,
+    /// `GET [base]/$hl7v2-messages`: the stored HL7 v2 messages.
+    Hl7v2Messages,
+    /// `POST [base]/$hl7v2-replay`: process stored messages again.
+    Hl7v2Replay,
     HistorySystem,
     SearchType(String),
     Create(String),
@@ -259,6 +263,20 @@ pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<
         ["$hl7v2"] => {
             if method == M::Post {
                 Ok(I::Hl7v2)
+            } else {
+                not_allowed()
+            }
+        }
+        ["$hl7v2-messages"] => {
+            if get {
+                Ok(I::Hl7v2Messages)
+            } else {
+                not_allowed()
+            }
+        }
+        ["$hl7v2-replay"] => {
+            if method == M::Post {
+                Ok(I::Hl7v2Replay)
             } else {
                 not_allowed()
             }
@@ -419,6 +437,8 @@ pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirRespons
         I::Capabilities => Ok(FhirResponse::json(200, capabilities::statement(ctx))),
         I::Bundle => transaction::bundle(ctx, &mut req).await,
         I::Hl7v2 => hl7v2::http(ctx, req).await,
+        I::Hl7v2Messages => hl7v2::http_list(ctx, &req).await,
+        I::Hl7v2Replay => hl7v2::http_replay(ctx, &req).await,
         I::HistorySystem => history::history(ctx, &req, None, None).await,
         I::HistoryType(t) => history::history(ctx, &req, Some(&t), None).await,
         I::HistoryInstance(t, id) => history::history(ctx, &req, Some(&t), Some(&id)).await,

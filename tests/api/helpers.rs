@@ -69,14 +69,16 @@ impl TestApp {
             .expect("request")
     }
 
-    /// Stops the server gracefully and waits for the database to close.
-    pub async fn stop(mut self) {
+    /// Stops the server gracefully and waits for the database to close. The returned
+    /// directory holds the SQLite database; it is deleted when dropped.
+    pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(s) = self.shutdown.take() {
             let _ = s.send(());
         }
         if let Some(h) = self.server.take() {
             let _ = h.await;
         }
+        self._dir
     }
 }
 

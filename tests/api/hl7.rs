@@ -117,6 +117,53 @@ async fn pcd01_over_http_is_acknowledged_after_commit_and_idempotent(app: &TestA
         .await
         .unwrap();
     assert!(text.contains("MSA|AE|M1"), "{text}");
+
+    // every message is stored with its outcome, and can be listed and replayed
+    let all = json(app.get("$hl7v2-messages").await).await;
+    let messages = all["messages"].as_array().unwrap();
+    // (the resend was answered from the stored row, not stored again)
+    assert_eq!(messages.len(), 5, "{all}");
+    let outcomes: Vec<&str> = messages
+        .iter()
+        .map(|m| m["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["AA", "AA", "AR", "AR", "AE"]);
+    assert!(messages[0]["resources"].as_array().unwrap().len() > 10);
+    let failed = json(app.get("$hl7v2-messages?outcome=AE").await).await;
+    assert_eq!(failed["messages"][0]["controlId"], "M1");
+    assert!(
+        failed["messages"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("PID"),
+        "{failed}"
+    );
+    let first_id = messages[0]["id"].as_i64().unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("$hl7v2-replay?id={first_id}")))
+        .send()
+        .await
+        .unwrap();
+    let replayed = json(r).await;
+    assert_eq!(replayed["replayed"][0]["duplicate"], true, "{replayed}");
+    let r = app
+        .client
+        .post(app.url("$hl7v2-replay?outcome=AE"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json(r).await["replayed"][0]["ack"], "AE");
+    assert_eq!(app.get("$hl7v2-messages?outcome=XX").await.status(), 400);
+    assert_eq!(
+        app.client
+            .post(app.url("$hl7v2-replay"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
 }
 
 crate::both_backends!(pcd01_over_http_is_acknowledged_after_commit_and_idempotent);
@@ -207,4 +254,41 @@ async fn mllp_socket_many_messages_bad_frames_and_dropped_connections() {
     let h = json(app.get("Patient?_summary=count").await).await;
     assert!(h["total"].as_i64().unwrap() >= 1);
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hl7_cli_lists_and_replays_stored_messages() {
+    let app = spawn_with(Backend::Sqlite, |_| {}).await.unwrap();
+    let bad =
+        b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20250101000000||ADT^A01|M9|P|2.5\rPV1||I|W^1^2\r".to_vec();
+    assert!(
+        post_hl7(&app, bad, "x-application/hl7-v2+er7")
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains("MSA|AE|M9")
+    );
+    let database = app.database.clone();
+    let _dir = app.stop().await;
+    let bin = env!("CARGO_BIN_EXE_iomt-fhir");
+    let out = std::process::Command::new(bin)
+        .args(["hl7", "list", "--database", &database, "--outcome", "AE"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("\"controlId\":\"M9\""), "{listed}");
+    let out = std::process::Command::new(bin)
+        .args(["hl7", "replay", "--database", &database, "--outcome", "AE"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("replayed 1 messages"), "{text}");
+    assert!(text.contains(": AE"), "{text}");
 }
