@@ -7,6 +7,7 @@
 //!
 //! `cargo build --release && target/release/bench [--backend sqlite|postgres|both]
 //!  [--seconds 10] [--postgres-url postgres://postgres@127.0.0.1:5432/test]`
+//! `target/release/bench --hl7 [--hl7-messages 4000]`: HL7 v2 PCD-01 over 8 MLLP connections.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,6 +22,9 @@ struct Options {
     seconds: u64,
     postgres_url: String,
     ingest_rounds: usize,
+    /// Run only the HL7 v2 MLLP scenario.
+    hl7_only: bool,
+    hl7_messages: usize,
 }
 
 fn options() -> Result<Options, String> {
@@ -29,6 +33,8 @@ fn options() -> Result<Options, String> {
         seconds: 10,
         postgres_url: "postgres://postgres@127.0.0.1:5432/test".into(),
         ingest_rounds: 5,
+        hl7_only: false,
+        hl7_messages: 4000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -43,6 +49,12 @@ fn options() -> Result<Options, String> {
             }
             "--seconds" => o.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?,
             "--postgres-url" => o.postgres_url = value()?,
+            "--hl7" => o.hl7_only = true,
+            "--hl7-messages" => {
+                o.hl7_messages = value()?
+                    .parse()
+                    .map_err(|e| format!("--hl7-messages: {e}"))?
+            }
             "--ingest-rounds" => {
                 o.ingest_rounds = value()?
                     .parse()
@@ -70,6 +82,10 @@ impl Drop for Server {
 
 impl Server {
     fn start(database: &str) -> Result<Server, String> {
+        Self::start_with(database, &[])
+    }
+
+    fn start_with(database: &str, extra: &[&str]) -> Result<Server, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let server_bin: PathBuf = exe.with_file_name("iomt-fhir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -84,6 +100,7 @@ impl Server {
                 "--database",
                 database,
             ])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -286,6 +303,138 @@ async fn ingest(
     Ok((per_round * rounds, secs))
 }
 
+/// PCD-01 messages made distinct: control id and every timestamp shifted by `i` seconds,
+/// so each message writes new Observations instead of being a no-op.
+fn pcd01_variant(template: &str, i: usize) -> String {
+    let shift = |ts: &str| -> String {
+        // 14-digit HL7 timestamps only: YYYYMMDDHHMMSS, shifted within the day.
+        let secs = ts[8..10].parse::<usize>().unwrap_or(0) * 3600
+            + ts[10..12].parse::<usize>().unwrap_or(0) * 60
+            + ts[12..14].parse::<usize>().unwrap_or(0)
+            + i;
+        let day = ts[6..8].parse::<usize>().unwrap_or(1) + secs / 86_400;
+        let secs = secs % 86_400;
+        format!(
+            "{}{:02}{:02}{:02}{:02}",
+            &ts[..6],
+            day.min(28),
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60
+        )
+    };
+    let mut out = String::with_capacity(template.len());
+    for (n, seg) in template.split('\r').filter(|s| !s.is_empty()).enumerate() {
+        let fields: Vec<String> = seg
+            .split('|')
+            .enumerate()
+            .map(|(k, f)| {
+                if n == 0 && k == 9 {
+                    format!("BENCH{i}")
+                } else if f.len() >= 14
+                    && f[..14].bytes().all(|b| b.is_ascii_digit())
+                    && f.starts_with("20")
+                {
+                    format!("{}{}", shift(&f[..14]), &f[14..])
+                } else {
+                    f.to_string()
+                }
+            })
+            .collect();
+        out.push_str(&fields.join("|"));
+        out.push('\r');
+    }
+    out
+}
+
+async fn run_hl7(o: &Options, backend: &str, database: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mllp_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let server = Server::start_with(
+        database,
+        &["--mllp-listen", &format!("127.0.0.1:{mllp_port}")],
+    )?;
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/samples/hl7v2/ihe_pcd_tf2_E.1.1_philips_pcd01.hl7"
+    ))
+    .map_err(|e| e.to_string())?;
+    let obx = template
+        .split('\r')
+        .filter(|s| s.starts_with("OBX"))
+        .count();
+    // The MLLP listener opens after the definitions are loaded, later than the HTTP one.
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", mllp_port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connections = 8;
+    let per = o.hl7_messages / connections;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let template = template.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", mllp_port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut latencies = Vec::with_capacity(per);
+            let mut buf = vec![0u8; 8192];
+            for k in 0..per {
+                let msg = pcd01_variant(&template, c * per + k);
+                let mut framed = vec![0x0b];
+                framed.extend_from_slice(msg.as_bytes());
+                framed.extend_from_slice(&[0x1c, 0x0d]);
+                let t = Instant::now();
+                s.write_all(&framed).await.map_err(|e| e.to_string())?;
+                let mut ack = Vec::new();
+                while !ack.ends_with(&[0x1c, 0x0d]) {
+                    let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("connection closed".to_string());
+                    }
+                    ack.extend_from_slice(&buf[..n]);
+                }
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                let text = String::from_utf8_lossy(&ack);
+                if !text.contains("MSA|CA") && !text.contains("MSA|AA") {
+                    return Err(format!("not accepted: {text}"));
+                }
+            }
+            Ok::<Vec<f64>, String>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.map_err(|e| e.to_string())??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!("\n### HL7 v2 over MLLP, {backend} (durable commits)\n");
+    println!("| scenario | messages/s | OBX/s | p50 ACK | p99 ACK |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| IHE PCD-01 ({obx} OBX each), 8 connections, {} messages | {:.0} | {:.0} | {:.1} ms | {:.1} ms |",
+        all.len(),
+        all.len() as f64 / secs,
+        (all.len() * obx) as f64 / secs,
+        pct(0.5),
+        pct(0.99)
+    );
+    println!("\nserver peak memory (VmHWM): {:.0} MiB", server.peak_mib());
+    Ok(())
+}
+
 async fn run_backend(o: &Options, backend: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let (database, cleanup) = match backend {
@@ -307,6 +456,15 @@ async fn run_backend(o: &Options, backend: &str) -> Result<(), String> {
             (format!("{base}/{name}"), Some((c, name)))
         }
     };
+    if o.hl7_only {
+        run_hl7(o, backend, &database).await?;
+        if let Some((mut c, name)) = cleanup {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+                .execute(&mut c)
+                .await;
+        }
+        return Ok(());
+    }
     let server = Server::start(&database)?;
     let client = reqwest::Client::new();
     println!("\n### {backend} (durable commits)\n");
