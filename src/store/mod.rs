@@ -82,6 +82,8 @@ enum Inner {
         writer: mpsc::Sender<WriterMsg>,
         write_pool: SqlitePool,
         cache: Arc<cache::ResourceCache>,
+        /// Held (locked) for as long as the store is open.
+        _lock: Option<std::fs::File>,
     },
     Postgres {
         pool: PgPool,
@@ -120,6 +122,24 @@ impl Store {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create database directory {}: {e}", dir.display()))?;
         }
+        // One process writes a SQLite database: the writer allocates row ids itself and the
+        // read cache trusts that no one else writes. A second server or `import` on the same
+        // file is refused at start instead of failing its writes later.
+        let lock = if path == ":memory:" {
+            None
+        } else {
+            let lock_path = format!("{path}.lock");
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| format!("cannot open {lock_path}: {e}"))?;
+            file.try_lock().map_err(|_| {
+                format!("{path} is in use by another iomt-fhir process (one process writes a SQLite database; stop it first or send it the data over HTTP)")
+            })?;
+            Some(file)
+        };
         let sync = match config.durability {
             Durability::Full => SqliteSynchronous::Full,
             Durability::Relaxed => SqliteSynchronous::Normal,
@@ -185,6 +205,7 @@ impl Store {
                 writer: tx,
                 write_pool,
                 cache,
+                _lock: lock,
             }),
         })
     }

@@ -156,6 +156,14 @@ fn sigterm_shuts_down_cleanly_and_data_survives() {
     wait_up();
     let body = reqwest_get(&format!("{base}/Patient/keep"));
     assert!(body.contains("\"id\":\"keep\""), "{body}");
+    // a second process may not write the same SQLite database
+    let out = Command::new(BIN)
+        .args(["import", "--database", &db, SYNTHEA])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another iomt-fhir process"), "{err}");
     let _ = child.kill();
     let _ = child.wait();
 }
