@@ -56,6 +56,7 @@ impl Application {
             .unwrap_or_else(|| format!("http://{addr}/fhir"));
         let ctx = context(&settings, base).await?;
         crate::interaction::hl7v2::terminology()?;
+        crate::interaction::hl7v2::publish_concept_maps(&ctx).await?;
         let mllp = match settings.mllp_listen {
             Some(addr) => {
                 let l = TcpListener::bind(addr)

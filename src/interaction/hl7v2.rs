@@ -62,6 +62,46 @@ pub fn terminology() -> std::result::Result<&'static Terminology, String> {
     .map_err(Clone::clone)
 }
 
+/// The ids of the ConceptMaps in `terminology/`: served read-only.
+pub fn is_managed_concept_map(ty: &str, id: &str) -> bool {
+    ty == "ConceptMap"
+        && CONCEPT_MAPS.iter().any(|m| {
+            serde_json::from_str::<Value>(m)
+                .ok()
+                .and_then(|v| v.get("id").and_then(Value::as_str).map(|i| i == id))
+                .unwrap_or(false)
+        })
+}
+
+/// Stores the ConceptMaps of `terminology/` (at start-up, through the normal write path; an
+/// unchanged map writes nothing), so clients can read what the mapping uses.
+pub async fn publish_concept_maps(ctx: &SharedCtx) -> std::result::Result<(), String> {
+    for text in CONCEPT_MAPS {
+        let mut map: Value =
+            serde_json::from_str(text).map_err(|e| format!("terminology/: {e}"))?;
+        let id = map
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or("terminology/: a ConceptMap without an id")?
+            .to_string();
+        crate::interaction::write::check(ctx, "ConceptMap", &mut map, Some(&id))
+            .map_err(|e| format!("terminology/{id}: {e}"))?;
+        let prepared =
+            crate::interaction::write::prepare_with_id(ctx, map, &id).map_err(|e| e.to_string())?;
+        let t = id.clone();
+        ctx.store
+            .write(move |db| {
+                Box::pin(async move {
+                    crate::interaction::update::update_in(db, "ConceptMap", &t, &prepared, None)
+                        .await
+                })
+            })
+            .await
+            .map_err(|e| format!("storing terminology/{id}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// What became of one message.
 #[derive(Debug, Clone)]
 pub struct Ingested {
@@ -225,20 +265,25 @@ pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
         None,
         key.clone(),
     );
-    let (c, bundle) = (ctx.clone(), mapped.bundle);
-    let written = ctx
-        .store
-        .write(move |db| {
-            Box::pin(async move {
-                let resources =
-                    crate::interaction::transaction::transaction_in(db, &c, bundle).await?;
-                let mut row = row;
-                row.resources = resources.clone();
-                row.insert(db).await?;
-                Ok(resources)
-            })
-        })
-        .await;
+    // Parse and validate outside the writer; only id resolution and writes run inside.
+    let written = match crate::interaction::transaction::plan_bundle(ctx, &mapped.bundle) {
+        Err(e) => Err(e),
+        Ok(planned) => {
+            let c = ctx.clone();
+            ctx.store
+                .write(move |db| {
+                    Box::pin(async move {
+                        let resources =
+                            crate::interaction::transaction::run_planned(db, &c, planned).await?;
+                        let mut row = row;
+                        row.resources = resources.clone();
+                        row.insert(db).await?;
+                        Ok(resources)
+                    })
+                })
+                .await
+        }
+    };
     match written {
         Ok(resources) => Ingested {
             wire: ack::to_wire(&ack_text, Some(&msg)),

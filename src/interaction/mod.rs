@@ -433,6 +433,15 @@ pub fn parse_etag(s: &str) -> Option<i64> {
 pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirResponse> {
     let interaction = route(ctx.defs, req.method, &req.segments)?;
     use Interaction as I;
+    // The terminology the HL7 v2 mapping runs on is served, not edited, over the API.
+    if let I::Update(t, id) | I::Patch(t, id) | I::Delete(t, id) = &interaction
+        && hl7v2::is_managed_concept_map(t, id)
+    {
+        return Err(FhirError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("{t}/{id} is read-only: it comes from the server's terminology/ folder"),
+        ));
+    }
     match interaction {
         I::Capabilities => Ok(FhirResponse::json(200, capabilities::statement(ctx))),
         I::Bundle => transaction::bundle(ctx, &mut req).await,

@@ -367,10 +367,16 @@ fn plan(ctx: &Ctx, entries: &mut [Entry]) -> Result<(Vec<Payload>, bool)> {
     Ok((payloads, needs_db))
 }
 
-/// Runs a transaction Bundle inside the caller's database transaction (used where other
-/// rows must commit together with the Bundle's resources, e.g. an HL7 v2 message and what
-/// it produced). Returns the location (`Type/id/_history/n`) of every entry that has one.
-pub async fn transaction_in(db: &mut Db, ctx: &Ctx, bundle: Value) -> Result<Vec<String>> {
+/// A transaction Bundle checked and validated outside any database transaction, ready for
+/// [`run_planned`].
+pub struct Planned {
+    entries: Vec<Entry>,
+    payloads: Vec<Payload>,
+}
+
+/// Parses and validates a transaction Bundle without touching the database: the CPU work
+/// that should not run inside the single SQLite writer.
+pub fn plan_bundle(ctx: &Ctx, bundle: &Value) -> Result<Planned> {
     let raw_entries = bundle
         .get("entry")
         .and_then(Value::as_array)
@@ -381,8 +387,15 @@ pub async fn transaction_in(db: &mut Db, ctx: &Ctx, bundle: Value) -> Result<Vec
         entries.push(parse_entry(ctx, index, e)?);
     }
     let (payloads, _) = plan(ctx, &mut entries)?;
-    let ids = vec![None; entries.len()];
-    let outcomes = run(db, ctx, entries, payloads, ids).await?;
+    Ok(Planned { entries, payloads })
+}
+
+/// Runs a planned transaction inside the caller's database transaction (used where other
+/// rows must commit together with the Bundle's resources, e.g. an HL7 v2 message and what it
+/// produced). Returns the location (`Type/id/_history/n`) of every entry that has one.
+pub async fn run_planned(db: &mut Db, ctx: &Ctx, planned: Planned) -> Result<Vec<String>> {
+    let ids = vec![None; planned.entries.len()];
+    let outcomes = run(db, ctx, planned.entries, planned.payloads, ids).await?;
     Ok(outcomes.into_iter().filter_map(|o| o.location).collect())
 }
 

@@ -164,22 +164,53 @@ async fn pcd01_over_http_is_acknowledged_after_commit_and_idempotent(app: &TestA
             .status(),
         400
     );
+
+    // the ConceptMaps the mapping uses are served, read-only
+    let map = json(app.get("ConceptMap/mdc-to-loinc").await).await;
+    assert_eq!(map["resourceType"], "ConceptMap");
+    assert_eq!(map["meta"]["versionId"], "1");
+    assert_eq!(app.delete("ConceptMap/mdc-to-loinc").await.status(), 405);
+    assert_eq!(
+        app.put("ConceptMap/mdc-units-to-ucum", &map).await.status(),
+        405
+    );
 }
 
 crate::both_backends!(pcd01_over_http_is_acknowledged_after_commit_and_idempotent);
 
-async fn read_ack(stream: &mut tokio::net::TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed before the ACK");
-        out.extend_from_slice(&buf[..n]);
-        if out.ends_with(&[0x1c, 0x0d]) {
-            return String::from_utf8_lossy(&out[1..out.len() - 2]).to_string();
+/// Reads one framed ACK at a time, keeping bytes that arrived with an earlier one (two
+/// ACKs can come in one read).
+struct AckReader {
+    stream: tokio::net::TcpStream,
+    pending: Vec<u8>,
+}
+
+impl AckReader {
+    fn new(stream: tokio::net::TcpStream) -> Self {
+        AckReader {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    async fn next(&mut self) -> String {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = self.pending.windows(2).position(|w| w == [0x1c, 0x0d]) {
+                let frame: Vec<u8> = self.pending.drain(..end + 2).collect();
+                let start = frame.iter().position(|b| *b == 0x0b).map_or(0, |p| p + 1);
+                return String::from_utf8_lossy(&frame[start..frame.len() - 2]).to_string();
+            }
+            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "connection closed before the ACK");
+            self.pending.extend_from_slice(&buf[..n]);
         }
     }
 }
@@ -203,25 +234,27 @@ async fn mllp_socket_many_messages_bad_frames_and_dropped_connections() {
     let acme = std::fs::read(ACME).unwrap();
 
     // two messages in one write on one connection: two ACKs, in order
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let mut s = AckReader::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap(),
+    );
     let mut both = framed(&philips);
     both.extend(framed(&acme));
-    s.write_all(&both).await.unwrap();
-    let first = read_ack(&mut s).await;
-    let second = read_ack(&mut s).await;
+    s.write(&both).await;
+    let first = s.next().await;
+    let second = s.next().await;
     assert!(
         first.contains("MSA|CA|HP0122182658686QQ000CND119C0WS61"),
         "{first}"
     );
     assert!(second.contains("MSA|CA|"), "{second}");
     // garbage outside a frame gets a NAK, and the connection still works
-    s.write_all(b"garbage").await.unwrap();
-    s.write_all(&framed(&philips)).await.unwrap();
-    let nak = read_ack(&mut s).await;
+    s.write(b"garbage").await;
+    s.write(&framed(&philips)).await;
+    let nak = s.next().await;
     assert!(nak.contains("MSA|AR"), "{nak}");
-    let dup = read_ack(&mut s).await;
+    let dup = s.next().await;
     assert_eq!(dup, first, "a resend gets the stored ACK");
     drop(s);
 
@@ -240,11 +273,13 @@ async fn mllp_socket_many_messages_bad_frames_and_dropped_connections() {
         let control = text.split('|').nth(9).unwrap().to_string();
         let text = text.replacen(&control, &format!("{control}-{i}"), 1);
         tasks.push(tokio::spawn(async move {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            s.write_all(&framed(text.as_bytes())).await.unwrap();
-            read_ack(&mut s).await
+            let mut s = AckReader::new(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            );
+            s.write(&framed(text.as_bytes())).await;
+            s.next().await
         }));
     }
     for t in tasks {
