@@ -184,6 +184,32 @@ impl Db {
         shape: &[Ty],
     ) -> Result<Vec<Vec<Val>>> {
         self.flush().await?;
+        self.fetch_all_unflushed(sql, args, shape).await
+    }
+
+    /// Reads rows of resource `ty/id` only: the job's buffered writes are flushed first only
+    /// if they touch that resource (other buffered rows cannot change the answer). This keeps
+    /// a transaction of many conditional updates from flushing before every entry.
+    pub async fn fetch_resource_rows(
+        &mut self,
+        ty: &str,
+        id: &str,
+        sql: &str,
+        args: &[Arg],
+        shape: &[Ty],
+    ) -> Result<Vec<Vec<Val>>> {
+        if self.pending.touches(ty, id) {
+            self.flush().await?;
+        }
+        self.fetch_all_unflushed(sql, args, shape).await
+    }
+
+    async fn fetch_all_unflushed(
+        &mut self,
+        sql: &str,
+        args: &[Arg],
+        shape: &[Ty],
+    ) -> Result<Vec<Vec<Val>>> {
         let mut out = Vec::new();
         match &mut self.conn {
             Conn::Sqlite(c) => {

@@ -127,6 +127,8 @@ pub enum Savepoint {
 /// Rows a SQLite job has written but not yet sent (see [`Db::flush`]).
 #[derive(Debug, Default)]
 pub struct Pending {
+    /// The resources (type, id) these rows write.
+    pub keys: std::collections::HashSet<(String, String)>,
     pub versions: Vec<Value>,
     pub inserts: Vec<Value>,
     pub updates: Vec<Value>,
@@ -134,6 +136,10 @@ pub struct Pending {
 }
 
 impl Pending {
+    pub fn touches(&self, ty: &str, id: &str) -> bool {
+        !self.keys.is_empty() && self.keys.contains(&(ty.to_string(), id.to_string()))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.versions.is_empty()
             && self.inserts.is_empty()
@@ -307,12 +313,16 @@ impl Db {
     /// The current row, without locking.
     pub async fn current(&mut self, ty: &str, id: &str) -> Result<Option<Current>> {
         let row = self
-            .fetch_optional(
+            .fetch_resource_rows(
+                ty,
+                id,
                 "SELECT rid, version, last_updated, deleted, seq, idx_mask FROM resource WHERE res_type = $1 AND res_id = $2",
                 &[Arg::Text(ty.into()), Arg::Text(id.into())],
                 &CURRENT_COLS,
             )
-            .await?;
+            .await?
+            .into_iter()
+            .next();
         Ok(row.map(current_from))
     }
 
@@ -354,24 +364,32 @@ impl Db {
     /// The current version of a resource (deleted ones come back with `body: None`).
     pub async fn read(&mut self, ty: &str, id: &str) -> Result<Option<Stored>> {
         let row = self
-            .fetch_optional(
+            .fetch_resource_rows(
+                ty,
+                id,
                 "SELECT v.version, v.last_updated, v.method, v.body, v.seq FROM resource r JOIN resource_version v ON v.seq = r.seq WHERE r.res_type = $1 AND r.res_id = $2",
                 &[Arg::Text(ty.into()), Arg::Text(id.into())],
                 &[Ty::Int, Ty::Int, Ty::Text, Ty::OptText, Ty::Int],
             )
-            .await?;
+            .await?
+            .into_iter()
+            .next();
         Ok(row.map(|r| stored_from(ty, id, r)))
     }
 
     /// One version of a resource.
     pub async fn vread(&mut self, ty: &str, id: &str, version: i64) -> Result<Option<Stored>> {
         let row = self
-            .fetch_optional(
+            .fetch_resource_rows(
+                ty,
+                id,
                 "SELECT version, last_updated, method, body, seq FROM resource_version WHERE res_type = $1 AND res_id = $2 AND version = $3",
                 &[Arg::Text(ty.into()), Arg::Text(id.into()), Arg::Int(version)],
                 &[Ty::Int, Ty::Int, Ty::Text, Ty::OptText, Ty::Int],
             )
-            .await?;
+            .await?
+            .into_iter()
+            .next();
         Ok(row.map(|r| stored_from(ty, id, r)))
     }
 
@@ -478,6 +496,7 @@ impl Db {
             }
         };
         let body = body.map_or(Value::Null, Value::from);
+        self.pending.keys.insert((ty.to_string(), id.to_string()));
         self.pending.versions.push(Value::Array(vec![
             seq.into(),
             ty.into(),
