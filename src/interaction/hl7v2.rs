@@ -155,35 +155,29 @@ pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
         Err(e) => {
             let header = parse::parse_header(bytes);
             let err = AckError::from(&e);
-            let (ack, code) = acknowledge(header.as_ref(), Outcome::Rejected, Some(&err));
-            return record(
+            return reject(
                 ctx,
                 bytes,
                 peer,
                 received_at,
                 header.as_ref(),
-                ack,
-                code,
-                Vec::new(),
-                Some(e.to_string()),
-                None,
+                Outcome::Rejected,
+                &err,
+                e.to_string(),
             )
             .await;
         }
     };
     if let Err(err) = ack::check_header(&msg, SUPPORTED, VERSIONS) {
-        let (ack, code) = acknowledge(Some(&msg), Outcome::Rejected, Some(&err));
-        return record(
+        return reject(
             ctx,
             bytes,
             peer,
             received_at,
             Some(&msg),
-            ack,
-            code,
-            Vec::new(),
-            Some(err.text.clone()),
-            None,
+            Outcome::Rejected,
+            &err,
+            err.text.clone(),
         )
         .await;
     }
@@ -198,18 +192,15 @@ pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
         Err(e) => {
             tracing::error!(error = %e, "terminology unavailable");
             let err = AckError::new(ack::APPLICATION_INTERNAL_ERROR, "terminology unavailable");
-            let (ack, code) = acknowledge(Some(&msg), Outcome::Error, Some(&err));
-            return record(
+            return reject(
                 ctx,
                 bytes,
                 peer,
                 received_at,
                 Some(&msg),
-                ack,
-                code,
-                Vec::new(),
-                Some(e),
-                None,
+                Outcome::Error,
+                &err,
+                e,
             )
             .await;
         }
@@ -236,18 +227,15 @@ pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
                 .map(MapError::to_string)
                 .collect::<Vec<_>>()
                 .join("; ");
-            let (ack, code) = acknowledge(Some(&msg), Outcome::Error, Some(&err));
-            return record(
+            return reject(
                 ctx,
                 bytes,
                 peer,
                 received_at,
                 Some(&msg),
-                ack,
-                code,
-                Vec::new(),
-                Some(text),
-                None,
+                Outcome::Error,
+                &err,
+                text,
             )
             .await;
         }
@@ -307,18 +295,15 @@ pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
                 .collect::<Vec<_>>()
                 .join("; ");
             let err = AckError::new(ack::APPLICATION_INTERNAL_ERROR, text.clone());
-            let (ack, code) = acknowledge(Some(&msg), Outcome::Error, Some(&err));
-            record(
+            reject(
                 ctx,
                 bytes,
                 peer,
                 received_at,
                 Some(&msg),
-                ack,
-                code,
-                Vec::new(),
-                Some(text),
-                None,
+                Outcome::Error,
+                &err,
+                text,
             )
             .await
         }
@@ -436,21 +421,21 @@ impl MessageRow {
     }
 }
 
-/// Stores a message that wrote nothing (AE/AR) and builds its answer. If even storing
-/// fails, the sender gets an AE so it resends: nothing accepted is lost.
+/// Answers a message that writes nothing (AE/AR): builds the acknowledgement carrying
+/// `err`, stores the message with it, and returns the answer. If even storing fails, the
+/// sender gets an AE so it resends: nothing accepted is lost.
 #[allow(clippy::too_many_arguments)]
-async fn record(
+async fn reject(
     ctx: &SharedCtx,
     bytes: &[u8],
     peer: &str,
     received_at: i64,
     msg: Option<&Message>,
-    ack_text: String,
-    code: AckCode,
-    resources: Vec<String>,
-    error: Option<String>,
-    dedup_key: Option<String>,
+    outcome: Outcome,
+    err: &AckError,
+    error: String,
 ) -> Ingested {
+    let (ack_text, code) = acknowledge(msg, outcome, Some(err));
     let row = MessageRow::new(
         bytes,
         peer,
@@ -458,35 +443,30 @@ async fn record(
         msg,
         &ack_text,
         code,
-        error.clone(),
-        dedup_key,
+        Some(error.clone()),
+        None,
     );
     let stored = ctx
         .store
         .write(move |db| Box::pin(async move { row.insert(db).await }))
         .await;
-    if let Err(e) = stored {
-        tracing::error!(error = %e, "could not store an HL7 v2 message");
-        let err = AckError::new(
-            ack::APPLICATION_INTERNAL_ERROR,
-            "the message could not be stored; resend it",
-        );
-        let (text, code) = acknowledge(msg, Outcome::Error, Some(&err));
-        return Ingested {
-            wire: ack::to_wire(&text, msg),
-            ack: text,
-            code,
-            resources,
-            error,
-            duplicate: false,
-        };
-    }
+    let (ack_text, code) = match stored {
+        Ok(()) => (ack_text, code),
+        Err(e) => {
+            tracing::error!(error = %e, "could not store an HL7 v2 message");
+            let err = AckError::new(
+                ack::APPLICATION_INTERNAL_ERROR,
+                "the message could not be stored; resend it",
+            );
+            acknowledge(msg, Outcome::Error, Some(&err))
+        }
+    };
     Ingested {
         wire: ack::to_wire(&ack_text, msg),
         ack: ack_text,
         code,
-        resources,
-        error,
+        resources: Vec::new(),
+        error: Some(error),
         duplicate: false,
     }
 }

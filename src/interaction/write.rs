@@ -173,13 +173,15 @@ pub fn walk_references(v: &mut Value, f: &mut dyn FnMut(&mut String) -> Result<(
 }
 
 pub fn has_conditional_reference(v: &Value) -> bool {
-    let mut v = v.clone();
-    let mut found = false;
-    let _ = walk_references(&mut v, &mut |r| {
-        found |= is_conditional_reference(r);
-        Ok(())
-    });
-    found
+    // Read-only twin of `walk_references`: called for every write, so no clone.
+    match v {
+        Value::Object(map) => map.iter().any(|(k, child)| match child {
+            Value::String(r) if k == "reference" => is_conditional_reference(r),
+            _ => has_conditional_reference(child),
+        }),
+        Value::Array(items) => items.iter().any(has_conditional_reference),
+        _ => false,
+    }
 }
 
 /// Resolves every conditional reference of `resource` to the one resource it matches

@@ -114,9 +114,9 @@ macro_rules! decode_row {
 }
 
 impl Db {
-    pub fn sqlite(c: PoolConnection<Sqlite>) -> Db {
+    fn new(conn: Conn) -> Db {
         Db {
-            conn: Conn::Sqlite(c),
+            conn,
             pending_index: Vec::new(),
             written: Vec::new(),
             pending: Default::default(),
@@ -127,17 +127,12 @@ impl Db {
         }
     }
 
+    pub fn sqlite(c: PoolConnection<Sqlite>) -> Db {
+        Db::new(Conn::Sqlite(c))
+    }
+
     pub fn pg(c: PoolConnection<Postgres>) -> Db {
-        Db {
-            conn: Conn::Pg(c),
-            pending_index: Vec::new(),
-            written: Vec::new(),
-            pending: Default::default(),
-            alloc: None,
-            savepoint: Default::default(),
-            release_pending: false,
-            group_failed: false,
-        }
+        Db::new(Conn::Pg(c))
     }
 
     pub fn is_postgres(&self) -> bool {

@@ -148,6 +148,20 @@ impl Pending {
     }
 }
 
+/// One version row to write: what both backends' write strategies take.
+#[derive(Clone, Copy)]
+struct NewVersion<'a> {
+    ty: &'a str,
+    id: &'a str,
+    prior: Option<&'a Current>,
+    version: i64,
+    last_updated: Micros,
+    method: &'a str,
+    body: Option<&'a str>,
+    deleted: i64,
+    mask: i64,
+}
+
 /// A search-index row waiting for [`Db::flush`].
 #[derive(Debug, Clone)]
 pub struct PendingIndex {
@@ -415,31 +429,21 @@ impl Db {
                 mask |= 1 << kind_bit(&e.value);
             }
         }
+        let row = NewVersion {
+            ty,
+            id,
+            prior,
+            version,
+            last_updated,
+            method,
+            body: body.as_deref(),
+            deleted,
+            mask,
+        };
         let rid = if self.alloc.is_some() {
-            self.buffer_version(
-                ty,
-                id,
-                prior,
-                version,
-                last_updated,
-                method,
-                body.as_deref(),
-                deleted,
-                mask,
-            )
+            self.buffer_version(&row)
         } else {
-            self.insert_version(
-                ty,
-                id,
-                prior,
-                version,
-                last_updated,
-                method,
-                body.as_deref(),
-                deleted,
-                mask,
-            )
-            .await?
+            self.insert_version(&row).await?
         };
         self.written.push((
             ty.to_string(),
@@ -470,19 +474,18 @@ impl Db {
 
     /// SQLite's single writer: ids come from the in-process allocator and the rows wait in
     /// [`Pending`] for the job's one multi-statement flush.
-    #[allow(clippy::too_many_arguments)]
-    fn buffer_version(
-        &mut self,
-        ty: &str,
-        id: &str,
-        prior: Option<&Current>,
-        version: i64,
-        last_updated: Micros,
-        method: &str,
-        body: Option<&str>,
-        deleted: i64,
-        mask: i64,
-    ) -> i64 {
+    fn buffer_version(&mut self, v: &NewVersion<'_>) -> i64 {
+        let NewVersion {
+            ty,
+            id,
+            prior,
+            version,
+            last_updated,
+            method,
+            body,
+            deleted,
+            mask,
+        } = *v;
         let Some(alloc) = self.alloc.as_mut() else {
             return 0;
         };
@@ -532,19 +535,18 @@ impl Db {
     }
 
     /// PostgreSQL: several processes share the sequences, so ids come back from RETURNING.
-    #[allow(clippy::too_many_arguments)]
-    async fn insert_version(
-        &mut self,
-        ty: &str,
-        id: &str,
-        prior: Option<&Current>,
-        version: i64,
-        last_updated: Micros,
-        method: &str,
-        body: Option<&str>,
-        deleted: i64,
-        mask: i64,
-    ) -> Result<i64> {
+    async fn insert_version(&mut self, v: &NewVersion<'_>) -> Result<i64> {
+        let NewVersion {
+            ty,
+            id,
+            prior,
+            version,
+            last_updated,
+            method,
+            body,
+            deleted,
+            mask,
+        } = *v;
         let seq = self
             .fetch_one_int(
                 "INSERT INTO resource_version (res_type, res_id, version, last_updated, method, body) VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
