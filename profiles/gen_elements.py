@@ -6,7 +6,8 @@ Usage: gen_elements.py DEFINITIONS_DIR OUT_ELEMENTS_JSON_GZ
 Reads profiles-resources.json and profiles-types.json from DEFINITIONS_DIR and writes
 OUT_ELEMENTS_JSON_GZ, a compact table of every element of every resource and complex
 datatype specialization snapshot. Beside it, it writes fhir.schema.json.gz, a gzip of the
-unmodified official JSON schema taken from the same directory.
+unmodified official JSON schema taken from the same directory, and compartments.json.gz, the
+official CompartmentDefinition resources (a JSON array) from profiles-resources.json.
 
 Both files are written deterministically (gzip mtime 0, no file name in the header) so a
 rerun on the same input produces the same bytes and the files diff cleanly in git.
@@ -92,6 +93,13 @@ def main(argv):
     with open(os.path.join(src, "fhir.schema.json"), "rb") as f:
         schema = f.read()
     write_gz(os.path.join(os.path.dirname(os.path.abspath(out)), "fhir.schema.json.gz"), schema)
+    # The five CompartmentDefinitions (Patient, Encounter, RelatedPerson, Practitioner,
+    # Device), unmodified, for compartment search and Patient/$everything.
+    with open(os.path.join(src, "profiles-resources.json"), encoding="utf-8") as f:
+        compartments = [e["resource"] for e in json.load(f)["entry"]
+                        if e["resource"]["resourceType"] == "CompartmentDefinition"]
+    write_gz(os.path.join(os.path.dirname(os.path.abspath(out)), "compartments.json.gz"),
+             json.dumps(compartments, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
     resources = sum(1 for t in table.values() if t["kind"] == "resource" and not t["abstract"])
     print(f"{out}: {len(table)} types ({resources} concrete resources), "
           f"{sum(len(t['elements']) for t in table.values())} elements")

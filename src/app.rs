@@ -41,6 +41,7 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
             max_count: settings.max_count,
         },
         conditional_delete: settings.conditional_delete,
+        search_indexing: settings.search_indexing,
     }))
 }
 

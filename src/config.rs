@@ -126,6 +126,10 @@ pub struct ServerArgs {
     /// Conditional delete matching several resources: single (412) or multiple [default: single].
     #[arg(long, env = "IOMT_FHIR_CONDITIONAL_DELETE", value_enum)]
     pub conditional_delete: Option<ConditionalDeleteMode>,
+    /// Extract search index values on write; `false` only to measure what indexing costs
+    /// (searches then find nothing written meanwhile) [default: true].
+    #[arg(long, env = "IOMT_FHIR_SEARCH_INDEXING")]
+    pub search_indexing: Option<bool>,
 }
 
 /// Resolved settings.
@@ -144,6 +148,7 @@ pub struct Settings {
     pub group_commit_max: usize,
     pub cache_mib: usize,
     pub conditional_delete: ConditionalDeleteMode,
+    pub search_indexing: bool,
     pub mllp_listen: Option<SocketAddr>,
     pub mllp_max_bytes: usize,
     pub mllp_idle_secs: u64,
@@ -262,6 +267,10 @@ impl Settings {
                 .conditional_delete
                 .or(file.conditional_delete)
                 .unwrap_or(ConditionalDeleteMode::Single),
+            search_indexing: args
+                .search_indexing
+                .or(file.search_indexing)
+                .unwrap_or(true),
         })
     }
 }

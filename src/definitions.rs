@@ -9,11 +9,13 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
+use crate::search::compartment::Compartments;
 use crate::search::registry::{LoadReport, Registry};
 use crate::validation::{ElementTable, Validator};
 
 static SCHEMA_GZ: &[u8] = include_bytes!("../profiles/fhir.schema.json.gz");
 static ELEMENTS_GZ: &[u8] = include_bytes!("../profiles/elements.json.gz");
+static COMPARTMENTS_GZ: &[u8] = include_bytes!("../profiles/compartments.json.gz");
 static SEARCH_PARAMETERS_GZ: &[u8] = include_bytes!("../profiles/search-parameters.json.gz");
 
 /// Everything derived from the official definitions, built once per process.
@@ -25,6 +27,7 @@ pub struct Definitions {
     pub validator: Validator,
     pub registry: Registry,
     pub search_report: LoadReport,
+    pub compartments: Compartments,
 }
 
 fn gunzip_json(name: &str, bytes: &[u8]) -> Result<Value, String> {
@@ -55,6 +58,8 @@ impl Definitions {
             "search-parameters.json",
             SEARCH_PARAMETERS_GZ,
         )?);
+        let compartments =
+            Compartments::from_json(&gunzip_json("compartments.json", COMPARTMENTS_GZ)?)?;
         let type_set = resource_types.iter().cloned().collect();
         Ok(Definitions {
             resource_types,
@@ -63,6 +68,7 @@ impl Definitions {
             validator,
             registry,
             search_report,
+            compartments,
         })
     }
 

@@ -34,6 +34,8 @@ pub struct Ctx {
     pub base: String,
     pub limits: Limits,
     pub conditional_delete: delete::ConditionalDeleteMode,
+    /// Whether writes extract search index values (see `Settings::search_indexing`).
+    pub search_indexing: bool,
 }
 
 pub type SharedCtx = Arc<Ctx>;
@@ -217,7 +219,12 @@ pub enum Interaction {
     /// `POST [base]/$hl7v2-replay`: process stored messages again.
     Hl7v2Replay,
     HistorySystem,
+    SearchSystem,
     SearchType(String),
+    /// `[Compartment]/[id]/[type or *]`.
+    SearchCompartment(String, String, String),
+    /// `Patient/[id]/$everything`.
+    Everything(String),
     Create(String),
     ConditionalUpdate(String),
     ConditionalDelete(String),
@@ -255,9 +262,7 @@ pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<
     match seg.as_slice() {
         [] => match method {
             M::Post => Ok(I::Bundle),
-            _ if get => Err(FhirError::not_supported(
-                "system-level search is not supported yet; search a resource type",
-            )),
+            _ if get => Ok(I::SearchSystem),
             _ => not_allowed(),
         },
         ["$hl7v2"] => {
@@ -277,6 +282,13 @@ pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<
         ["$hl7v2-replay"] => {
             if method == M::Post {
                 Ok(I::Hl7v2Replay)
+            } else {
+                not_allowed()
+            }
+        }
+        ["_search"] => {
+            if method == M::Post {
+                Ok(I::SearchSystem)
             } else {
                 not_allowed()
             }
@@ -359,6 +371,28 @@ pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<
             let (t, id) = (known_type(t)?, parse_id(id)?);
             if method == M::Post {
                 Ok(I::ValidateInstance(t, id))
+            } else {
+                not_allowed()
+            }
+        }
+        ["Patient", id, "$everything"] => {
+            let id = parse_id(id)?;
+            if get || method == M::Post {
+                Ok(I::Everything(id))
+            } else {
+                not_allowed()
+            }
+        }
+        [t, id, c] | [t, id, c, "_search"] if !c.starts_with('$') && !c.starts_with('_') => {
+            let (t, id) = (known_type(t)?, parse_id(id)?);
+            let c = if *c == "*" {
+                c.to_string()
+            } else {
+                known_type(c)?
+            };
+            let post_search = seg.len() == 4 && method == M::Post;
+            if (seg.len() == 3 && get) || post_search {
+                Ok(I::SearchCompartment(t, id, c))
             } else {
                 not_allowed()
             }
@@ -452,6 +486,11 @@ pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirRespons
         I::HistoryType(t) => history::history(ctx, &req, Some(&t), None).await,
         I::HistoryInstance(t, id) => history::history(ctx, &req, Some(&t), Some(&id)).await,
         I::SearchType(t) => search_type::search(ctx, &t, &req).await,
+        I::SearchSystem => search_type::search_system(ctx, &req).await,
+        I::SearchCompartment(c, id, t) => {
+            search_type::search_compartment(ctx, &c, &id, &t, &req).await
+        }
+        I::Everything(id) => search_type::everything(ctx, &id, &req).await,
         I::Read(t, id) => read::read(ctx, &t, &id, &req).await,
         I::Vread(t, id, vid) => read::vread(ctx, &t, &id, &vid).await,
         I::Create(t) => create::create(ctx, &t, req).await,

@@ -99,7 +99,11 @@ pub fn prepare_with_id(ctx: &Ctx, resource: Value, id: &str) -> Result<Prepared>
     ordered.insert("meta".into(), meta);
     ordered.extend(rest);
     let mut resource = Value::Object(ordered);
-    let index = extract(&ctx.defs.registry, &resource);
+    let index = if ctx.search_indexing {
+        extract(&ctx.defs.registry, &resource)
+    } else {
+        Vec::new()
+    };
     prepare(&mut resource, index)
 }
 
@@ -112,7 +116,8 @@ pub async fn matching_ids(
     query: &str,
     limit: usize,
 ) -> Result<Vec<String>> {
-    let q = parse_condition(&ctx.defs.registry, ty, query)?;
+    let mut q = parse_condition(&ctx.defs.registry, ty, query)?;
+    crate::interaction::search_type::bind_value_sets(db, &mut q).await?;
     // Earlier writes of this job must be visible to the condition.
     db.flush().await?;
     let b = q.ids_sql(limit);

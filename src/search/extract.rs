@@ -97,6 +97,7 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     };
     let mut entries = Vec::new();
     let mut values = Vec::new();
+    let mut extra = Vec::new();
     for param in registry.for_type(resource_type) {
         if matches!(param.kind, ParamType::Composite | ParamType::Special)
             || matches!(param.code.as_str(), "_id" | "_lastUpdated")
@@ -107,18 +108,47 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
             continue;
         };
         values.clear();
+        extra.clear();
         let focus = Node {
             value: resource,
             fhir_type: None,
         };
         for node in expression.evaluate_in(focus, resource, Some(resource_type)) {
+            let value = node.value;
             index_node(param.kind, node, &mut values);
+            match param.kind {
+                ParamType::Token => of_type(value, &mut extra),
+                ParamType::Reference => {
+                    if let Some(identifier) = value.get("identifier") {
+                        let node = Node {
+                            value: identifier,
+                            fhir_type: Some("Identifier"),
+                        };
+                        token(node, &mut extra);
+                    }
+                }
+                _ => {}
+            }
         }
         dedupe(&mut values);
         entries.extend(values.drain(..).map(|value| IndexEntry {
             code: param.code.clone(),
             value,
         }));
+        if !extra.is_empty() {
+            // search.html#modifiers: `:of-type` on identifiers, `:identifier` on references.
+            let suffix = if param.kind == ParamType::Token {
+                "of-type"
+            } else {
+                "identifier"
+            };
+            dedupe(&mut extra);
+            let code = format!("{}:{suffix}", param.code);
+            entries.extend(extra.drain(..).map(|value| IndexEntry {
+                code: code.clone(),
+                value,
+            }));
+        }
     }
     entries
 }
@@ -258,6 +288,29 @@ fn token(node: Node<'_>, out: &mut Vec<IndexValue>) {
     }
     if let Some(text) = str_field(map, "text") {
         text_token(text, out);
+    }
+}
+
+/// An Identifier with a `type` gives, for `:of-type`, a token whose system is
+/// `type-system|type-code` and whose code is the identifier's value.
+fn of_type(value: &Value, out: &mut Vec<IndexValue>) {
+    let Some(id_value) = value.get("value").and_then(Value::as_str) else {
+        return;
+    };
+    for coding in value
+        .pointer("/type/coding")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(code) = coding.get("code").and_then(Value::as_str) {
+            let system = coding.get("system").and_then(Value::as_str).unwrap_or("");
+            out.push(IndexValue::Token {
+                system: Some(format!("{system}|{code}")),
+                code: Some(id_value.to_string()),
+                text: None,
+            });
+        }
     }
 }
 

@@ -1,9 +1,20 @@
 //! Search queries (FHIR R4 search.html) compiled to SQL over the `idx_*` tables.
 //!
-//! Supported here: `_id`, `_lastUpdated`, and the parameter types token, string, reference,
-//! date and uri with the common modifiers (`:exact`, `:contains`, `:missing` is not yet),
-//! prefixes on dates, OR with commas, AND with repeats, and escaping. Anything else is
+//! A query is a list of scopes (one resource type each, or every type for a system search
+//! without `_type`), each an AND of filters, each filter an OR of values. Every parameter
+//! type except composite and special is supported, with the modifiers `:missing`, `:exact`,
+//! `:contains`, `:text`, `:not`, `:above`/`:below` (uri), `:in`/`:not-in` (value sets held
+//! by the server), `:of-type`, `:identifier` and `:[type]`, the prefixes on date, number and
+//! quantity, chaining, reverse chaining (`_has`), `_list` and compartments. Anything else is
 //! refused with a 400 naming the parameter, never silently ignored.
+//!
+//! SQL shape: the filter most likely to be selective drives the query as
+//! `r.rid IN (SELECT rid FROM idx_... )`; every other filter is a correlated `EXISTS` probe
+//! on the candidate's `rid`, so the cost follows the driver's matches, not the table size.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
 
 use crate::error::{FhirError, Result};
 use crate::search::extract::{fold, parse_fhir_date_range};
@@ -14,48 +25,79 @@ use crate::store::SqlBuilder;
 const CONTROL: &[&str] = &[
     "_count",
     "_offset",
+    "_cursor",
     "_format",
     "_pretty",
     "_summary",
     "_elements",
     "_total",
     "_sort",
+    "_include",
+    "_revinclude",
+    "_type",
+    "_since",
+    "_contained",
+    "_containedType",
 ];
 
-/// One parsed filter: AND of these, each an OR of values.
-#[derive(Debug, Clone, PartialEq)]
-enum Filter {
-    Id(Vec<String>),
-    LastUpdated(Vec<(Prefix, i64, i64)>),
-    Token {
-        code: String,
-        values: Vec<TokenValue>,
-        text: bool,
-    },
-    String {
-        code: String,
-        values: Vec<String>,
-        mode: StringMode,
-    },
-    Reference {
-        code: String,
-        values: Vec<(Option<String>, String)>,
-    },
-    Date {
-        code: String,
-        values: Vec<(Prefix, i64, i64)>,
-    },
-    Uri {
-        code: String,
-        values: Vec<String>,
-    },
+/// Chains and `_has` nest at most this deep.
+const MAX_DEPTH: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Token,
+    String,
+    Reference,
+    Date,
+    Number,
+    Quantity,
+    Uri,
+}
+
+impl Table {
+    fn of(kind: ParamType) -> Option<Table> {
+        Some(match kind {
+            ParamType::Token => Table::Token,
+            ParamType::String => Table::String,
+            ParamType::Reference => Table::Reference,
+            ParamType::Date => Table::Date,
+            ParamType::Number => Table::Number,
+            ParamType::Quantity => Table::Quantity,
+            ParamType::Uri => Table::Uri,
+            ParamType::Composite | ParamType::Special => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Table::Token => "idx_token",
+            Table::String => "idx_string",
+            Table::Reference => "idx_reference",
+            Table::Date => "idx_date",
+            Table::Number => "idx_number",
+            Table::Quantity => "idx_quantity",
+            Table::Uri => "idx_uri",
+        }
+    }
+
+    /// Column ordering by this parameter (`_sort`), ascending and descending.
+    fn sort_columns(self) -> (&'static str, &'static str) {
+        match self {
+            Table::Token => ("MIN(value)", "MAX(value)"),
+            Table::String => ("MIN(norm)", "MAX(norm)"),
+            Table::Reference => ("MIN(url)", "MAX(url)"),
+            Table::Date => ("MIN(lo)", "MAX(hi)"),
+            Table::Number | Table::Quantity => ("MIN(value)", "MAX(value)"),
+            Table::Uri => ("MIN(value)", "MAX(value)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
-struct TokenValue {
+pub struct TokenValue {
     /// `None`: any system; `Some("")`: no system (`|code`).
-    system: Option<String>,
-    code: Option<String>,
+    pub system: Option<String>,
+    pub code: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,20 +120,192 @@ enum Prefix {
     Ap,
 }
 
-/// A parsed search over one resource type.
+#[derive(Debug, Clone, PartialEq)]
+enum RefValue {
+    /// `[Type/]id`.
+    Local(Option<String>, String),
+    /// An absolute URL or URN, matched as written.
+    Url(String),
+}
+
+/// A number with its implicit precision range (search.html#number): `100` is [99.5, 100.5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Number {
+    prefix: Prefix,
+    value: f64,
+    lo: f64,
+    hi: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct QuantityValue {
+    number: Number,
+    system: Option<String>,
+    code: Option<String>,
+}
+
+/// What one index filter matches: an OR of values of one type.
+#[derive(Debug, Clone, PartialEq)]
+enum Cond {
+    Token(Vec<TokenValue>),
+    TokenText(Vec<String>),
+    String(StringMode, Vec<String>),
+    Reference(Vec<RefValue>),
+    Date(Vec<(Prefix, i64, i64)>),
+    Number(Vec<Number>),
+    Quantity(Vec<QuantityValue>),
+    Uri(Vec<String>),
+    UriBelow(Vec<String>),
+}
+
+/// One parsed filter; a scope matches when all of its filters do.
+#[derive(Debug, Clone, PartialEq)]
+enum Filter {
+    Id(Vec<String>),
+    LastUpdated(Vec<(Prefix, i64, i64)>),
+    Index {
+        table: Table,
+        code: String,
+        cond: Cond,
+        /// `:not` / `:not-in`: resources with no matching value (including none at all).
+        negate: bool,
+    },
+    Missing {
+        table: Table,
+        code: String,
+        missing: bool,
+    },
+    /// `code[:Type].rest=...`: a reference whose target matches `inner` (one list per type).
+    Chain {
+        code: String,
+        targets: Vec<(String, Vec<Filter>)>,
+    },
+    /// `_has:Source:code:rest=...`: some `Source` referring to this resource through `code`
+    /// matches `inner`.
+    Has {
+        source: String,
+        code: String,
+        inner: Vec<Filter>,
+    },
+    /// `_list=id`: the resource is an item of that List.
+    List(String),
+    /// In the compartment of `Type/id` (compartmentdefinition.html): referenced by a
+    /// resource of type `t` through one of the codes listed for `t` in `pairs`, or the
+    /// compartment's own resource when `itself`.
+    Compartment {
+        pairs: Vec<(String, Vec<String>)>,
+        target_type: String,
+        target_id: String,
+        itself: bool,
+    },
+    /// `:in` / `:not-in` before [`SearchQuery::bind_value_sets`] turns it into a token filter.
+    ValueSet {
+        code: String,
+        url: String,
+        negate: bool,
+    },
+}
+
+impl Filter {
+    /// Lower is likelier to be selective; the lowest drives the query.
+    fn rank(&self) -> u8 {
+        match self {
+            Filter::Id(_) => 0,
+            Filter::Compartment { .. } | Filter::List(_) => 1,
+            Filter::Index {
+                negate: false,
+                cond: Cond::Reference(_),
+                ..
+            } => 1,
+            Filter::Chain { .. } | Filter::Has { .. } => 2,
+            Filter::Index {
+                negate: false,
+                cond: Cond::Token(_) | Cond::Uri(_),
+                ..
+            } => 2,
+            Filter::Index {
+                negate: false,
+                cond: Cond::String(StringMode::Exact | StringMode::StartsWith, _),
+                ..
+            } => 3,
+            Filter::Index { negate: false, .. } => 4,
+            Filter::LastUpdated(_) => 5,
+            _ => 9,
+        }
+    }
+
+    /// Whether this filter can drive (appear as `rid IN (...)`).
+    fn can_drive(&self) -> bool {
+        self.rank() < 9
+    }
+}
+
+/// One `_sort` key.
+#[derive(Debug, Clone, PartialEq)]
+enum SortKey {
+    Id,
+    LastUpdated,
+    Param { table: Table, code: String },
+}
+
+/// `_include` / `_revinclude` (search.html#include).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Include {
+    /// The type holding the reference.
+    pub source: String,
+    /// The reference parameter; `None` for `*`.
+    pub code: Option<String>,
+    /// Restricts the target type (`Source:param:Target`).
+    pub target: Option<String>,
+    pub iterate: bool,
+}
+
+/// `_total` (search.html#total).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TotalMode {
+    /// Filled when cheap: from the page itself, or a count bounded by [`CHEAP_TOTAL`].
+    Default,
+    None,
+    Accurate,
+}
+
+/// The most matches counted for a `Bundle.total` the client did not ask for.
+pub const CHEAP_TOTAL: i64 = 1000;
+
+/// Paging position: keyset on `rid` for the default order, offset for `_sort`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    First,
+    After(i64),
+    Before(i64),
+}
+
+#[derive(Debug, Clone)]
+struct Scope {
+    /// `None`: every type (system search without `_type`).
+    ty: Option<String>,
+    filters: Vec<Filter>,
+}
+
+/// A parsed search.
 #[derive(Debug, Clone)]
 pub struct SearchQuery {
-    pub res_type: String,
-    filters: Vec<Filter>,
+    scopes: Vec<Scope>,
+    sort: Vec<(SortKey, bool)>,
     pub count: usize,
     pub offset: usize,
+    pub cursor: Cursor,
     /// Parameters that were ignored (lenient handling), reported back to the client.
     pub ignored: Vec<String>,
     /// `_summary=count`.
     pub count_only: bool,
+    pub total: TotalMode,
+    pub includes: Vec<Include>,
+    pub revincludes: Vec<Include>,
 }
 
-/// Splits a parameter value on unescaped commas and unescapes `\,` `\|` `\$` `\\`.
+/// Splits a parameter value on unescaped commas and unescapes `\,` `\$` `\\` (a `\|` stays
+/// escaped for [`split_bar`]).
 fn split_or(value: &str) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut chars = value.chars();
@@ -101,7 +315,6 @@ fn split_or(value: &str) -> Vec<String> {
                 if let Some(n) = chars.next()
                     && let Some(last) = out.last_mut()
                 {
-                    // Keep the escape for `|` so token parsing can tell it apart.
                     if n == '|' {
                         last.push('\\');
                     }
@@ -119,25 +332,41 @@ fn split_or(value: &str) -> Vec<String> {
     out
 }
 
-/// Splits `system|code` on the first unescaped `|`.
-fn split_bar(v: &str) -> (Option<String>, String) {
-    let bytes = v.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            i += 2;
-            continue;
+/// Splits on every unescaped `|`, unescaping `\|`.
+fn split_bars(v: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = v.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next()
+                    && let Some(last) = out.last_mut()
+                {
+                    if n != '|' {
+                        last.push('\\');
+                    }
+                    last.push(n);
+                }
+            }
+            '|' => out.push(String::new()),
+            c => {
+                if let Some(last) = out.last_mut() {
+                    last.push(c);
+                }
+            }
         }
-        if bytes[i] == b'|' {
-            return (Some(unescape_bar(&v[..i])), unescape_bar(&v[i + 1..]));
-        }
-        i += 1;
     }
-    (None, unescape_bar(v))
+    out
 }
 
-fn unescape_bar(s: &str) -> String {
-    s.replace("\\|", "|")
+/// Splits `system|code` on the first unescaped `|`.
+fn split_bar(v: &str) -> (Option<String>, String) {
+    let mut parts = split_bars(v);
+    if parts.len() == 1 {
+        return (None, parts.pop().unwrap_or_default());
+    }
+    let system = parts.remove(0);
+    (Some(system), parts.join("|"))
 }
 
 fn parse_prefix(v: &str) -> (Prefix, &str) {
@@ -171,6 +400,437 @@ fn date_values(name: &str, raw: &str) -> Result<Vec<(Prefix, i64, i64)>> {
         .collect()
 }
 
+/// Parses `[prefix]number` with its implicit range (search.html#number).
+fn parse_number(name: &str, v: &str) -> Result<Number> {
+    let (prefix, text) = parse_prefix(v);
+    let bad = || FhirError::invalid(format!("{name}: {v:?} is not a number"));
+    let valid = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'));
+    if !valid {
+        return Err(bad());
+    }
+    let value: f64 = text.parse().map_err(|_| bad())?;
+    if !value.is_finite() {
+        return Err(bad());
+    }
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i32>().map_err(|_| bad())?),
+        None => (text, 0),
+    };
+    let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len()) as i32;
+    let half = 0.5 * 10f64.powi(exponent - decimals);
+    Ok(Number {
+        prefix,
+        value,
+        lo: value - half,
+        hi: value + half,
+    })
+}
+
+/// Parses `[prefix]number|system|code` (or `number||code`, or a bare number).
+fn parse_quantity(name: &str, v: &str) -> Result<QuantityValue> {
+    let parts = split_bars(v);
+    let number = parse_number(name, parts.first().map_or("", String::as_str))?;
+    let non_empty = |s: Option<&String>| s.filter(|s| !s.is_empty()).cloned();
+    match parts.len() {
+        1 => Ok(QuantityValue {
+            number,
+            system: None,
+            code: None,
+        }),
+        3 => Ok(QuantityValue {
+            number,
+            system: non_empty(parts.get(1)),
+            code: non_empty(parts.get(2)),
+        }),
+        _ => Err(FhirError::invalid(format!(
+            "{name}: {v:?} is not [prefix]number|system|code"
+        ))),
+    }
+}
+
+fn reference_value(v: &str, forced_type: Option<&str>) -> RefValue {
+    if v.contains("://") || v.starts_with("urn:") {
+        return RefValue::Url(v.to_string());
+    }
+    let parts: Vec<&str> = v.split('/').collect();
+    match parts.as_slice() {
+        [t, id] => RefValue::Local(Some((*t).to_string()), (*id).to_string()),
+        [t, id, "_history", _] => RefValue::Local(Some((*t).to_string()), (*id).to_string()),
+        _ => RefValue::Local(forced_type.map(str::to_string), v.to_string()),
+    }
+}
+
+fn token_values(value: &str) -> Vec<TokenValue> {
+    split_or(value)
+        .iter()
+        .map(|v| {
+            let (system, code) = split_bar(v);
+            TokenValue {
+                system,
+                code: (!code.is_empty()).then_some(code),
+            }
+        })
+        .collect()
+}
+
+fn unsupported_modifier(name: &str, modifier: &str) -> FhirError {
+    FhirError::not_supported(format!("modifier :{modifier} on {name} is not supported"))
+}
+
+/// Parses one filter `key=value` for resource type `ty` (`None`: every type, where only
+/// the parameters of `Resource` apply). `key` may chain (`subject:Patient.name`) and
+/// reverse-chain (`_has:Observation:patient:code`).
+fn parse_filter(
+    registry: &Registry,
+    ty: Option<&str>,
+    key: &str,
+    value: &str,
+    depth: usize,
+) -> Result<Filter> {
+    if depth > MAX_DEPTH {
+        return Err(FhirError::invalid(format!(
+            "{key}: chains and _has nest at most {MAX_DEPTH} deep"
+        )));
+    }
+    let lookup_ty = ty.unwrap_or("Resource");
+    if let Some(rest) = key.strip_prefix("_has:") {
+        let mut parts = rest.splitn(3, ':');
+        let (Some(source), Some(code), Some(inner_key)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(FhirError::invalid(format!(
+                "{key}: _has needs the form _has:Type:parameter:filter"
+            )));
+        };
+        let param = registry.get(source, code).ok_or_else(|| {
+            FhirError::invalid(format!("{key}: {source} has no search parameter {code:?}"))
+        })?;
+        if param.kind != ParamType::Reference {
+            return Err(FhirError::invalid(format!(
+                "{key}: {source}.{code} is not a reference parameter"
+            )));
+        }
+        if let Some(t) = ty
+            && !param.targets.is_empty()
+            && !param.targets.iter().any(|x| x == t)
+        {
+            return Err(FhirError::invalid(format!(
+                "{key}: {source}.{code} never refers to {t}"
+            )));
+        }
+        let inner = parse_filter(registry, Some(source), inner_key, value, depth + 1)?;
+        return Ok(Filter::Has {
+            source: source.to_string(),
+            code: param.code.clone(),
+            inner: vec![inner],
+        });
+    }
+    if let Some((head, rest)) = key.split_once('.') {
+        let (name, modifier) = match head.split_once(':') {
+            Some((n, m)) => (n, Some(m)),
+            None => (head, None),
+        };
+        let param = registry.get(lookup_ty, name).ok_or_else(|| {
+            FhirError::invalid(format!("unknown search parameter {name:?} for {lookup_ty}"))
+        })?;
+        if param.kind != ParamType::Reference {
+            return Err(FhirError::invalid(format!(
+                "{key}: only reference parameters can be chained; {name} is not one"
+            )));
+        }
+        let candidates: Vec<String> = match modifier {
+            Some(t) if param.targets.is_empty() || param.targets.iter().any(|x| x == t) => {
+                vec![t.to_string()]
+            }
+            Some(t) => {
+                return Err(FhirError::invalid(format!(
+                    "{key}: {name} never refers to {t}"
+                )));
+            }
+            None => param.targets.clone(),
+        };
+        let inner_name = rest.split([':', '.']).next().unwrap_or(rest);
+        let mut targets = Vec::new();
+        for t in candidates {
+            let known = matches!(inner_name, "_id" | "_lastUpdated" | "_has")
+                || registry.get(&t, inner_name).is_some();
+            if known {
+                let inner = parse_filter(registry, Some(&t), rest, value, depth + 1)?;
+                targets.push((t, vec![inner]));
+            }
+        }
+        if targets.is_empty() {
+            return Err(FhirError::invalid(format!(
+                "{key}: no target type of {name} has a search parameter {inner_name:?}"
+            )));
+        }
+        return Ok(Filter::Chain {
+            code: param.code.clone(),
+            targets,
+        });
+    }
+    let (name, modifier) = match key.split_once(':') {
+        Some((n, m)) => (n, Some(m)),
+        None => (key, None),
+    };
+    match name {
+        "_id" => {
+            return match modifier {
+                None => Ok(Filter::Id(split_or(value))),
+                Some(m) => Err(unsupported_modifier(name, m)),
+            };
+        }
+        "_lastUpdated" => {
+            return match modifier {
+                None => Ok(Filter::LastUpdated(date_values(name, value)?)),
+                Some(m) => Err(unsupported_modifier(name, m)),
+            };
+        }
+        "_list" => {
+            return match modifier {
+                None => Ok(Filter::List(value.to_string())),
+                Some(m) => Err(unsupported_modifier(name, m)),
+            };
+        }
+        _ => {}
+    }
+    let param = registry.get(lookup_ty, name).ok_or_else(|| {
+        FhirError::invalid(format!("unknown search parameter {name:?} for {lookup_ty}"))
+    })?;
+    let Some(table) = Table::of(param.kind).filter(|_| param.expression.is_some()) else {
+        return Err(FhirError::not_supported(format!(
+            "search parameter {name} ({:?}) cannot be evaluated by this server",
+            param.kind
+        )));
+    };
+    let code = param.code.clone();
+    if modifier == Some("missing") {
+        let missing = match value {
+            "true" => true,
+            "false" => false,
+            _ => {
+                return Err(FhirError::invalid(format!(
+                    "{key}: the value must be true or false"
+                )));
+            }
+        };
+        return Ok(Filter::Missing {
+            table,
+            code,
+            missing,
+        });
+    }
+    let index = |cond: Cond, negate: bool| Filter::Index {
+        table,
+        code: code.clone(),
+        cond,
+        negate,
+    };
+    let bad_modifier = |m: &str| Err(unsupported_modifier(name, m));
+    match (param.kind, modifier) {
+        (ParamType::Token, None) => Ok(index(Cond::Token(token_values(value)), false)),
+        (ParamType::Token, Some("not")) => Ok(index(Cond::Token(token_values(value)), true)),
+        (ParamType::Token, Some("text")) => Ok(index(
+            Cond::TokenText(split_or(value).iter().map(|v| fold(v)).collect()),
+            false,
+        )),
+        (ParamType::Token, Some("of-type")) => {
+            let values = split_or(value)
+                .iter()
+                .map(|v| {
+                    let parts = split_bars(v);
+                    match parts.as_slice() {
+                        [system, code, value] if !code.is_empty() && !value.is_empty() => {
+                            Ok(TokenValue {
+                                system: Some(format!("{system}|{code}")),
+                                code: Some(value.clone()),
+                            })
+                        }
+                        _ => Err(FhirError::invalid(format!(
+                            "{key}: {v:?} is not system|code|value"
+                        ))),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Filter::Index {
+                table: Table::Token,
+                code: format!("{code}:of-type"),
+                cond: Cond::Token(values),
+                negate: false,
+            })
+        }
+        (ParamType::Token, Some(m @ ("in" | "not-in"))) => Ok(Filter::ValueSet {
+            code,
+            url: value.to_string(),
+            negate: m == "not-in",
+        }),
+        (ParamType::Token, Some(m @ ("above" | "below"))) => Err(FhirError::not_supported(
+            format!("{name}:{m}: the server holds no code system hierarchies"),
+        )),
+        (ParamType::String, m) => {
+            let mode = match m {
+                None => StringMode::StartsWith,
+                Some("exact") => StringMode::Exact,
+                Some("contains") => StringMode::Contains,
+                Some(m) => return bad_modifier(m),
+            };
+            Ok(index(Cond::String(mode, split_or(value)), false))
+        }
+        (ParamType::Reference, Some("identifier")) => Ok(Filter::Index {
+            table: Table::Token,
+            code: format!("{code}:identifier"),
+            cond: Cond::Token(token_values(value)),
+            negate: false,
+        }),
+        (ParamType::Reference, m) => {
+            let forced_type = match m {
+                None => None,
+                Some(t) if t.chars().next().is_some_and(|c| c.is_ascii_uppercase()) => {
+                    if !param.targets.is_empty() && !param.targets.iter().any(|x| x == t) {
+                        return Err(FhirError::invalid(format!(
+                            "{key}: {name} never refers to {t}"
+                        )));
+                    }
+                    Some(t)
+                }
+                Some(m) => return bad_modifier(m),
+            };
+            let values = split_or(value)
+                .iter()
+                .map(|v| reference_value(v, forced_type))
+                .collect();
+            Ok(index(Cond::Reference(values), false))
+        }
+        (ParamType::Date, None) => Ok(index(Cond::Date(date_values(name, value)?), false)),
+        (ParamType::Number, None) => Ok(index(
+            Cond::Number(
+                split_or(value)
+                    .iter()
+                    .map(|v| parse_number(name, v))
+                    .collect::<Result<_>>()?,
+            ),
+            false,
+        )),
+        (ParamType::Quantity, None) => Ok(index(
+            Cond::Quantity(
+                split_or(value)
+                    .iter()
+                    .map(|v| parse_quantity(name, v))
+                    .collect::<Result<_>>()?,
+            ),
+            false,
+        )),
+        (ParamType::Uri, None) => Ok(index(Cond::Uri(split_or(value)), false)),
+        (ParamType::Uri, Some("below")) => Ok(index(Cond::UriBelow(split_or(value)), false)),
+        (ParamType::Uri, Some("above")) => {
+            // Every stored URI that is a prefix of the value, at `/` boundaries.
+            let mut values = Vec::new();
+            for v in split_or(value) {
+                let mut end = v.len();
+                loop {
+                    values.push(v[..end].to_string());
+                    match v[..end].rfind('/') {
+                        Some(i) if i > 0 && !v[..i].ends_with('/') => end = i,
+                        _ => break,
+                    }
+                }
+            }
+            Ok(index(Cond::Uri(values), false))
+        }
+        (_, Some(m)) => bad_modifier(m),
+        (ParamType::Composite | ParamType::Special, None) => Err(FhirError::not_supported(
+            format!("search parameter {name} cannot be evaluated by this server"),
+        )),
+    }
+}
+
+fn parse_sort(registry: &Registry, ty: Option<&str>, value: &str) -> Result<Vec<(SortKey, bool)>> {
+    let lookup_ty = ty.unwrap_or("Resource");
+    value
+        .split(',')
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            let (name, desc) = match k.strip_prefix('-') {
+                Some(n) => (n, true),
+                None => (k, false),
+            };
+            let key = match name {
+                "_id" => SortKey::Id,
+                "_lastUpdated" => SortKey::LastUpdated,
+                _ => {
+                    let param = registry.get(lookup_ty, name).ok_or_else(|| {
+                        FhirError::invalid(format!(
+                            "_sort: unknown search parameter {name:?} for {lookup_ty}"
+                        ))
+                    })?;
+                    let table = Table::of(param.kind)
+                        .filter(|_| param.expression.is_some())
+                        .ok_or_else(|| {
+                            FhirError::not_supported(format!("_sort: cannot sort by {name}"))
+                        })?;
+                    SortKey::Param {
+                        table,
+                        code: param.code.clone(),
+                    }
+                }
+            };
+            Ok((key, desc))
+        })
+        .collect()
+}
+
+fn parse_include(registry: &Registry, key: &str, value: &str, rev: bool) -> Result<Include> {
+    let iterate = match key.split_once(':') {
+        None => false,
+        Some((_, "iterate" | "recurse")) => true,
+        Some((_, m)) => return Err(unsupported_modifier(key, m)),
+    };
+    let mut parts = value.split(':');
+    let source = parts.next().unwrap_or_default();
+    let code = parts.next();
+    let target = parts.next();
+    if source == "*" && !rev {
+        // `_include=*`: every reference of every matched resource.
+        return Ok(Include {
+            source: "*".into(),
+            code: None,
+            target: None,
+            iterate,
+        });
+    }
+    let code = match code {
+        None | Some("*") => None,
+        Some(c) => {
+            let p = registry.get(source, c).ok_or_else(|| {
+                FhirError::invalid(format!("{key}={value}: {source} has no parameter {c:?}"))
+            })?;
+            if p.kind != ParamType::Reference {
+                return Err(FhirError::invalid(format!(
+                    "{key}={value}: {source}.{c} is not a reference parameter"
+                )));
+            }
+            Some(c.to_string())
+        }
+    };
+    Ok(Include {
+        source: source.to_string(),
+        code,
+        target: target.map(str::to_string),
+        iterate,
+    })
+}
+
+/// Whether `lenient` turns an error into a warning: unknown and unsupported parameters are
+/// ignorable, malformed values of known parameters are not.
+fn ignorable(e: &FhirError) -> bool {
+    e.issues.first().is_some_and(|i| {
+        i.code == "not-supported" || i.diagnostics.contains("unknown search parameter")
+    })
+}
+
 impl SearchQuery {
     /// Parses query parameters for a search over `res_type`. With `lenient`, unknown or
     /// unsupported parameters are recorded in `ignored` instead of failing.
@@ -182,52 +842,105 @@ impl SearchQuery {
         default_count: usize,
         max_count: usize,
     ) -> Result<SearchQuery> {
+        Self::parse_scoped(
+            registry,
+            Some(vec![res_type.to_string()]),
+            params,
+            lenient,
+            default_count,
+            max_count,
+        )
+    }
+
+    /// Parses a search over several types (`types`), or every type (`None`, where only the
+    /// parameters common to all resources apply).
+    pub fn parse_scoped(
+        registry: &Registry,
+        types: Option<Vec<String>>,
+        params: &[(String, String)],
+        lenient: bool,
+        default_count: usize,
+        max_count: usize,
+    ) -> Result<SearchQuery> {
+        let scopes: Vec<Scope> = match types {
+            Some(ts) => ts
+                .into_iter()
+                .map(|t| Scope {
+                    ty: Some(t),
+                    filters: Vec::new(),
+                })
+                .collect(),
+            None => vec![Scope {
+                ty: None,
+                filters: Vec::new(),
+            }],
+        };
         let mut q = SearchQuery {
-            res_type: res_type.to_string(),
-            filters: Vec::new(),
-            count: default_count,
+            scopes,
+            sort: Vec::new(),
+            count: default_count.min(max_count),
             offset: 0,
+            cursor: Cursor::First,
             ignored: Vec::new(),
             count_only: false,
+            total: TotalMode::Default,
+            includes: Vec::new(),
+            revincludes: Vec::new(),
         };
         for (key, value) in params {
-            let (name, modifier) = match key.split_once(':') {
-                Some((n, m)) => (n, Some(m)),
-                None => (key.as_str(), None),
-            };
-            match name {
-                "_count" => {
-                    let n: usize = value.parse().map_err(|_| {
-                        FhirError::invalid(format!("_count: {value:?} is not a number"))
-                    })?;
-                    q.count = n.min(max_count);
-                    continue;
-                }
-                "_offset" => {
-                    q.offset = value.parse().map_err(|_| {
-                        FhirError::invalid(format!("_offset: {value:?} is not a number"))
-                    })?;
-                    continue;
-                }
-                "_summary" if value == "count" => {
-                    q.count_only = true;
-                    continue;
-                }
-                "_sort" | "_total" if !lenient => {
-                    // Accepted only in their default meaning for now.
-                    if name == "_sort" && value != "_id" {
-                        return Err(FhirError::not_supported(format!(
-                            "_sort={value} is not supported yet"
-                        )));
+            let name = key.split([':', '.']).next().unwrap_or(key);
+            let result = match name {
+                "_count" => value
+                    .parse::<usize>()
+                    .map(|n| q.count = n.min(max_count))
+                    .map_err(|_| FhirError::invalid(format!("_count: {value:?} is not a number"))),
+                "_offset" => value
+                    .parse::<usize>()
+                    .map(|n| q.offset = n)
+                    .map_err(|_| FhirError::invalid(format!("_offset: {value:?} is not a number"))),
+                "_cursor" => parse_cursor(value).map(|c| q.cursor = c),
+                "_summary" => match value.as_str() {
+                    "count" => {
+                        q.count_only = true;
+                        Ok(())
                     }
-                    continue;
+                    "true" | "false" | "text" | "data" => Ok(()),
+                    _ => Err(FhirError::invalid(format!(
+                        "_summary: {value:?} is not true, false, text, data or count"
+                    ))),
+                },
+                "_total" => match value.as_str() {
+                    "none" => {
+                        q.total = TotalMode::None;
+                        Ok(())
+                    }
+                    "estimate" | "accurate" => {
+                        q.total = TotalMode::Accurate;
+                        Ok(())
+                    }
+                    _ => Err(FhirError::invalid(format!(
+                        "_total: {value:?} is not none, estimate or accurate"
+                    ))),
+                },
+                "_sort" => {
+                    let ty = q.scopes.first().and_then(|s| s.ty.clone());
+                    parse_sort(registry, ty.as_deref(), value).map(|s| q.sort.extend(s))
                 }
-                n if CONTROL.contains(&n) => continue,
-                _ => {}
-            }
-            match q.filter(registry, name, modifier, value) {
-                Ok(f) => q.filters.push(f),
-                Err(e) if lenient => q.ignored.push(format!(
+                "_include" => {
+                    parse_include(registry, key, value, false).map(|i| q.includes.push(i))
+                }
+                "_revinclude" => {
+                    parse_include(registry, key, value, true).map(|i| q.revincludes.push(i))
+                }
+                "_text" | "_content" | "_query" | "_filter" | "_contained" | "_containedType" => {
+                    Err(FhirError::not_supported(format!("{name} is not supported")))
+                }
+                n if CONTROL.contains(&n) => Ok(()),
+                _ => q.add_filter(registry, key, value),
+            };
+            match result {
+                Ok(()) => {}
+                Err(e) if lenient && ignorable(&e) => q.ignored.push(format!(
                     "{key}: {}",
                     e.issues.first().map_or("", |i| i.diagnostics.as_str())
                 )),
@@ -237,267 +950,216 @@ impl SearchQuery {
         Ok(q)
     }
 
-    fn filter(
-        &self,
-        registry: &Registry,
-        name: &str,
-        modifier: Option<&str>,
-        value: &str,
-    ) -> Result<Filter> {
-        let unsupported_modifier = || {
-            Err(FhirError::not_supported(format!(
-                "modifier :{} on {name} is not supported",
-                modifier.unwrap_or("")
-            )))
+    /// Adds one filter to every scope (parsed for each scope's type).
+    fn add_filter(&mut self, registry: &Registry, key: &str, value: &str) -> Result<()> {
+        let mut parsed = Vec::with_capacity(self.scopes.len());
+        for scope in &self.scopes {
+            parsed.push(parse_filter(registry, scope.ty.as_deref(), key, value, 0)?);
+        }
+        for (scope, f) in self.scopes.iter_mut().zip(parsed) {
+            scope.filters.push(f);
+        }
+        Ok(())
+    }
+
+    /// Restricts the search to the compartment of `Type/id`. `params` gives, per resource
+    /// type, the reference parameters that place a resource in it (`{def}` marks the
+    /// compartment's own type). A scope for one type outside the compartment is dropped;
+    /// an all-types scope gets every type of the compartment (or of `types` when given).
+    pub fn restrict_to_compartment(
+        &mut self,
+        compartment_type: &str,
+        id: &str,
+        params: &HashMap<String, Vec<String>>,
+        types: Option<&[String]>,
+    ) {
+        let pairs_for = |ty: &str| -> Option<(String, Vec<String>)> {
+            let codes: Vec<String> = params
+                .get(ty)?
+                .iter()
+                .filter(|c| *c != "{def}")
+                .cloned()
+                .collect();
+            (!codes.is_empty()).then(|| (ty.to_string(), codes))
         };
-        if name == "_id" {
-            if modifier.is_some() {
-                return unsupported_modifier();
+        self.scopes.retain_mut(|scope| {
+            let (pairs, itself) = match &scope.ty {
+                Some(ty) => (
+                    pairs_for(ty).into_iter().collect::<Vec<_>>(),
+                    ty == compartment_type,
+                ),
+                None => {
+                    let mut all: Vec<&String> = params.keys().collect();
+                    all.sort();
+                    let wanted = |t: &str| types.is_none_or(|ts| ts.iter().any(|x| x == t));
+                    (
+                        all.into_iter()
+                            .filter(|t| wanted(t))
+                            .filter_map(|t| pairs_for(t))
+                            .collect(),
+                        wanted(compartment_type),
+                    )
+                }
+            };
+            if pairs.is_empty() && !itself {
+                return false;
             }
-            return Ok(Filter::Id(split_or(value)));
-        }
-        if name == "_lastUpdated" {
-            if modifier.is_some() {
-                return unsupported_modifier();
-            }
-            return Ok(Filter::LastUpdated(date_values(name, value)?));
-        }
-        let param = registry.get(&self.res_type, name).ok_or_else(|| {
-            FhirError::invalid(format!(
-                "unknown search parameter {name:?} for {}",
-                self.res_type
-            ))
-        })?;
-        if param.expression.is_none() {
-            return Err(FhirError::not_supported(format!(
-                "search parameter {name} cannot be evaluated by this server"
-            )));
-        }
-        let code = param.code.clone();
-        match param.kind {
-            ParamType::Token => {
-                let text = match modifier {
-                    None => false,
-                    Some("text") => true,
-                    Some(_) => return unsupported_modifier(),
-                };
-                let values = split_or(value)
-                    .iter()
-                    .map(|v| {
-                        let (system, code) = split_bar(v);
-                        TokenValue {
-                            system,
-                            code: (!code.is_empty()).then_some(code),
+            scope.filters.push(Filter::Compartment {
+                pairs,
+                target_type: compartment_type.to_string(),
+                target_id: id.to_string(),
+                itself,
+            });
+            true
+        });
+    }
+
+    /// Whether no scope is left (a compartment search over a type outside the compartment).
+    pub fn is_empty(&self) -> bool {
+        self.scopes.is_empty()
+    }
+
+    pub fn has_filters(&self) -> bool {
+        self.scopes.iter().any(|s| !s.filters.is_empty())
+    }
+
+    pub fn is_sorted(&self) -> bool {
+        !self.sort.is_empty()
+    }
+
+    /// The value set URLs that `:in` / `:not-in` filters name.
+    pub fn value_set_urls(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        fn walk(filters: &[Filter], out: &mut Vec<String>) {
+            for f in filters {
+                match f {
+                    Filter::ValueSet { url, .. } if !out.contains(url) => out.push(url.clone()),
+                    Filter::Chain { targets, .. } => {
+                        for (_, inner) in targets {
+                            walk(inner, out);
                         }
-                    })
-                    .collect();
-                Ok(Filter::Token { code, values, text })
-            }
-            ParamType::String => {
-                let mode = match modifier {
-                    None => StringMode::StartsWith,
-                    Some("exact") => StringMode::Exact,
-                    Some("contains") => StringMode::Contains,
-                    Some(_) => return unsupported_modifier(),
-                };
-                Ok(Filter::String {
-                    code,
-                    values: split_or(value),
-                    mode,
-                })
-            }
-            ParamType::Reference => {
-                let forced_type = match modifier {
-                    None => None,
-                    Some(t) if t.chars().next().is_some_and(|c| c.is_ascii_uppercase()) => {
-                        Some(t.to_string())
                     }
-                    Some(_) => return unsupported_modifier(),
-                };
-                let values = split_or(value)
-                    .iter()
-                    .map(|v| reference_value(v, forced_type.as_deref()))
-                    .collect();
-                Ok(Filter::Reference { code, values })
-            }
-            ParamType::Date => {
-                if modifier.is_some() {
-                    return unsupported_modifier();
+                    Filter::Has { inner, .. } => walk(inner, out),
+                    _ => {}
                 }
-                Ok(Filter::Date {
-                    code,
-                    values: date_values(name, value)?,
-                })
             }
-            ParamType::Uri => {
-                if modifier.is_some() {
-                    return unsupported_modifier();
+        }
+        for s in &self.scopes {
+            walk(&s.filters, &mut out);
+        }
+        out
+    }
+
+    /// Replaces `:in` / `:not-in` filters with the codes of their (expanded) value sets.
+    pub fn bind_value_sets(&mut self, sets: &HashMap<String, Vec<TokenValue>>) {
+        fn walk(filters: &mut [Filter], sets: &HashMap<String, Vec<TokenValue>>) {
+            for f in filters {
+                match f {
+                    Filter::ValueSet { code, url, negate } => {
+                        let codes = sets.get(url.as_str()).cloned().unwrap_or_default();
+                        *f = Filter::Index {
+                            table: Table::Token,
+                            code: code.clone(),
+                            cond: Cond::Token(codes),
+                            negate: *negate,
+                        };
+                    }
+                    Filter::Chain { targets, .. } => {
+                        for (_, inner) in targets {
+                            walk(inner, sets);
+                        }
+                    }
+                    Filter::Has { inner, .. } => walk(inner, sets),
+                    _ => {}
                 }
-                Ok(Filter::Uri {
-                    code,
-                    values: split_or(value),
-                })
             }
-            other => Err(FhirError::not_supported(format!(
-                "search parameter {name} of type {other:?} is not supported yet"
-            ))),
+        }
+        for s in &mut self.scopes {
+            walk(&mut s.filters, sets);
         }
     }
 
-    /// Appends `WHERE ...` conditions over the alias `r` (table `resource`).
+    /// Appends the conditions over alias `r` (table `resource`), without `WHERE`.
+    fn conditions(&self, b: &mut SqlBuilder) {
+        b.push("r.deleted = 0 AND ");
+        if self.scopes.is_empty() {
+            b.push("1 = 0");
+            return;
+        }
+        let many = self.scopes.len() > 1;
+        if many {
+            b.push("(");
+        }
+        for (i, scope) in self.scopes.iter().enumerate() {
+            if i > 0 {
+                b.push(" OR ");
+            }
+            b.push("(");
+            scope_sql(b, scope.ty.as_deref(), &scope.filters, "r", 0);
+            b.push(")");
+        }
+        if many {
+            b.push(")");
+        }
+    }
+
     fn where_clause(&self, b: &mut SqlBuilder) {
-        b.push(" WHERE r.res_type = ")
-            .text(self.res_type.clone())
-            .push(" AND r.deleted = 0");
-        for f in &self.filters {
-            b.push(" AND ");
-            self.filter_sql(f, b);
-        }
+        b.push(" WHERE ");
+        self.conditions(b);
     }
 
-    fn filter_sql(&self, f: &Filter, b: &mut SqlBuilder) {
-        let ty = self.res_type.clone();
-        match f {
-            Filter::Id(ids) => {
-                b.push("r.res_id IN (");
-                for (i, id) in ids.iter().enumerate() {
-                    if i > 0 {
-                        b.push(", ");
-                    }
-                    b.text(id.clone());
+    fn order_by(&self, b: &mut SqlBuilder, reverse: bool) {
+        b.push(" ORDER BY ");
+        for (key, desc) in &self.sort {
+            let desc = *desc != reverse;
+            let dir = if desc { "DESC" } else { "ASC" };
+            match key {
+                SortKey::Id => {
+                    b.push(&format!("r.res_id {dir}, "));
                 }
-                b.push(")");
-            }
-            Filter::LastUpdated(values) => {
-                b.push("(");
-                for (i, (p, lo, hi)) in values.iter().enumerate() {
-                    if i > 0 {
-                        b.push(" OR ");
-                    }
-                    // A lastUpdated instant is a range of one microsecond.
-                    date_condition(b, "r.last_updated", "r.last_updated", *p, *lo, *hi);
+                SortKey::LastUpdated => {
+                    b.push(&format!("r.last_updated {dir}, "));
                 }
-                b.push(")");
-            }
-            Filter::Token { code, values, text } => {
-                b.push("r.rid IN (SELECT rid FROM idx_token WHERE res_type = ")
-                    .text(ty);
-                b.push(" AND code = ").text(code.clone()).push(" AND (");
-                for (i, v) in values.iter().enumerate() {
-                    if i > 0 {
-                        b.push(" OR ");
-                    }
-                    if *text {
-                        let needle = fold(v.code.as_deref().unwrap_or_default());
-                        b.push("lower(text) LIKE ")
-                            .text(format!("%{}%", escape_like(&needle)))
-                            .push(" ESCAPE '\\'");
-                        continue;
-                    }
-                    b.push("(1 = 1");
-                    if let Some(c) = &v.code {
-                        b.push(" AND value = ").text(c.clone());
-                    }
-                    match v.system.as_deref() {
-                        None => {}
-                        Some("") => {
-                            b.push(" AND system IS NULL");
-                        }
-                        Some(s) => {
-                            b.push(" AND system = ").text(s);
-                        }
-                    }
-                    b.push(")");
-                }
-                b.push("))");
-            }
-            Filter::String { code, values, mode } => {
-                b.push("r.rid IN (SELECT rid FROM idx_string WHERE res_type = ")
-                    .text(ty);
-                b.push(" AND code = ").text(code.clone()).push(" AND (");
-                for (i, v) in values.iter().enumerate() {
-                    if i > 0 {
-                        b.push(" OR ");
-                    }
-                    match mode {
-                        StringMode::Exact => {
-                            b.push("exact = ").text(v.clone());
-                        }
-                        StringMode::StartsWith => {
-                            let n = fold(v);
-                            // A range scan: every string starting with n sorts below n + U+10FFFF.
-                            b.push("(norm >= ")
-                                .text(n.clone())
-                                .push(" AND norm < ")
-                                .text(format!("{n}\u{10FFFF}"))
-                                .push(")");
-                        }
-                        StringMode::Contains => {
-                            b.push("norm LIKE ")
-                                .text(format!("%{}%", escape_like(&fold(v))))
-                                .push(" ESCAPE '\\'");
-                        }
-                    }
-                }
-                b.push("))");
-            }
-            Filter::Reference { code, values } => {
-                b.push("r.rid IN (SELECT rid FROM idx_reference WHERE res_type = ")
-                    .text(ty);
-                b.push(" AND code = ").text(code.clone()).push(" AND (");
-                for (i, (t, id)) in values.iter().enumerate() {
-                    if i > 0 {
-                        b.push(" OR ");
-                    }
-                    if id.contains("://") || id.starts_with("urn:") {
-                        b.push("url = ").text(id.clone());
-                        continue;
-                    }
-                    b.push("(target_id = ").text(id.clone());
-                    if let Some(t) = t {
-                        b.push(" AND target_type = ").text(t.clone());
-                    }
-                    b.push(")");
-                }
-                b.push("))");
-            }
-            Filter::Date { code, values } => {
-                b.push("r.rid IN (SELECT rid FROM idx_date WHERE res_type = ")
-                    .text(ty);
-                b.push(" AND code = ").text(code.clone()).push(" AND (");
-                for (i, (p, lo, hi)) in values.iter().enumerate() {
-                    if i > 0 {
-                        b.push(" OR ");
-                    }
-                    date_condition(b, "lo", "hi", *p, *lo, *hi);
-                }
-                b.push("))");
-            }
-            Filter::Uri { code, values } => {
-                b.push("r.rid IN (SELECT rid FROM idx_uri WHERE res_type = ")
-                    .text(ty);
-                b.push(" AND code = ")
+                SortKey::Param { table, code } => {
+                    let (asc_col, desc_col) = table.sort_columns();
+                    let col = if desc { desc_col } else { asc_col };
+                    b.push(&format!(
+                        "(SELECT {col} FROM {} s WHERE s.rid = r.rid AND s.code = ",
+                        table.name()
+                    ))
                     .text(code.clone())
-                    .push(" AND value IN (");
-                for (i, v) in values.iter().enumerate() {
-                    if i > 0 {
-                        b.push(", ");
-                    }
-                    b.text(v.clone());
+                    .push(&format!(") {dir} NULLS LAST, "));
                 }
-                b.push("))");
             }
         }
+        b.push(if reverse { "r.rid DESC" } else { "r.rid ASC" });
     }
 
-    /// SQL selecting `(res_id, body)` of one page of matches, in insertion order.
+    /// SQL selecting `(rid, res_type, res_id, body)` of one page of matches plus one more
+    /// row (to tell whether another page follows). For [`Cursor::Before`] the rows come in
+    /// reverse order.
     pub fn page_sql(&self) -> SqlBuilder {
         let mut b = SqlBuilder::new(
-            "SELECT r.res_id, v.body FROM resource r JOIN resource_version v ON v.seq = r.seq",
+            "SELECT r.rid, r.res_type, r.res_id, v.body FROM resource r \
+             JOIN resource_version v ON v.seq = r.seq",
         );
         self.where_clause(&mut b);
-        b.push(" ORDER BY r.rid LIMIT ").int(self.count as i64);
-        b.push(" OFFSET ").int(self.offset as i64);
+        let reverse = match self.cursor {
+            Cursor::First => false,
+            Cursor::After(rid) => {
+                b.push(" AND r.rid > ").int(rid);
+                false
+            }
+            Cursor::Before(rid) => {
+                b.push(" AND r.rid < ").int(rid);
+                true
+            }
+        };
+        self.order_by(&mut b, reverse);
+        b.push(" LIMIT ").int(self.count as i64 + 1);
+        if self.offset > 0 {
+            b.push(" OFFSET ").int(self.offset as i64);
+        }
         b
     }
 
@@ -509,27 +1171,396 @@ impl SearchQuery {
         b
     }
 
-    /// SQL counting all matches.
-    pub fn count_sql(&self) -> SqlBuilder {
-        let mut b = SqlBuilder::new("SELECT COUNT(*) FROM resource r");
+    /// SQL counting matches, at most `cap` of them when given.
+    pub fn count_sql(&self, cap: Option<i64>) -> SqlBuilder {
+        let mut b = SqlBuilder::new("SELECT COUNT(*) FROM (SELECT 1 FROM resource r");
         self.where_clause(&mut b);
+        if let Some(cap) = cap {
+            b.push(" LIMIT ").int(cap);
+        }
+        b.push(") AS m");
         b
-    }
-
-    pub fn has_filters(&self) -> bool {
-        !self.filters.is_empty()
     }
 }
 
-fn reference_value(v: &str, forced_type: Option<&str>) -> (Option<String>, String) {
-    if v.contains("://") || v.starts_with("urn:") {
-        return (None, v.to_string());
+fn parse_cursor(v: &str) -> Result<Cursor> {
+    let bad = || FhirError::invalid(format!("_cursor: {v:?} is not a paging cursor"));
+    let (kind, n) = v.split_at_checked(1).ok_or_else(bad)?;
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    match kind {
+        "a" => Ok(Cursor::After(n)),
+        "b" => Ok(Cursor::Before(n)),
+        _ => Err(bad()),
     }
-    let parts: Vec<&str> = v.split('/').collect();
-    match parts.as_slice() {
-        [t, id] => (Some((*t).to_string()), (*id).to_string()),
-        [t, id, "_history", _] => (Some((*t).to_string()), (*id).to_string()),
-        _ => (forced_type.map(str::to_string), v.to_string()),
+}
+
+/// The conditions of one scope over `alias`: its type, then the driving filter as
+/// `rid IN (...)`, then the others as probes.
+fn scope_sql(b: &mut SqlBuilder, ty: Option<&str>, filters: &[Filter], alias: &str, depth: usize) {
+    match ty {
+        Some(t) => {
+            b.push(&format!("{alias}.res_type = ")).text(t);
+        }
+        None => {
+            b.push("1 = 1");
+        }
+    }
+    let driver = filters
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.can_drive())
+        .min_by_key(|(_, f)| f.rank())
+        .map(|(i, _)| i);
+    if let Some(i) = driver
+        && let Some(f) = filters.get(i)
+    {
+        b.push(" AND ");
+        filter_sql(b, ty, f, alias, depth, true);
+    }
+    for (i, f) in filters.iter().enumerate() {
+        if Some(i) != driver {
+            b.push(" AND ");
+            filter_sql(b, ty, f, alias, depth, false);
+        }
+    }
+}
+
+/// `{alias}.rid IN (SELECT rid FROM table WHERE ...)` when driving, else a correlated
+/// `[NOT] EXISTS` probe.
+fn index_sql(
+    b: &mut SqlBuilder,
+    ty: Option<&str>,
+    alias: &str,
+    (table, code): (Table, &str),
+    (negate, drive): (bool, bool),
+    cond: impl FnOnce(&mut SqlBuilder),
+) {
+    if drive && !negate {
+        b.push(&format!(
+            "{alias}.rid IN (SELECT rid FROM {} WHERE ",
+            table.name()
+        ));
+        if let Some(t) = ty {
+            b.push("res_type = ").text(t).push(" AND ");
+        }
+    } else {
+        if negate {
+            b.push("NOT ");
+        }
+        b.push(&format!(
+            "EXISTS (SELECT 1 FROM {} x WHERE x.rid = {alias}.rid AND ",
+            table.name()
+        ));
+    }
+    b.push("code = ").text(code).push(" AND (");
+    cond(b);
+    b.push("))");
+}
+
+fn or_list<T>(b: &mut SqlBuilder, items: &[T], mut each: impl FnMut(&mut SqlBuilder, &T)) {
+    if items.is_empty() {
+        b.push("1 = 0");
+        return;
+    }
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            b.push(" OR ");
+        }
+        each(b, item);
+    }
+}
+
+fn filter_sql(
+    b: &mut SqlBuilder,
+    ty: Option<&str>,
+    f: &Filter,
+    alias: &str,
+    depth: usize,
+    drive: bool,
+) {
+    let res_type = |b: &mut SqlBuilder| {
+        match ty {
+            Some(t) => b.text(t),
+            None => b.push(&format!("{alias}.res_type")),
+        };
+    };
+    match f {
+        Filter::Id(ids) => {
+            b.push(&format!("{alias}.res_id IN ("));
+            for (i, id) in ids.iter().enumerate() {
+                if i > 0 {
+                    b.push(", ");
+                }
+                b.text(id.clone());
+            }
+            b.push(")");
+        }
+        Filter::LastUpdated(values) => {
+            b.push("(");
+            let col = format!("{alias}.last_updated");
+            or_list(b, values, |b, (p, lo, hi)| {
+                date_condition(b, &col, &col, *p, *lo, *hi);
+            });
+            b.push(")");
+        }
+        Filter::Index {
+            table,
+            code,
+            cond,
+            negate,
+        } => index_sql(b, ty, alias, (*table, code), (*negate, drive), |b| {
+            cond_sql(b, cond)
+        }),
+        Filter::Missing {
+            table,
+            code,
+            missing,
+        } => {
+            index_sql(b, ty, alias, (*table, code), (*missing, false), |b| {
+                b.push("1 = 1");
+            });
+        }
+        Filter::Chain { code, targets } => {
+            let inner_alias = format!("c{depth}");
+            index_sql(
+                b,
+                ty,
+                alias,
+                (Table::Reference, code),
+                (false, drive),
+                |b| {
+                    or_list(b, targets, |b, (t, inner)| {
+                        b.push("(target_type = ").text(t.clone()).push(&format!(
+                        " AND target_id IN (SELECT {inner_alias}.res_id FROM resource {inner_alias} \
+                         WHERE {inner_alias}.deleted = 0 AND "
+                    ));
+                        scope_sql(b, Some(t), inner, &inner_alias, depth + 1);
+                        b.push("))");
+                    });
+                },
+            );
+        }
+        Filter::Has {
+            source,
+            code,
+            inner,
+        } => {
+            let inner_alias = format!("h{depth}");
+            b.push(&format!(
+                "{alias}.res_id IN (SELECT target_id FROM idx_reference WHERE res_type = "
+            ))
+            .text(source.clone())
+            .push(" AND code = ")
+            .text(code.clone())
+            .push(" AND target_type = ");
+            res_type(b);
+            b.push(&format!(
+                " AND rid IN (SELECT {inner_alias}.rid FROM resource {inner_alias} \
+                 WHERE {inner_alias}.deleted = 0 AND "
+            ));
+            scope_sql(b, Some(source), inner, &inner_alias, depth + 1);
+            b.push("))");
+        }
+        Filter::List(id) => {
+            b.push(&format!(
+                "{alias}.res_id IN (SELECT x.target_id FROM idx_reference x \
+                 JOIN resource l ON l.rid = x.rid WHERE l.res_type = 'List' AND l.res_id = "
+            ))
+            .text(id.clone())
+            .push(" AND l.deleted = 0 AND x.res_type = 'List' AND x.code = 'item' AND x.target_type = ");
+            res_type(b);
+            b.push(")");
+        }
+        Filter::Compartment {
+            pairs,
+            target_type,
+            target_id,
+            itself,
+        } => {
+            b.push("(");
+            if *itself {
+                b.push(&format!("({alias}.res_type = "))
+                    .text(target_type.clone())
+                    .push(&format!(" AND {alias}.res_id = "))
+                    .text(target_id.clone())
+                    .push(")");
+                if !pairs.is_empty() {
+                    b.push(" OR ");
+                }
+            }
+            if !pairs.is_empty() {
+                b.push(&format!(
+                    "{alias}.rid IN (SELECT rid FROM idx_reference WHERE target_type = "
+                ))
+                .text(target_type.clone())
+                .push(" AND target_id = ")
+                .text(target_id.clone())
+                .push(" AND (");
+                or_list(b, pairs, |b, (t, codes)| {
+                    b.push("(res_type = ")
+                        .text(t.clone())
+                        .push(" AND code IN (");
+                    for (i, c) in codes.iter().enumerate() {
+                        if i > 0 {
+                            b.push(", ");
+                        }
+                        b.text(c.clone());
+                    }
+                    b.push("))");
+                });
+                b.push("))");
+            }
+            b.push(")");
+        }
+        Filter::ValueSet { .. } => {
+            // Bound before SQL is built; an unbound one matches nothing.
+            b.push("1 = 0");
+        }
+    }
+}
+
+fn cond_sql(b: &mut SqlBuilder, cond: &Cond) {
+    match cond {
+        Cond::Token(values) => or_list(b, values, |b, v| {
+            b.push("(1 = 1");
+            if let Some(c) = &v.code {
+                b.push(" AND value = ").text(c.clone());
+            }
+            match v.system.as_deref() {
+                None => {}
+                Some("") => {
+                    b.push(" AND system IS NULL");
+                }
+                Some(s) => {
+                    b.push(" AND system = ").text(s);
+                }
+            }
+            b.push(")");
+        }),
+        Cond::TokenText(values) => or_list(b, values, |b, v| {
+            b.push("lower(text) LIKE ")
+                .text(format!("%{}%", escape_like(v)))
+                .push(" ESCAPE '\\'");
+        }),
+        Cond::String(mode, values) => or_list(b, values, |b, v| match mode {
+            StringMode::Exact => {
+                b.push("exact = ").text(v.clone());
+            }
+            StringMode::StartsWith => {
+                let n = fold(v);
+                // A range scan: every string starting with n sorts below n + U+10FFFF.
+                b.push("(norm >= ")
+                    .text(n.clone())
+                    .push(" AND norm < ")
+                    .text(format!("{n}\u{10FFFF}"))
+                    .push(")");
+            }
+            StringMode::Contains => {
+                b.push("norm LIKE ")
+                    .text(format!("%{}%", escape_like(&fold(v))))
+                    .push(" ESCAPE '\\'");
+            }
+        }),
+        Cond::Reference(values) => or_list(b, values, |b, v| match v {
+            RefValue::Url(u) => {
+                b.push("url = ").text(u.clone());
+            }
+            RefValue::Local(t, id) => {
+                b.push("(target_id = ").text(id.clone());
+                if let Some(t) = t {
+                    b.push(" AND target_type = ").text(t.clone());
+                }
+                b.push(")");
+            }
+        }),
+        Cond::Date(values) => or_list(b, values, |b, (p, lo, hi)| {
+            date_condition(b, "lo", "hi", *p, *lo, *hi);
+        }),
+        Cond::Number(values) => or_list(b, values, number_condition),
+        Cond::Quantity(values) => or_list(b, values, |b, q| {
+            b.push("(");
+            number_condition(b, &q.number);
+            if let Some(s) = &q.system {
+                b.push(" AND system = ").text(s.clone());
+            }
+            if let Some(c) = &q.code {
+                if q.system.is_some() {
+                    b.push(" AND unit_code = ").text(c.clone());
+                } else {
+                    b.push(" AND (unit_code = ")
+                        .text(c.clone())
+                        .push(" OR unit = ")
+                        .text(c.clone())
+                        .push(")");
+                }
+            }
+            b.push(")");
+        }),
+        Cond::Uri(values) => {
+            b.push("value IN (");
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    b.push(", ");
+                }
+                b.text(v.clone());
+            }
+            b.push(")");
+        }
+        Cond::UriBelow(values) => or_list(b, values, |b, v| {
+            b.push("(value >= ")
+                .text(v.clone())
+                .push(" AND value < ")
+                .text(format!("{v}\u{10FFFF}"))
+                .push(")");
+        }),
+    }
+}
+
+/// search.html#number over a stored point `value`.
+fn number_condition(b: &mut SqlBuilder, n: &Number) {
+    let real = |b: &mut SqlBuilder, v: f64| {
+        b.bind(crate::store::Arg::Real(v));
+    };
+    match n.prefix {
+        Prefix::Eq => {
+            b.push("(value >= ");
+            real(b, n.lo);
+            b.push(" AND value < ");
+            real(b, n.hi);
+            b.push(")");
+        }
+        Prefix::Ne => {
+            b.push("(value < ");
+            real(b, n.lo);
+            b.push(" OR value >= ");
+            real(b, n.hi);
+            b.push(")");
+        }
+        Prefix::Gt | Prefix::Sa => {
+            b.push("value > ");
+            real(b, n.value);
+        }
+        Prefix::Lt | Prefix::Eb => {
+            b.push("value < ");
+            real(b, n.value);
+        }
+        Prefix::Ge => {
+            b.push("value >= ");
+            real(b, n.value);
+        }
+        Prefix::Le => {
+            b.push("value <= ");
+            real(b, n.value);
+        }
+        Prefix::Ap => {
+            // search.html leaves "approximately" to the server: within 10 %.
+            let d = (n.value.abs() * 0.1).max(n.hi - n.value);
+            b.push("(value >= ");
+            real(b, n.value - d);
+            b.push(" AND value <= ");
+            real(b, n.value + d);
+            b.push(")");
+        }
     }
 }
 
@@ -541,14 +1572,23 @@ fn escape_like(s: &str) -> String {
 
 /// search.html#prefix over a stored range [lo_col, hi_col] and a search range [lo, hi].
 fn date_condition(b: &mut SqlBuilder, lo_col: &str, hi_col: &str, p: Prefix, lo: i64, hi: i64) {
-    let lo_col = lo_col.to_string();
-    let hi_col = hi_col.to_string();
     match p {
-        Prefix::Eq | Prefix::Ap => {
+        Prefix::Eq => {
             b.push(&format!("({lo_col} >= "))
                 .int(lo)
                 .push(&format!(" AND {hi_col} <= "))
                 .int(hi)
+                .push(")");
+        }
+        Prefix::Ap => {
+            // Overlapping the search range widened by 10 % of its distance from now, at
+            // least a day on each side.
+            let now = crate::time::now_micros();
+            let spread = ((now - lo).abs() / 10).max(86_400_000_000);
+            b.push(&format!("({hi_col} >= "))
+                .int(lo.saturating_sub(spread))
+                .push(&format!(" AND {lo_col} <= "))
+                .int(hi.saturating_add(spread))
                 .push(")");
         }
         Prefix::Ne => {
@@ -577,6 +1617,82 @@ fn date_condition(b: &mut SqlBuilder, lo_col: &str, hi_col: &str, p: Prefix, lo:
             b.push(&format!("{hi_col} < ")).int(lo);
         }
     }
+}
+
+/// The codes of a ValueSet for `:in`: its expansion when it has one, else the concepts and
+/// whole systems its compose includes. Filters, imported value sets and excludes need a
+/// terminology service this server does not have, so they are refused.
+pub fn value_set_codes(vs: &Value) -> Result<Vec<TokenValue>> {
+    let url = vs.get("url").and_then(Value::as_str).unwrap_or("?");
+    let mut out = Vec::new();
+    if let Some(contains) = vs.pointer("/expansion/contains").and_then(Value::as_array) {
+        fn walk(items: &[Value], out: &mut Vec<TokenValue>) {
+            for c in items {
+                if let Some(code) = c.get("code").and_then(Value::as_str) {
+                    out.push(TokenValue {
+                        system: c.get("system").and_then(Value::as_str).map(str::to_string),
+                        code: Some(code.to_string()),
+                    });
+                }
+                if let Some(nested) = c.get("contains").and_then(Value::as_array) {
+                    walk(nested, out);
+                }
+            }
+        }
+        walk(contains, &mut out);
+        return Ok(out);
+    }
+    let unsupported = |what: &str| {
+        Err(FhirError::not_supported(format!(
+            "value set {url} uses {what}, which this server cannot expand"
+        )))
+    };
+    if vs.pointer("/compose/exclude").is_some() {
+        return unsupported("compose.exclude");
+    }
+    for inc in vs
+        .pointer("/compose/include")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if inc.get("filter").is_some() {
+            return unsupported("compose.include.filter");
+        }
+        if inc.get("valueSet").is_some() {
+            return unsupported("compose.include.valueSet");
+        }
+        let system = inc
+            .get("system")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        match inc.get("concept").and_then(Value::as_array) {
+            Some(concepts) => {
+                for c in concepts {
+                    if let Some(code) = c.get("code").and_then(Value::as_str) {
+                        out.push(TokenValue {
+                            system: system.clone(),
+                            code: Some(code.to_string()),
+                        });
+                    }
+                }
+            }
+            None if system.is_some() => out.push(TokenValue { system, code: None }),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// SQL finding the body of the ValueSet with canonical `url`.
+pub fn value_set_sql(url: &str) -> SqlBuilder {
+    let mut b = SqlBuilder::new(
+        "SELECT v.body FROM resource r JOIN resource_version v ON v.seq = r.seq \
+         WHERE r.res_type = 'ValueSet' AND r.deleted = 0 AND r.rid IN \
+         (SELECT rid FROM idx_uri WHERE res_type = 'ValueSet' AND code = 'url' AND value = ",
+    );
+    b.text(url).push(") ORDER BY r.rid DESC LIMIT 1");
+    b
 }
 
 /// Parses a conditional URL's query (`identifier=sys|123&active=true`).
@@ -608,11 +1724,57 @@ mod tests {
         );
         assert_eq!(split_bar("|abc"), (Some(String::new()), "abc".into()));
         assert_eq!(split_bar("abc"), (None, "abc".into()));
+        assert_eq!(split_bars("5||mg"), vec!["5", "", "mg"]);
     }
 
     #[test]
     fn parses_prefixes() {
         assert_eq!(parse_prefix("ge2019"), (Prefix::Ge, "2019"));
         assert_eq!(parse_prefix("2019"), (Prefix::Eq, "2019"));
+    }
+
+    #[test]
+    fn numbers_carry_their_implicit_precision() {
+        let n = parse_number("n", "100").unwrap();
+        assert_eq!((n.lo, n.hi), (99.5, 100.5));
+        let n = parse_number("n", "gt1.50").unwrap();
+        assert_eq!(n.prefix, Prefix::Gt);
+        assert!((n.lo - 1.495).abs() < 1e-9 && (n.hi - 1.505).abs() < 1e-9);
+        let n = parse_number("n", "1e2").unwrap();
+        assert_eq!((n.lo, n.hi), (50.0, 150.0));
+        assert!(parse_number("n", "abc").is_err());
+        assert!(parse_number("n", "").is_err());
+    }
+
+    #[test]
+    fn parses_quantities() {
+        let q = parse_quantity("q", "gt100||mm[Hg]").unwrap();
+        assert_eq!((q.system, q.code.as_deref()), (None, Some("mm[Hg]")));
+        let q = parse_quantity("q", "5.4|http://unitsofmeasure.org|mg").unwrap();
+        assert_eq!(q.system.as_deref(), Some("http://unitsofmeasure.org"));
+        assert!(parse_quantity("q", "5|mg").is_err());
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        assert_eq!(parse_cursor("a12").unwrap(), Cursor::After(12));
+        assert_eq!(parse_cursor("b3").unwrap(), Cursor::Before(3));
+        assert!(parse_cursor("x").is_err());
+        assert!(parse_cursor("").is_err());
+    }
+
+    #[test]
+    fn expands_value_sets_from_compose_and_expansion() {
+        let vs = serde_json::json!({"url": "u", "compose": {"include": [
+            {"system": "s", "concept": [{"code": "a"}, {"code": "b"}]},
+            {"system": "whole"}]}});
+        let codes = value_set_codes(&vs).unwrap();
+        assert_eq!(codes.len(), 3);
+        assert_eq!(codes[2].code, None);
+        let vs = serde_json::json!({"expansion": {"contains": [
+            {"system": "s", "code": "x", "contains": [{"system": "s", "code": "y"}]}]}});
+        assert_eq!(value_set_codes(&vs).unwrap().len(), 2);
+        let vs = serde_json::json!({"compose": {"include": [{"system": "s", "filter": []}]}});
+        assert!(value_set_codes(&vs).is_err());
     }
 }

@@ -11,4 +11,5 @@ mod conformance;
 mod crud;
 mod errors;
 mod hl7;
+mod search;
 mod transactions;

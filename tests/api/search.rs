@@ -1,0 +1,566 @@
+//! Search (FHIR R4 search.html), data-driven: a fixed set of resources goes in, and each
+//! query must return exactly the expected ids, on SQLite and PostgreSQL alike.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, json};
+
+fn fixtures() -> Vec<Value> {
+    let loinc = |code: &str| json!({"coding": [{"system": "http://loinc.org", "code": code}]});
+    let qty = |v: f64, unit: &str| json!({"value": v, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit});
+    let vital = json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}]);
+    vec![
+        json!({"resourceType": "Organization", "id": "o1", "name": "Acme Health"}),
+        json!({"resourceType": "Organization", "id": "o2", "name": "Beta Clinic"}),
+        json!({"resourceType": "Practitioner", "id": "pr1", "name": [{"family": "Oz"}]}),
+        json!({"resourceType": "Patient", "id": "p1", "active": true, "gender": "male",
+            "birthDate": "1974-12-25",
+            "name": [{"family": "Chalmers", "given": ["Peter", "James"]}],
+            "identifier": [{"system": "urn:mrn", "value": "m1", "type": {"coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}}],
+            "address": [{"city": "Springfield"}],
+            "managingOrganization": {"reference": "Organization/o1"}}),
+        json!({"resourceType": "Patient", "id": "p2", "gender": "female", "birthDate": "1980-05",
+            "name": [{"family": "Chalmers", "given": ["Anne"]}],
+            "identifier": [{"system": "urn:mrn", "value": "m2"}, {"system": "urn:mrn", "value": "a,b"}],
+            "managingOrganization": {"reference": "Organization/o2"}}),
+        json!({"resourceType": "Patient", "id": "p3", "gender": "female", "birthDate": "2001-01-01",
+            "name": [{"family": "Smith", "given": ["Zoë"]}]}),
+        json!({"resourceType": "Observation", "id": "ob1", "status": "final", "category": vital,
+            "code": loinc("8867-4"), "subject": {"reference": "Patient/p1"},
+            "performer": [{"reference": "Practitioner/pr1"}],
+            "effectiveDateTime": "2019-03-01T10:00:00Z", "valueQuantity": qty(72.0, "/min")}),
+        json!({"resourceType": "Observation", "id": "ob2", "status": "final", "code": loinc("8867-4"),
+            "subject": {"reference": "Patient/p1", "identifier": {"system": "urn:mrn", "value": "m1"}},
+            "effectiveDateTime": "2018-06-01T10:00:00Z", "valueQuantity": qty(110.0, "/min")}),
+        json!({"resourceType": "Observation", "id": "ob3", "status": "final", "code": loinc("8480-6"),
+            "subject": {"reference": "Patient/p2"},
+            "effectiveDateTime": "2020-01-01", "valueQuantity": qty(150.0, "mm[Hg]")}),
+        json!({"resourceType": "Observation", "id": "ob4", "status": "amended", "code": loinc("8867-4"),
+            "subject": {"reference": "Patient/p2"},
+            "effectiveDateTime": "2021-01-01T00:00:00Z", "valueQuantity": qty(60.0, "/min")}),
+        json!({"resourceType": "Observation", "id": "ob5", "status": "final", "code": loinc("29463-7"),
+            "subject": {"reference": "Patient/p3"},
+            "effectiveDateTime": "2019-12-31T23:00:00+01:00", "valueQuantity": qty(70.5, "kg")}),
+        json!({"resourceType": "Observation", "id": "ob6", "status": "final", "code": loinc("8302-2"),
+            "subject": {"reference": "Patient/p3"}, "effectiveDateTime": "2022-02-02"}),
+        json!({"resourceType": "RiskAssessment", "id": "ra1", "status": "final",
+            "subject": {"reference": "Patient/p1"}, "prediction": [{"probabilityDecimal": 0.8}]}),
+        json!({"resourceType": "RiskAssessment", "id": "ra2", "status": "final",
+            "subject": {"reference": "Patient/p2"}, "prediction": [{"probabilityDecimal": 0.3}]}),
+        json!({"resourceType": "Provenance", "id": "pv1", "recorded": "2019-03-01T10:00:00Z",
+            "target": [{"reference": "Observation/ob1"}],
+            "agent": [{"who": {"reference": "Practitioner/pr1"}}]}),
+        json!({"resourceType": "List", "id": "l1", "status": "current", "mode": "working",
+            "entry": [{"item": {"reference": "Observation/ob1"}}, {"item": {"reference": "Observation/ob3"}}]}),
+        json!({"resourceType": "ValueSet", "id": "vs1", "status": "active",
+            "url": "http://example.org/vs/hr",
+            "compose": {"include": [{"system": "http://loinc.org", "concept": [{"code": "8867-4"}]}]}}),
+        json!({"resourceType": "Medication", "id": "med1", "code": {"text": "aspirin"}}),
+        json!({"resourceType": "MedicationRequest", "id": "mr1", "status": "active", "intent": "order",
+            "medicationReference": {"reference": "Medication/med1"},
+            "subject": {"reference": "Patient/p1"}}),
+        json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": {"reference": "Patient/p1"}}),
+    ]
+}
+
+async fn load(app: &TestApp) {
+    let entries: Vec<Value> = fixtures()
+        .into_iter()
+        .map(|r| {
+            let url = format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            );
+            json!({"resource": r, "request": {"method": "PUT", "url": url}})
+        })
+        .collect();
+    let r = app
+        .post(
+            "",
+            &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// `(type/id)` of the entries with the given search mode, in Bundle order.
+fn ids(bundle: &Value, mode: &str) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["search"]["mode"] == mode)
+                .map(|e| {
+                    format!(
+                        "{}/{}",
+                        e["resource"]["resourceType"].as_str().unwrap_or("?"),
+                        e["resource"]["id"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn search(app: &TestApp, query: &str) -> Value {
+    let r = app.get(query).await;
+    let status = r.status();
+    let body = json(r).await;
+    assert_eq!(status, 200, "{query}: {body}");
+    body
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Every query, with the ids it must match (in any order).
+const CASES: &[(&str, &[&str])] = &[
+    // string: prefix, case and accent folded; :contains; :exact
+    ("Patient?family=chal", &["Patient/p1", "Patient/p2"]),
+    ("Patient?name:contains=ete", &["Patient/p1"]),
+    ("Patient?name:exact=Peter", &["Patient/p1"]),
+    ("Patient?name:exact=peter", &[]),
+    ("Patient?given=zoe", &["Patient/p3"]),
+    ("Patient?address-city=springfield", &["Patient/p1"]),
+    // token: code, system|code, :not, :of-type, :text, escaping
+    ("Patient?gender=female", &["Patient/p2", "Patient/p3"]),
+    ("Patient?gender:not=female", &["Patient/p1"]),
+    ("Patient?identifier=urn:mrn|m1", &["Patient/p1"]),
+    ("Patient?identifier=urn:mrn|a\\,b", &["Patient/p2"]),
+    (
+        "Patient?identifier:of-type=http://terminology.hl7.org/CodeSystem/v2-0203|MR|m1",
+        &["Patient/p1"],
+    ),
+    ("Patient?active=true", &["Patient/p1"]),
+    ("Medication?code:text=aspi", &["Medication/med1"]),
+    (
+        "Observation?code=http://loinc.org|8867-4,8480-6",
+        &[
+            "Observation/ob1",
+            "Observation/ob2",
+            "Observation/ob3",
+            "Observation/ob4",
+        ],
+    ),
+    (
+        "Observation?code=http://loinc.org|8867-4&status=amended",
+        &["Observation/ob4"],
+    ),
+    // :in / :not-in against a ValueSet the server holds
+    (
+        "Observation?code:in=http://example.org/vs/hr",
+        &["Observation/ob1", "Observation/ob2", "Observation/ob4"],
+    ),
+    (
+        "Observation?code:not-in=http://example.org/vs/hr",
+        &["Observation/ob3", "Observation/ob5", "Observation/ob6"],
+    ),
+    // date: partial dates are ranges, prefixes
+    ("Patient?birthdate=1980", &["Patient/p2"]),
+    ("Patient?birthdate=lt1980", &["Patient/p1"]),
+    (
+        "Patient?birthdate=ge1980-05-01",
+        &["Patient/p2", "Patient/p3"],
+    ),
+    ("Patient?birthdate=sa2000", &["Patient/p3"]),
+    (
+        "Observation?date=2019",
+        &["Observation/ob1", "Observation/ob5"],
+    ),
+    (
+        "Observation?date=ge2020-01-01&date=lt2022",
+        &["Observation/ob3", "Observation/ob4"],
+    ),
+    // number and quantity, with prefixes and units
+    ("RiskAssessment?probability=gt0.5", &["RiskAssessment/ra1"]),
+    ("RiskAssessment?probability=0.3", &["RiskAssessment/ra2"]),
+    (
+        "RiskAssessment?probability=le0.8",
+        &["RiskAssessment/ra1", "RiskAssessment/ra2"],
+    ),
+    (
+        "Observation?value-quantity=gt100||/min",
+        &["Observation/ob2"],
+    ),
+    (
+        "Observation?value-quantity=gt100",
+        &["Observation/ob2", "Observation/ob3"],
+    ),
+    (
+        "Observation?value-quantity=150|http://unitsofmeasure.org|mm[Hg]",
+        &["Observation/ob3"],
+    ),
+    ("Observation?value-quantity=70.5", &["Observation/ob5"]),
+    ("Observation?value-quantity=70", &[]),
+    (
+        "Observation?value-quantity=ap70",
+        &["Observation/ob1", "Observation/ob5"],
+    ),
+    (
+        "Observation?value-quantity=ne72",
+        &[
+            "Observation/ob2",
+            "Observation/ob3",
+            "Observation/ob4",
+            "Observation/ob5",
+        ],
+    ),
+    // :missing
+    (
+        "Observation?value-quantity:missing=true",
+        &["Observation/ob6"],
+    ),
+    ("Patient?organization:missing=true", &["Patient/p3"]),
+    (
+        "Patient?organization:missing=false",
+        &["Patient/p1", "Patient/p2"],
+    ),
+    // reference: id, Type/id, :Type, :identifier
+    (
+        "Observation?subject=Patient/p1",
+        &["Observation/ob1", "Observation/ob2"],
+    ),
+    (
+        "Observation?patient=p1&code=http://loinc.org|8867-4&date=ge2019-01-01",
+        &["Observation/ob1"],
+    ),
+    (
+        "Observation?subject:Patient=p2",
+        &["Observation/ob3", "Observation/ob4"],
+    ),
+    (
+        "Observation?subject:identifier=urn:mrn|m1",
+        &["Observation/ob2"],
+    ),
+    // uri with :below / :above
+    ("ValueSet?url=http://example.org/vs/hr", &["ValueSet/vs1"]),
+    (
+        "ValueSet?url:below=http://example.org/vs",
+        &["ValueSet/vs1"],
+    ),
+    (
+        "ValueSet?url:above=http://example.org/vs/hr/v2",
+        &["ValueSet/vs1"],
+    ),
+    // chaining, several levels and with a type
+    ("Patient?organization.name=acme", &["Patient/p1"]),
+    (
+        "Patient?organization:Organization.name=beta",
+        &["Patient/p2"],
+    ),
+    (
+        "Observation?patient.name=zoe",
+        &["Observation/ob5", "Observation/ob6"],
+    ),
+    (
+        "Observation?subject:Patient.organization.name=acme",
+        &["Observation/ob1", "Observation/ob2"],
+    ),
+    ("Encounter?patient.name=chalmers", &["Encounter/e1"]),
+    // reverse chaining, nested
+    (
+        "Patient?_has:Observation:patient:code=8480-6",
+        &["Patient/p2"],
+    ),
+    (
+        "Patient?_has:Observation:patient:_has:Provenance:target:_id=pv1",
+        &["Patient/p1"],
+    ),
+    (
+        "Patient?_has:Observation:subject:value-quantity=gt100&gender=male",
+        &["Patient/p1"],
+    ),
+    // _id, _lastUpdated, _list
+    (
+        "Observation?_id=ob1,ob3",
+        &["Observation/ob1", "Observation/ob3"],
+    ),
+    (
+        "Observation?_list=l1",
+        &["Observation/ob1", "Observation/ob3"],
+    ),
+    (
+        "Patient?_lastUpdated=gt2000-01-01",
+        &["Patient/p1", "Patient/p2", "Patient/p3"],
+    ),
+    // system level and compartments
+    (
+        "?_type=Patient,Organization&_id=p1,o1",
+        &["Patient/p1", "Organization/o1"],
+    ),
+    ("?_id=pr1", &["Practitioner/pr1"]),
+    (
+        "Patient/p1/Observation",
+        &["Observation/ob1", "Observation/ob2"],
+    ),
+    (
+        "Patient/p1/Observation?code=8867-4&date=ge2019",
+        &["Observation/ob1"],
+    ),
+    ("Patient/p2/RiskAssessment", &["RiskAssessment/ra2"]),
+];
+
+async fn parameter_types_and_modifiers(app: &TestApp) {
+    load(app).await;
+    let mut failures = Vec::new();
+    for (query, expected) in CASES {
+        let b = search(app, query).await;
+        let got = sorted(ids(&b, "match"));
+        let want = sorted(expected.iter().map(|s| s.to_string()).collect());
+        if got != want {
+            failures.push(format!("{query}: got {got:?}, want {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+async fn sort_include_and_revinclude(app: &TestApp) {
+    load(app).await;
+    let b = search(app, "Observation?code=8867-4&_sort=-date").await;
+    assert_eq!(
+        ids(&b, "match"),
+        ["Observation/ob4", "Observation/ob1", "Observation/ob2"]
+    );
+    let b = search(app, "Observation?code=8867-4&_sort=value-quantity").await;
+    assert_eq!(
+        ids(&b, "match"),
+        ["Observation/ob4", "Observation/ob1", "Observation/ob2"]
+    );
+    let b = search(app, "Patient?_sort=family,-birthdate").await;
+    assert_eq!(ids(&b, "match"), ["Patient/p2", "Patient/p1", "Patient/p3"]);
+    let b = search(app, "Patient?_sort=-_id").await;
+    assert_eq!(ids(&b, "match"), ["Patient/p3", "Patient/p2", "Patient/p1"]);
+    // Resources without a value sort last, in both directions.
+    let b = search(app, "Observation?_sort=-value-quantity").await;
+    assert_eq!(
+        ids(&b, "match").last().map(String::as_str),
+        Some("Observation/ob6")
+    );
+    // A sorted result pages by offset.
+    let b = search(app, "Patient?_sort=family&_count=2").await;
+    let next = link(&b, "next").expect("next link");
+    let b2 = json(app.client.get(&next).send().await.unwrap()).await;
+    assert_eq!(ids(&b2, "match"), ["Patient/p3"]);
+
+    let b = search(app, "Observation?_id=ob1&_include=Observation:patient").await;
+    assert_eq!(ids(&b, "match"), ["Observation/ob1"]);
+    assert_eq!(ids(&b, "include"), ["Patient/p1"]);
+    let b = search(
+        app,
+        "Observation?_id=ob1&_include=Observation:performer:Practitioner",
+    )
+    .await;
+    assert_eq!(ids(&b, "include"), ["Practitioner/pr1"]);
+    let b = search(app, "Observation?_id=ob1&_include=*").await;
+    assert_eq!(
+        sorted(ids(&b, "include")),
+        ["Patient/p1", "Practitioner/pr1"]
+    );
+    let b = search(
+        app,
+        "MedicationRequest?_include=MedicationRequest:medication",
+    )
+    .await;
+    assert_eq!(ids(&b, "include"), ["Medication/med1"]);
+    let b = search(app, "Observation?_id=ob1&_revinclude=Provenance:target").await;
+    assert_eq!(ids(&b, "include"), ["Provenance/pv1"]);
+    // :iterate follows references of included resources too.
+    let b = search(
+        app,
+        "Patient?_id=p1&_revinclude=Observation:subject&_include:iterate=Observation:performer",
+    )
+    .await;
+    assert_eq!(
+        sorted(ids(&b, "include")),
+        ["Observation/ob1", "Observation/ob2", "Practitioner/pr1"]
+    );
+    let b = search(
+        app,
+        "Patient?_id=p1&_revinclude=Observation:subject&_include=Observation:performer",
+    )
+    .await;
+    assert_eq!(
+        sorted(ids(&b, "include")),
+        ["Observation/ob1", "Observation/ob2"]
+    );
+
+    // $everything: the patient, its compartment, and what those refer to.
+    let b = search(app, "Patient/p1/$everything").await;
+    let all = sorted([ids(&b, "match"), ids(&b, "include")].concat());
+    for want in [
+        "Patient/p1",
+        "Observation/ob1",
+        "Observation/ob2",
+        "MedicationRequest/mr1",
+        "Encounter/e1",
+        "RiskAssessment/ra1",
+        "Organization/o1",
+        "Practitioner/pr1",
+        "Medication/med1",
+    ] {
+        assert!(
+            all.contains(&want.to_string()),
+            "{want} missing from $everything: {all:?}"
+        );
+    }
+    assert!(
+        !all.iter()
+            .any(|i| i == "Observation/ob3" || i == "Patient/p2"),
+        "{all:?}"
+    );
+    let b = search(app, "Patient/p1/$everything?_type=Observation").await;
+    assert_eq!(
+        sorted(ids(&b, "match")),
+        ["Observation/ob1", "Observation/ob2"]
+    );
+    let b = search(app, "Patient/p1/$everything?_count=3").await;
+    assert_eq!(ids(&b, "match").len(), 3);
+    assert!(link(&b, "next").is_some());
+    assert_eq!(app.get("Patient/nobody/$everything").await.status(), 404);
+}
+
+fn link(b: &Value, rel: &str) -> Option<String> {
+    b["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == rel)
+        .and_then(|l| l["url"].as_str())
+        .map(str::to_string)
+}
+
+async fn paging_totals_and_errors(app: &TestApp) {
+    load(app).await;
+    // Keyset paging: a write between pages neither repeats nor skips anything.
+    let mut seen = Vec::new();
+    let first = search(app, "Observation?_count=2").await;
+    assert_eq!(first["total"], 6, "cheap totals are filled: {first}");
+    seen.extend(ids(&first, "match"));
+    let mut next = link(&first, "next");
+    let created = app
+        .post(
+            "Observation",
+            &json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "late"}}),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let late_id = json(created).await["id"].as_str().unwrap().to_string();
+    let mut second_page = None;
+    while let Some(url) = next {
+        let b = json(app.client.get(&url).send().await.unwrap()).await;
+        if second_page.is_none() {
+            second_page = Some(b.clone());
+        }
+        seen.extend(ids(&b, "match"));
+        next = link(&b, "next");
+    }
+    let mut want: Vec<String> = (1..=6).map(|i| format!("Observation/ob{i}")).collect();
+    want.push(format!("Observation/{late_id}"));
+    assert_eq!(seen, want);
+    // previous goes back to the first page
+    let second = second_page.unwrap();
+    let prev = link(&second, "previous").expect("previous link");
+    let b = json(app.client.get(&prev).send().await.unwrap()).await;
+    assert_eq!(ids(&b, "match"), ids(&first, "match"));
+
+    // _total and _summary=count
+    let b = search(app, "Observation?_total=none").await;
+    assert!(b.get("total").is_none());
+    let b = search(app, "Observation?_count=1&_total=accurate").await;
+    assert_eq!(b["total"], 7);
+    let b = search(app, "Observation?code=8867-4&_count=0&_summary=count").await;
+    assert_eq!(b["total"], 3);
+    assert!(b.get("entry").is_none());
+    // POST _search with a form body
+    let r = app
+        .client
+        .post(app.url("Observation/_search"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("code=8480-6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ids(&json(r).await, "match"), ["Observation/ob3"]);
+    // Conditional create accepts any search, chains included.
+    let r = app
+        .client
+        .post(app.url("Observation"))
+        .header("content-type", "application/fhir+json")
+        .header("if-none-exist", "patient.name=zoe&code=8302-2")
+        .json(&json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the condition matches ob6, nothing is created"
+    );
+
+    // Bad input: 400 (or 501-free "not supported" 400) with an OperationOutcome naming it.
+    for (query, needle) in [
+        ("Observation?value-quantity=abc", "value-quantity"),
+        ("Observation?date=2019-13", "date"),
+        ("Observation?code:above=8867-4", "above"),
+        ("Patient?colour=blue", "colour"),
+        ("Patient?organization.colour=x", "colour"),
+        ("Patient?gender.name=x", "gender"),
+        ("Patient?_has:Observation:patient", "_has"),
+        ("Patient?_has:Observation:code:code=1", "reference"),
+        ("Patient?_sort=colour", "colour"),
+        ("Patient?organization:missing=maybe", "true or false"),
+        ("Observation?code:in=http://example.org/unknown", "not held"),
+        ("Patient?_cursor=zz", "_cursor"),
+        ("Patient/p1/Organization", "compartment"),
+        ("?_type=Nonsense", "Nonsense"),
+        ("?gender=male", "gender"),
+        ("Patient?_text=x", "_text"),
+    ] {
+        let r = app.get(query).await;
+        let status = r.status();
+        let b = json(r).await;
+        assert_eq!(status, 400, "{query}: {b}");
+        assert_eq!(b["resourceType"], "OperationOutcome");
+        let text = b.to_string();
+        assert!(text.contains(needle), "{query}: {needle:?} not in {text}");
+    }
+    // Lenient handling ignores unknown parameters and says so in the Bundle.
+    let r = app
+        .client
+        .get(app.url("Patient?colour=blue&_sort=colour&gender=male"))
+        .header("prefer", "handling=lenient")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let b = json(r).await;
+    assert_eq!(ids(&b, "match"), ["Patient/p1"]);
+    let outcome = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["search"]["mode"] == "outcome");
+    let text = outcome.expect("outcome entry").to_string();
+    assert!(text.contains("colour"), "{text}");
+    // ... but a malformed value of a known parameter is still an error.
+    let r = app
+        .client
+        .get(app.url("Observation?value-quantity=abc"))
+        .header("prefer", "handling=lenient")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+crate::both_backends!(
+    parameter_types_and_modifiers,
+    sort_include_and_revinclude,
+    paging_totals_and_errors,
+);
