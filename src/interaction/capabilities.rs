@@ -18,6 +18,8 @@ pub fn searchable(kind: ParamType) -> bool {
             | ParamType::Reference
             | ParamType::Date
             | ParamType::Uri
+            | ParamType::Number
+            | ParamType::Quantity
     )
 }
 
@@ -45,6 +47,22 @@ pub fn statement(ctx: &Ctx) -> Value {
         {"code": "delete"}, {"code": "history-instance"}, {"code": "history-type"},
         {"code": "create"}, {"code": "search-type"}
     ]);
+    let compartments: Vec<String> = [
+        "Device",
+        "Encounter",
+        "Patient",
+        "Practitioner",
+        "RelatedPerson",
+    ]
+    .iter()
+    .filter(|c| ctx.defs.compartments.get(c).is_some())
+    .map(|c| {
+        format!(
+            "http://hl7.org/fhir/CompartmentDefinition/{}",
+            c.to_ascii_lowercase()
+        )
+    })
+    .collect();
     let conditional_delete = match ctx.conditional_delete {
         ConditionalDeleteMode::Single => "single",
         ConditionalDeleteMode::Multiple => "multiple",
@@ -68,6 +86,44 @@ pub fn statement(ctx: &Ctx) -> Value {
                 .collect();
             found.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
             params.extend(found);
+            let mut includes: Vec<String> = ctx
+                .defs
+                .registry
+                .for_type(t)
+                .into_iter()
+                .filter(|p| p.expression.is_some() && p.kind == ParamType::Reference)
+                .map(|p| format!("{t}:{}", p.code))
+                .collect();
+            includes.sort();
+            let rev_includes: Vec<String> = ctx
+                .defs
+                .resource_types
+                .iter()
+                .flat_map(|source| {
+                    ctx.defs
+                        .registry
+                        .for_type(source)
+                        .into_iter()
+                        .filter(|p| {
+                            p.expression.is_some()
+                                && p.kind == ParamType::Reference
+                                && (p.targets.is_empty() || p.targets.iter().any(|x| x == t))
+                        })
+                        .map(move |p| format!("{source}:{}", p.code))
+                })
+                .collect();
+            let mut includes_all = vec!["*".to_string()];
+            includes_all.extend(includes);
+            let mut operations = vec![json!({
+                "name": "validate",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"
+            })];
+            if t == "Patient" {
+                operations.push(json!({
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+                }));
+            }
             json!({
                 "type": t,
                 "profile": format!("http://hl7.org/fhir/StructureDefinition/{t}"),
@@ -80,11 +136,10 @@ pub fn statement(ctx: &Ctx) -> Value {
                 "conditionalUpdate": true,
                 "conditionalDelete": conditional_delete,
                 "referencePolicy": ["literal", "local"],
+                "searchInclude": includes_all,
+                "searchRevInclude": rev_includes,
                 "searchParam": params,
-                "operation": [{
-                    "name": "validate",
-                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"
-                }]
+                "operation": operations
             })
         })
         .collect();
@@ -105,7 +160,36 @@ pub fn statement(ctx: &Ctx) -> Value {
         "rest": [{
             "mode": "server",
             "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}]
+            "interaction": [
+                {"code": "transaction"}, {"code": "batch"}, {"code": "search-system"},
+                {"code": "history-system"}
+            ],
+            "searchParam": system_params(ctx),
+            "compartment": compartments
         }]
     })
+}
+
+/// Parameters of a system-level search without `_type`: those every resource has.
+fn system_params(ctx: &Ctx) -> Vec<Value> {
+    let mut params = vec![
+        json!({"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"}),
+        json!({"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date"}),
+    ];
+    let mut found: Vec<Value> = ctx
+        .defs
+        .registry
+        .for_type("Resource")
+        .into_iter()
+        .filter(|p| {
+            p.expression.is_some()
+                && searchable(p.kind)
+                && p.code != "_id"
+                && p.code != "_lastUpdated"
+        })
+        .map(|p| json!({"name": p.code, "definition": p.url, "type": type_code(p.kind)}))
+        .collect();
+    found.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    params.extend(found);
+    params
 }
