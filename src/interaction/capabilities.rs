@@ -20,6 +20,7 @@ pub fn searchable(kind: ParamType) -> bool {
             | ParamType::Uri
             | ParamType::Number
             | ParamType::Quantity
+            | ParamType::Composite
     )
 }
 

@@ -99,14 +99,17 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     let mut values = Vec::new();
     let mut extra = Vec::new();
     for param in registry.for_type(resource_type) {
-        if matches!(param.kind, ParamType::Composite | ParamType::Special)
-            || matches!(param.code.as_str(), "_id" | "_lastUpdated")
+        if param.kind == ParamType::Special || matches!(param.code.as_str(), "_id" | "_lastUpdated")
         {
             continue;
         }
         let Some(expression) = &param.expression else {
             continue;
         };
+        if param.kind == ParamType::Composite {
+            composite(param, expression, resource, resource_type, &mut entries);
+            continue;
+        }
         values.clear();
         extra.clear();
         let focus = Node {
@@ -151,6 +154,90 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
         }
     }
     entries
+}
+
+/// A composite parameter (search.html#composite) of the supported shape (two components,
+/// the first a token or reference) is indexed in the second component's table under
+/// combined codes `param$system|code`, `param$*|code` (any system), or `param$Type/id`,
+/// `param$*/id`, `param$url` for a reference, so that one row holds both halves of the
+/// same item and `param=a$b` matches only when both come from one item.
+fn composite(
+    param: &crate::search::registry::SearchParam,
+    expression: &fhirpath::Expr,
+    resource: &Value,
+    resource_type: &str,
+    entries: &mut Vec<IndexEntry>,
+) {
+    let [first, second] = param.components.as_slice() else {
+        return;
+    };
+    let (Some(e0), Some(e1), Some(k0), Some(k1)) = (
+        &first.expression,
+        &second.expression,
+        first.kind,
+        second.kind,
+    ) else {
+        return;
+    };
+    let focus = Node {
+        value: resource,
+        fhir_type: None,
+    };
+    let mut heads = Vec::new();
+    let mut tails = Vec::new();
+    let mut found: Vec<IndexEntry> = Vec::new();
+    for item in expression.evaluate_in(focus, resource, Some(resource_type)) {
+        heads.clear();
+        tails.clear();
+        for node in e0.evaluate_in(item, resource, Some(resource_type)) {
+            index_node(k0, node, &mut heads);
+        }
+        for node in e1.evaluate_in(item, resource, Some(resource_type)) {
+            index_node(k1, node, &mut tails);
+        }
+        dedupe(&mut tails);
+        let mut keys = Vec::new();
+        for head in &heads {
+            composite_keys(&param.code, head, &mut keys);
+        }
+        for key in keys {
+            for tail in &tails {
+                found.push(IndexEntry {
+                    code: key.clone(),
+                    value: tail.clone(),
+                });
+            }
+        }
+    }
+    let mut seen = HashSet::with_capacity(found.len());
+    found.retain(|e| seen.insert(e.clone()));
+    entries.extend(found);
+}
+
+/// The combined codes one first-component value is found under (see [`composite`]).
+pub fn composite_keys(code: &str, head: &IndexValue, out: &mut Vec<String>) {
+    match head {
+        IndexValue::Token {
+            system,
+            code: Some(c),
+            ..
+        } => {
+            out.push(format!("{code}${}|{c}", system.as_deref().unwrap_or("")));
+            out.push(format!("{code}$*|{c}"));
+        }
+        IndexValue::Reference {
+            target_type,
+            target_id,
+            url,
+        } => {
+            out.push(format!("{code}${url}"));
+            if let (Some(t), Some(id)) = (target_type, target_id) {
+                out.push(format!("{code}${t}/{id}"));
+                out.push(format!("{code}$*/{id}"));
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Appends the index values of one selected element; returns whether it produced any.

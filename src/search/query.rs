@@ -198,6 +198,12 @@ enum Filter {
         target_id: String,
         itself: bool,
     },
+    /// A composite `a$b`: rows of the second component's table under one of the combined
+    /// codes of `a` (see `extract::composite`), matching `b`; one alternative per OR value.
+    Composite {
+        table: Table,
+        alts: Vec<(Vec<String>, Cond)>,
+    },
     /// `:in` / `:not-in` before [`SearchQuery::bind_value_sets`] turns it into a token filter.
     ValueSet {
         code: String,
@@ -217,7 +223,7 @@ impl Filter {
                 cond: Cond::Reference(_),
                 ..
             } => 1,
-            Filter::Chain { .. } | Filter::Has { .. } => 2,
+            Filter::Chain { .. } | Filter::Has { .. } | Filter::Composite { .. } => 2,
             Filter::Index {
                 negate: false,
                 cond: Cond::Token(_) | Cond::Uri(_),
@@ -600,6 +606,12 @@ fn parse_filter(
     let param = registry.get(lookup_ty, name).ok_or_else(|| {
         FhirError::invalid(format!("unknown search parameter {name:?} for {lookup_ty}"))
     })?;
+    if param.kind == ParamType::Composite && param.expression.is_some() {
+        return match modifier {
+            None => composite_filter(param, value),
+            Some(m) => Err(unsupported_modifier(name, m)),
+        };
+    }
     let Some(table) = Table::of(param.kind).filter(|_| param.expression.is_some()) else {
         return Err(FhirError::not_supported(format!(
             "search parameter {name} ({:?}) cannot be evaluated by this server",
@@ -745,6 +757,107 @@ fn parse_filter(
             format!("search parameter {name} cannot be evaluated by this server"),
         )),
     }
+}
+
+/// Splits on `sep` where it is not escaped by `\`, keeping every escape for later parsing.
+fn split_unescaped(value: &str, sep: char) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        let Some(last) = out.last_mut() else { break };
+        if c == '\\' {
+            last.push(c);
+            if let Some(n) = chars.next() {
+                last.push(n);
+            }
+        } else if c == sep {
+            out.push(String::new());
+        } else {
+            last.push(c);
+        }
+    }
+    out
+}
+
+/// The condition a plain (unmodified) value of a parameter type gives.
+fn plain_cond(kind: ParamType, name: &str, value: &str) -> Result<Cond> {
+    Ok(match kind {
+        ParamType::Token => Cond::Token(token_values(value)),
+        ParamType::String => Cond::String(StringMode::StartsWith, split_or(value)),
+        ParamType::Reference => Cond::Reference(
+            split_or(value)
+                .iter()
+                .map(|v| reference_value(v, None))
+                .collect(),
+        ),
+        ParamType::Date => Cond::Date(date_values(name, value)?),
+        ParamType::Number => Cond::Number(
+            split_or(value)
+                .iter()
+                .map(|v| parse_number(name, v))
+                .collect::<Result<_>>()?,
+        ),
+        ParamType::Quantity => Cond::Quantity(
+            split_or(value)
+                .iter()
+                .map(|v| parse_quantity(name, v))
+                .collect::<Result<_>>()?,
+        ),
+        ParamType::Uri => Cond::Uri(split_or(value)),
+        ParamType::Composite | ParamType::Special => {
+            return Err(FhirError::not_supported(format!(
+                "{name}: nested composite or special parameters are not supported"
+            )));
+        }
+    })
+}
+
+/// `param=a$b[,a$b...]` for a composite of the supported shape (see `extract::composite`).
+fn composite_filter(param: &crate::search::registry::SearchParam, value: &str) -> Result<Filter> {
+    let name = param.code.as_str();
+    let (Some(k0), Some(k1)) = (
+        param.components.first().and_then(|c| c.kind),
+        param.components.get(1).and_then(|c| c.kind),
+    ) else {
+        return Err(FhirError::not_supported(format!(
+            "search parameter {name} cannot be evaluated by this server"
+        )));
+    };
+    let table = Table::of(k1).ok_or_else(|| {
+        FhirError::not_supported(format!("search parameter {name} cannot be evaluated"))
+    })?;
+    let mut alts = Vec::new();
+    for alt in split_unescaped(value, ',') {
+        let parts = split_unescaped(&alt, '$');
+        let [head, tail] = parts.as_slice() else {
+            return Err(FhirError::invalid(format!(
+                "{name}: {alt:?} is not two values joined by $"
+            )));
+        };
+        let mut keys = Vec::new();
+        match k0 {
+            ParamType::Token => {
+                for t in token_values(head) {
+                    let Some(code) = t.code else {
+                        return Err(FhirError::invalid(format!("{name}: {head:?} needs a code")));
+                    };
+                    let system = t.system.unwrap_or_else(|| "*".to_string());
+                    keys.push(format!("{name}${system}|{code}"));
+                }
+            }
+            _ => {
+                for r in split_or(head).iter().map(|v| reference_value(v, None)) {
+                    keys.push(match r {
+                        RefValue::Url(u) => format!("{name}${u}"),
+                        RefValue::Local(Some(t), id) => format!("{name}${t}/{id}"),
+                        RefValue::Local(None, id) => format!("{name}$*/{id}"),
+                    });
+                }
+            }
+        }
+        alts.push((keys, plain_cond(k1, name, tail)?));
+    }
+    Ok(Filter::Composite { table, alts })
 }
 
 fn parse_sort(registry: &Registry, ty: Option<&str>, value: &str) -> Result<Vec<(SortKey, bool)>> {
@@ -1411,6 +1524,36 @@ fn filter_sql(
                 b.push("))");
             }
             b.push(")");
+        }
+        Filter::Composite { table, alts } => {
+            if drive {
+                b.push(&format!(
+                    "{alias}.rid IN (SELECT rid FROM {} WHERE ",
+                    table.name()
+                ));
+                if let Some(t) = ty {
+                    b.push("res_type = ").text(t).push(" AND ");
+                }
+            } else {
+                b.push(&format!(
+                    "EXISTS (SELECT 1 FROM {} x WHERE x.rid = {alias}.rid AND ",
+                    table.name()
+                ));
+            }
+            b.push("(");
+            or_list(b, alts, |b, (keys, cond)| {
+                b.push("(code IN (");
+                for (i, k) in keys.iter().enumerate() {
+                    if i > 0 {
+                        b.push(", ");
+                    }
+                    b.text(k.clone());
+                }
+                b.push(") AND (");
+                cond_sql(b, cond);
+                b.push("))");
+            });
+            b.push("))");
         }
         Filter::ValueSet { .. } => {
             // Bound before SQL is built; an unbound one matches nothing.

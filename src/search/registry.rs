@@ -47,6 +47,8 @@ pub struct Component {
     /// Evaluated relative to each item of the composite's own expression.
     pub expression: Option<Expr>,
     pub expression_text: String,
+    /// The type of the parameter `definition` names, once resolved.
+    pub kind: Option<ParamType>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +128,13 @@ impl Registry {
                 }
             }
         }
+        let kinds = registry.kinds_by_url();
+        for param in registry.params.iter_mut() {
+            if let Some(reason) = resolve_composite(param, &kinds) {
+                report.evaluable = report.evaluable.saturating_sub(1);
+                report.unsupported.push((param.url.clone(), reason));
+            }
+        }
         registry.merge();
         (registry, report)
     }
@@ -137,11 +146,16 @@ impl Registry {
         if search_parameter.get("resourceType").and_then(Value::as_str) != Some("SearchParameter") {
             return Err("resource is not a SearchParameter".into());
         }
-        let (param, problem) = build(search_parameter)?;
+        let (mut param, problem) = build(search_parameter)?;
         if param.kind == ParamType::Special {
             return Err("search parameters of type 'special' cannot be defined by clients".into());
         }
         if let Some(reason) = problem {
+            return Err(reason);
+        }
+        let mut kinds = self.kinds_by_url();
+        kinds.insert(param.url.clone(), param.kind);
+        if let Some(reason) = resolve_composite(&mut param, &kinds) {
             return Err(reason);
         }
         self.insert(param);
@@ -216,6 +230,13 @@ impl Registry {
             .filter_map(|t| self.by_type.get(t))
     }
 
+    fn kinds_by_url(&self) -> HashMap<String, ParamType> {
+        self.params
+            .iter()
+            .map(|p| (p.url.clone(), p.kind))
+            .collect()
+    }
+
     fn insert(&mut self, param: SearchParam) {
         let index = self.params.len();
         for base in &param.base {
@@ -231,6 +252,36 @@ impl Registry {
         }
         self.params.push(param);
     }
+}
+
+/// Resolves a composite's component types; returns why it cannot be evaluated (and clears
+/// its expression) when it is not the supported shape: two components, the first a token
+/// or reference, the second any non-composite type.
+fn resolve_composite(
+    param: &mut SearchParam,
+    kinds: &HashMap<String, ParamType>,
+) -> Option<String> {
+    if param.kind != ParamType::Composite || param.expression.is_none() {
+        return None;
+    }
+    for c in &mut param.components {
+        c.kind = kinds.get(&c.definition).copied();
+    }
+    let reason = match param.components.as_slice() {
+        [a, b] => {
+            let first_ok = matches!(a.kind, Some(ParamType::Token | ParamType::Reference));
+            let second_ok = b
+                .kind
+                .is_some_and(|k| !matches!(k, ParamType::Composite | ParamType::Special));
+            if first_ok && second_ok && a.expression.is_some() && b.expression.is_some() {
+                return None;
+            }
+            "composite components must be token or reference, then a simple type".to_string()
+        }
+        _ => "composite parameters with other than two components are not supported".to_string(),
+    };
+    param.expression = None;
+    Some(reason)
 }
 
 /// Reads a SearchParameter. `Err` when it is unusable even as a name (no code, type or base);
@@ -303,6 +354,7 @@ fn build(sp: &Value) -> Result<(SearchParam, Option<String>), String> {
             definition,
             expression,
             expression_text: src,
+            kind: None,
         });
     }
     if kind == ParamType::Composite && components.is_empty() {
@@ -351,9 +403,25 @@ mod tests {
             .iter()
             .map(|(url, _)| url.rsplit('/').next().unwrap_or(url))
             .collect();
+        // No expression, and the four three-part MolecularSequence coordinate composites.
         assert_eq!(
             unsupported,
-            ["DomainResource-text", "Resource-content", "Resource-query"]
+            [
+                "DomainResource-text",
+                "Resource-content",
+                "Resource-query",
+                "MolecularSequence-chromosome-variant-coordinate",
+                "MolecularSequence-chromosome-window-coordinate",
+                "MolecularSequence-referenceseqid-variant-coordinate",
+                "MolecularSequence-referenceseqid-window-coordinate",
+            ]
+        );
+        let bp = registry
+            .get("Observation", "component-code-value-quantity")
+            .expect("composite");
+        assert_eq!(
+            bp.components.iter().map(|c| c.kind).collect::<Vec<_>>(),
+            [Some(ParamType::Token), Some(ParamType::Quantity)]
         );
 
         let family = registry.get("Patient", "family").expect("Patient family");

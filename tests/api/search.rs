@@ -35,7 +35,10 @@ fn fixtures() -> Vec<Value> {
             "effectiveDateTime": "2018-06-01T10:00:00Z", "valueQuantity": qty(110.0, "/min")}),
         json!({"resourceType": "Observation", "id": "ob3", "status": "final", "code": loinc("8480-6"),
             "subject": {"reference": "Patient/p2"},
-            "effectiveDateTime": "2020-01-01", "valueQuantity": qty(150.0, "mm[Hg]")}),
+            "effectiveDateTime": "2020-01-01", "valueQuantity": qty(150.0, "mm[Hg]"),
+            "component": [
+                {"code": loinc("8480-6"), "valueQuantity": qty(150.0, "mm[Hg]")},
+                {"code": loinc("8462-4"), "valueQuantity": qty(95.0, "mm[Hg]")}]}),
         json!({"resourceType": "Observation", "id": "ob4", "status": "amended", "code": loinc("8867-4"),
             "subject": {"reference": "Patient/p2"},
             "effectiveDateTime": "2021-01-01T00:00:00Z", "valueQuantity": qty(60.0, "/min")}),
@@ -210,6 +213,32 @@ const CASES: &[(&str, &[&str])] = &[
             "Observation/ob4",
             "Observation/ob5",
         ],
+    ),
+    // composite: both halves from the same item
+    (
+        "Observation?code-value-quantity=http://loinc.org|8480-6$gt100",
+        &["Observation/ob3"],
+    ),
+    (
+        "Observation?code-value-quantity=8867-4$lt100,8480-6$gt140",
+        &["Observation/ob1", "Observation/ob3", "Observation/ob4"],
+    ),
+    ("Observation?code-value-quantity=8867-4$gt1000", &[]),
+    (
+        "Observation?component-code-value-quantity=8462-4$gt90",
+        &["Observation/ob3"],
+    ),
+    (
+        "Observation?component-code-value-quantity=8462-4$gt100",
+        &[],
+    ),
+    (
+        "Observation?combo-code-value-quantity=8867-4$60",
+        &["Observation/ob4"],
+    ),
+    (
+        "Observation?combo-code-value-quantity=8462-4$95||mm[Hg]",
+        &["Observation/ob3"],
     ),
     // :missing
     (
@@ -508,6 +537,7 @@ async fn paging_totals_and_errors(app: &TestApp) {
         ("Observation?value-quantity=abc", "value-quantity"),
         ("Observation?date=2019-13", "date"),
         ("Observation?code:above=8867-4", "above"),
+        ("Observation?code-value-quantity=8867-4", "$"),
         ("Patient?colour=blue", "colour"),
         ("Patient?organization.colour=x", "colour"),
         ("Patient?gender.name=x", "gender"),
