@@ -8,8 +8,13 @@
 //! `cargo build --release && target/release/bench [--backend sqlite|postgres|both]
 //!  [--seconds 10] [--postgres-url postgres://postgres@127.0.0.1:5432/test]`
 //! `target/release/bench --hl7 [--hl7-messages 4000]`: HL7 v2 PCD-01 over 8 MLLP connections.
+//! `target/release/bench --search [--observations 1000000] [--patients N] [--seconds 10]`:
+//! generates Synthea-like Patients and Observations as NDJSON, loads them with
+//! `iomt-fhir import` (with and without search indexing), then measures searches with `wrk`
+//! and paging through `next` links with reqwest.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,12 @@ struct Options {
     /// Run only the HL7 v2 MLLP scenario.
     hl7_only: bool,
     hl7_messages: usize,
+    /// Run only the search scenarios.
+    search_only: bool,
+    /// Observations generated for the search scenarios.
+    observations: usize,
+    /// Patients they are spread over; `None`: one per 100 Observations.
+    patients: Option<usize>,
 }
 
 fn options() -> Result<Options, String> {
@@ -35,6 +46,9 @@ fn options() -> Result<Options, String> {
         ingest_rounds: 5,
         hl7_only: false,
         hl7_messages: 4000,
+        search_only: false,
+        observations: 1_000_000,
+        patients: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -55,6 +69,15 @@ fn options() -> Result<Options, String> {
                     .parse()
                     .map_err(|e| format!("--hl7-messages: {e}"))?
             }
+            "--search" => o.search_only = true,
+            "--observations" => {
+                o.observations = value()?
+                    .parse()
+                    .map_err(|e| format!("--observations: {e}"))?
+            }
+            "--patients" => {
+                o.patients = Some(value()?.parse().map_err(|e| format!("--patients: {e}"))?)
+            }
             "--ingest-rounds" => {
                 o.ingest_rounds = value()?
                     .parse()
@@ -64,6 +87,12 @@ fn options() -> Result<Options, String> {
         }
     }
     Ok(o)
+}
+
+/// `iomt-fhir` beside this binary (both are built into `target/release`).
+fn server_bin() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    Ok(exe.with_file_name("iomt-fhir"))
 }
 
 struct Server {
@@ -86,8 +115,7 @@ impl Server {
     }
 
     fn start_with(database: &str, extra: &[&str]) -> Result<Server, String> {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let server_bin: PathBuf = exe.with_file_name("iomt-fhir");
+        let server_bin = server_bin()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| e.to_string())?
@@ -437,32 +465,10 @@ async fn run_hl7(o: &Options, backend: &str, database: &str) -> Result<(), Strin
 
 async fn run_backend(o: &Options, backend: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let (database, cleanup) = match backend {
-        "sqlite" => (format!("sqlite://{}/bench.db", dir.path().display()), None),
-        _ => {
-            use sqlx::Connection;
-            let name = format!("bench_{}", std::process::id());
-            let mut c = sqlx::PgConnection::connect(&o.postgres_url)
-                .await
-                .map_err(|e| e.to_string())?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut c)
-                .await
-                .map_err(|e| e.to_string())?;
-            let base = o
-                .postgres_url
-                .rsplit_once('/')
-                .map_or(o.postgres_url.as_str(), |(b, _)| b);
-            (format!("{base}/{name}"), Some((c, name)))
-        }
-    };
+    let (database, cleanup) = fresh_database(o, backend, dir.path(), "bench").await?;
     if o.hl7_only {
         run_hl7(o, backend, &database).await?;
-        if let Some((mut c, name)) = cleanup {
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
-                .execute(&mut c)
-                .await;
-        }
+        drop_database(cleanup).await;
         return Ok(());
     }
     let server = Server::start(&database)?;
@@ -498,11 +504,748 @@ async fn run_backend(o: &Options, backend: &str) -> Result<(), String> {
     );
     println!("\nserver peak memory (VmHWM): {:.0} MiB", server.peak_mib());
     drop(server);
+    drop_database(cleanup).await;
+    Ok(())
+}
+
+/// The admin connection and name of a PostgreSQL database made for one run.
+type PgCleanup = Option<(sqlx::PgConnection, String)>;
+
+/// A fresh database: `<dir>/<name>.db` for SQLite, a new database `<name>_<pid>` beside
+/// `--postgres-url` for PostgreSQL (`drop_database` removes it).
+async fn fresh_database(
+    o: &Options,
+    backend: &str,
+    dir: &Path,
+    name: &str,
+) -> Result<(String, PgCleanup), String> {
+    if backend == "sqlite" {
+        return Ok((format!("sqlite://{}/{name}.db", dir.display()), None));
+    }
+    use sqlx::Connection;
+    let name = format!("{name}_{}", std::process::id());
+    let mut c = sqlx::PgConnection::connect(&o.postgres_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await
+        .map_err(|e| e.to_string())?;
+    let base = o
+        .postgres_url
+        .rsplit_once('/')
+        .map_or(o.postgres_url.as_str(), |(b, _)| b);
+    Ok((format!("{base}/{name}"), Some((c, name))))
+}
+
+async fn drop_database(cleanup: PgCleanup) {
     if let Some((mut c, name)) = cleanup {
         let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
             .execute(&mut c)
             .await;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Search: Synthea-like data loaded with `iomt-fhir import`, then searches and paging.
+
+/// SplitMix64: a small deterministic generator, so every run loads the same data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0; the modulo bias is irrelevant here).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+const FAMILY: &[&str] = &[
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Gonzalez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Perez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sanchez",
+    "Clark",
+    "Ramirez",
+    "Lewis",
+    "Robinson",
+    "Walker",
+    "Young",
+    "Allen",
+    "King",
+    "Wright",
+    "Scott",
+    "Torres",
+    "Nguyen",
+    "Hill",
+    "Flores",
+];
+const GIVEN_MALE: &[&str] = &[
+    "James", "John", "Robert", "Michael", "William", "David", "Richard", "Joseph", "Charles",
+    "Daniel", "Matthew", "Anthony", "Mark", "Steven", "Paul", "Andrew", "Joshua", "Kevin", "Brian",
+    "George",
+];
+const GIVEN_FEMALE: &[&str] = &[
+    "Mary",
+    "Patricia",
+    "Jennifer",
+    "Linda",
+    "Elizabeth",
+    "Barbara",
+    "Susan",
+    "Jessica",
+    "Sarah",
+    "Karen",
+    "Nancy",
+    "Lisa",
+    "Betty",
+    "Margaret",
+    "Sandra",
+    "Ashley",
+    "Emily",
+    "Donna",
+    "Michelle",
+    "Carol",
+];
+const CITY: &[&str] = &[
+    "Boston",
+    "Worcester",
+    "Springfield",
+    "Cambridge",
+    "Lowell",
+    "Brockton",
+    "Quincy",
+    "Lynn",
+    "Newton",
+    "Somerville",
+];
+
+/// One LOINC code of the generated Observations: UCUM unit, value range, decimals, and
+/// its share of the Observations in percent.
+struct Loinc {
+    code: &'static str,
+    display: &'static str,
+    category: &'static str,
+    unit: &'static str,
+    low: f64,
+    high: f64,
+    decimals: i32,
+    percent: u64,
+}
+
+const fn loinc(
+    code: &'static str,
+    display: &'static str,
+    category: &'static str,
+    unit: &'static str,
+    (low, high): (f64, f64),
+    decimals: i32,
+    percent: u64,
+) -> Loinc {
+    Loinc {
+        code,
+        display,
+        category,
+        unit,
+        low,
+        high,
+        decimals,
+        percent,
+    }
+}
+
+/// Shares add up to 100; heart rate (the searched and paged code) is 15%, so 1,000,000
+/// Observations hold 150,000 heart rates, enough for the 100,000-resource paging run.
+#[rustfmt::skip]
+const LOINC: &[Loinc] = &[
+    loinc("8867-4", "Heart rate", "vital-signs", "/min", (50.0, 120.0), 0, 15),
+    loinc("8480-6", "Systolic blood pressure", "vital-signs", "mm[Hg]", (95.0, 170.0), 0, 10),
+    loinc("8462-4", "Diastolic blood pressure", "vital-signs", "mm[Hg]", (55.0, 105.0), 0, 10),
+    loinc("29463-7", "Body Weight", "vital-signs", "kg", (3.0, 140.0), 1, 8),
+    loinc("8302-2", "Body Height", "vital-signs", "cm", (50.0, 200.0), 1, 8),
+    loinc("39156-5", "Body mass index (BMI) [Ratio]", "vital-signs", "kg/m2", (15.0, 40.0), 1, 6),
+    loinc("9279-1", "Respiratory rate", "vital-signs", "/min", (10.0, 25.0), 0, 6),
+    loinc("8310-5", "Body temperature", "vital-signs", "Cel", (35.5, 39.5), 1, 4),
+    loinc("2708-6", "Oxygen saturation in Arterial blood", "vital-signs", "%", (88.0, 100.0), 0, 4),
+    loinc("72514-3", "Pain severity - 0-10 verbal numeric rating [Score] - Reported", "vital-signs", "{score}", (0.0, 10.0), 0, 4),
+    loinc("2339-0", "Glucose [Mass/volume] in Blood", "laboratory", "mg/dL", (60.0, 200.0), 1, 3),
+    loinc("2093-3", "Cholesterol [Mass/volume] in Serum or Plasma", "laboratory", "mg/dL", (120.0, 300.0), 1, 3),
+    loinc("2571-8", "Triglycerides", "laboratory", "mg/dL", (50.0, 400.0), 1, 3),
+    loinc("18262-6", "Low Density Lipoprotein Cholesterol", "laboratory", "mg/dL", (50.0, 200.0), 1, 3),
+    loinc("2085-9", "High Density Lipoprotein Cholesterol", "laboratory", "mg/dL", (25.0, 90.0), 1, 3),
+    loinc("4548-4", "Hemoglobin A1c/Hemoglobin.total in Blood", "laboratory", "%", (4.0, 12.0), 1, 2),
+    loinc("6299-2", "Urea nitrogen [Mass/volume] in Blood", "laboratory", "mg/dL", (6.0, 30.0), 1, 2),
+    loinc("38483-4", "Creatinine [Mass/volume] in Blood", "laboratory", "mg/dL", (0.5, 1.5), 2, 2),
+    loinc("2947-0", "Sodium [Moles/volume] in Blood", "laboratory", "mmol/L", (135.0, 145.0), 1, 2),
+    loinc("6298-4", "Potassium [Moles/volume] in Blood", "laboratory", "mmol/L", (3.5, 5.2), 1, 2),
+];
+
+/// Local time offsets of the generated `effectiveDateTime`s.
+const OFFSETS: &[&str] = &["-05:00", "-04:00", "Z", "+01:00", "+02:00", "-08:00"];
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Day numbers (since 1970-01-01) of the generated ranges.
+const DAY_1930_01_01: i64 = -14_610;
+const DAY_2015_01_01: i64 = 16_436;
+const DAY_2020_01_01: i64 = 18_262;
+const DAY_2025_01_01: i64 = 20_089;
+
+fn patient_id(i: usize) -> String {
+    format!("pat-{i:06}")
+}
+
+fn patient(rng: &mut Rng, i: usize) -> Value {
+    let male = rng.below(2) == 0;
+    let given = rng.pick(if male { GIVEN_MALE } else { GIVEN_FEMALE });
+    let (y, m, d) = civil_from_days(
+        DAY_1930_01_01 + rng.below((DAY_2020_01_01 - DAY_1930_01_01) as u64) as i64,
+    );
+    let uuid = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        rng.next() >> 32,
+        rng.next() >> 48,
+        rng.next() >> 52,
+        0x8000 | (rng.next() >> 50),
+        rng.next() >> 16
+    );
+    json!({
+        "resourceType": "Patient",
+        "id": patient_id(i),
+        "identifier": [
+            {"system": "https://github.com/synthetichealth/synthea", "value": uuid},
+            {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR", "display": "Medical Record Number"}]},
+             "system": "http://hospital.smarthealthit.org", "value": format!("MRN-{i:06}")}
+        ],
+        "name": [{"use": "official", "family": rng.pick(FAMILY), "given": [given],
+                  "prefix": [if male { "Mr." } else { "Ms." }]}],
+        "gender": if male { "male" } else { "female" },
+        "birthDate": format!("{y:04}-{m:02}-{d:02}"),
+        "address": [{"city": rng.pick(CITY), "state": "MA", "country": "US"}]
+    })
+}
+
+fn observation(rng: &mut Rng, i: usize, patients: usize) -> Value {
+    let mut share = rng.below(100);
+    let code = LOINC
+        .iter()
+        .find(|c| {
+            if share < c.percent {
+                true
+            } else {
+                share -= c.percent;
+                false
+            }
+        })
+        .unwrap_or(&LOINC[0]);
+    let seconds = rng.below(((DAY_2025_01_01 - DAY_2015_01_01) * 86_400) as u64) as i64;
+    let (y, m, d) = civil_from_days(DAY_2015_01_01 + seconds / 86_400);
+    let s = seconds % 86_400;
+    let effective = format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}{}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        rng.pick(OFFSETS)
+    );
+    let scale = 10f64.powi(code.decimals);
+    let raw = code.low + rng.unit() * (code.high - code.low);
+    let value = if code.decimals == 0 {
+        json!(raw.round() as i64)
+    } else {
+        json!((raw * scale).round() / scale)
+    };
+    json!({
+        "resourceType": "Observation",
+        "id": format!("obs-{i:07}"),
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": code.category,
+                                  "display": if code.category == "laboratory" { "Laboratory" } else { "Vital signs" }}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": code.code, "display": code.display}],
+                 "text": code.display},
+        "subject": {"reference": format!("Patient/{}", patient_id(rng.below(patients as u64) as usize))},
+        "effectiveDateTime": effective,
+        "valueQuantity": {"value": value, "unit": code.unit, "system": "http://unitsofmeasure.org", "code": code.unit}
+    })
+}
+
+/// The generated NDJSON files.
+struct SearchData {
+    /// Keeps the files until the benchmark ends.
+    _dir: tempfile::TempDir,
+    files: Vec<PathBuf>,
+    patients: usize,
+    observations: usize,
+    bytes: u64,
+}
+
+/// Observations per NDJSON file.
+const OBSERVATIONS_PER_FILE: usize = 100_000;
+
+fn generate(observations: usize, patients: usize) -> Result<SearchData, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut rng = Rng(0x1f4b_2026);
+    let mut files = Vec::new();
+    let mut bytes = 0u64;
+    let mut write_file = |name: String,
+                          lines: &mut dyn Iterator<Item = Value>|
+     -> Result<(), String> {
+        let path = dir.path().join(name);
+        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        for v in lines {
+            serde_json::to_writer(&mut w, &v).map_err(|e| e.to_string())?;
+            w.write_all(b"\n").map_err(|e| e.to_string())?;
+        }
+        w.flush().map_err(|e| e.to_string())?;
+        bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+        files.push(path);
+        Ok(())
+    };
+    write_file(
+        "Patient.ndjson".into(),
+        &mut (0..patients).map(|i| patient(&mut rng, i)),
+    )?;
+    for (n, start) in (0..observations).step_by(OBSERVATIONS_PER_FILE).enumerate() {
+        let end = (start + OBSERVATIONS_PER_FILE).min(observations);
+        write_file(
+            format!("Observation-{n:03}.ndjson"),
+            &mut (start..end).map(|i| observation(&mut rng, i, patients)),
+        )?;
+    }
+    Ok(SearchData {
+        _dir: dir,
+        files,
+        patients,
+        observations,
+        bytes,
+    })
+}
+
+/// Outcome of one `iomt-fhir import` run.
+struct Imported {
+    resources: u64,
+    secs: f64,
+    failures: Vec<String>,
+}
+
+/// Runs the real `iomt-fhir import` CLI (it must own the database: no server runs on it).
+/// `indexing: false` sets `IOMT_FHIR_SEARCH_INDEXING=false`.
+fn import(database: &str, files: &[PathBuf], indexing: bool) -> Result<Imported, String> {
+    let mut cmd = Command::new(server_bin()?);
+    cmd.args(["import", "--database", database])
+        .args(files)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    if indexing {
+        cmd.env_remove("IOMT_FHIR_SEARCH_INDEXING");
+    } else {
+        cmd.env("IOMT_FHIR_SEARCH_INDEXING", "false");
+    }
+    let started = Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run iomt-fhir import: {e}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(summary) = stdout.lines().find(|l| l.starts_with("imported ")) else {
+        return Err(format!(
+            "iomt-fhir import failed ({}): {}{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    };
+    Ok(Imported {
+        resources: summary
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        secs,
+        failures: stdout
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("failed: "))
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+/// Whether this `iomt-fhir` build knows the search-indexing setting at all (if not, the
+/// "indexing off" import indexes anyway and the ratio means nothing).
+fn knows_indexing_setting() -> bool {
+    server_bin()
+        .ok()
+        .and_then(|bin| Command::new(bin).args(["import", "--help"]).output().ok())
+        .is_some_and(|o| String::from_utf8_lossy(&o.stdout).contains("SEARCH_INDEXING"))
+}
+
+/// Size on disk: the SQLite file and its WAL, or `pg_database_size`.
+async fn database_bytes(database: &str, cleanup: &mut PgCleanup) -> Option<u64> {
+    if let Some(path) = database.strip_prefix("sqlite://") {
+        let size = |p: String| std::fs::metadata(p).map_or(0, |m| m.len());
+        return Some(size(path.to_string()) + size(format!("{path}-wal")));
+    }
+    let (c, name) = cleanup.as_mut()?;
+    sqlx::query_scalar::<_, i64>("SELECT pg_database_size($1)")
+        .bind(name.as_str())
+        .fetch_one(c)
+        .await
+        .ok()
+        .map(|b| b.max(0) as u64)
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("size unknown".into(), |b| {
+        format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0))
+    })
+}
+
+/// The search of scenarios (a) and (c) after `patient=`: heart rates since 2019.
+const OBSERVATION_QUERY_TAIL: &str = "&code=http://loinc.org%7C8867-4&date=ge2019-01-01&_count=50";
+
+/// Per-thread seeds, so wrk's two threads do not send the same sequence.
+const LUA_SEED: &str = r#"
+local counter = 0
+function setup(thread)
+  thread:set("seed", counter)
+  counter = counter + 1
+end
+function init(args)
+  math.randomseed(os.time() + 7919 * (seed or 0))
+end
+"#;
+
+fn observation_script(patients: usize) -> String {
+    format!(
+        r#"{LUA_SEED}
+request = function()
+  local id = string.format("pat-%06d", math.random(0, {last}))
+  return wrk.format("GET", "/fhir/Observation?patient=Patient/" .. id .. "{OBSERVATION_QUERY_TAIL}")
+end
+"#,
+        last = patients.saturating_sub(1)
+    )
+}
+
+/// Distinct three-letter prefixes of the family names.
+fn name_prefixes() -> Vec<&'static str> {
+    let mut p: Vec<&str> = FAMILY.iter().filter_map(|f| f.get(..3)).collect();
+    p.sort_unstable();
+    p.dedup();
+    p
+}
+
+fn patient_name_script() -> String {
+    let list = name_prefixes()
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"{LUA_SEED}
+local prefixes = {{{list}}}
+request = function()
+  return wrk.format("GET", "/fhir/Patient?name=" .. prefixes[math.random(1, #prefixes)])
+end
+"#
+    )
+}
+
+/// One request before the load: its status and match count (or the server's complaint) go
+/// into the notes, so a 400 from an unsupported parameter is visible, not just counted.
+async fn probe(client: &reqwest::Client, url: &str) -> String {
+    let r = match client.get(url).send().await {
+        Ok(r) => r,
+        Err(e) => return format!("probe failed: {e}"),
+    };
+    let status = r.status();
+    let v: Value = r
+        .text()
+        .await
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    if status.is_success() {
+        let entries = v["entry"].as_array().map_or(0, Vec::len);
+        format!("sample: total {}, {entries} on page 1", v["total"])
+    } else {
+        format!(
+            "**{status}**: {}",
+            v.pointer("/issue/0/diagnostics")
+                .and_then(Value::as_str)
+                .unwrap_or("no diagnostics")
+        )
+    }
+}
+
+/// Follows `next` links from `first` until `limit` resources or the last page; returns
+/// resources, pages, seconds and the page latencies in ms (sorted).
+async fn page_through(
+    client: &reqwest::Client,
+    first: String,
+    limit: usize,
+) -> Result<(usize, usize, f64, Vec<f64>), String> {
+    let mut next = Some(first);
+    let (mut resources, mut latencies) = (0, Vec::new());
+    let started = Instant::now();
+    while let Some(url) = next.take() {
+        let t = Instant::now();
+        let r = client.get(&url).send().await.map_err(|e| e.to_string())?;
+        let status = r.status();
+        let text = r.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{status} for {url}: {text}"));
+        }
+        let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        resources += v["entry"].as_array().map_or(0, |es| {
+            es.iter().filter(|e| e.get("resource").is_some()).count()
+        });
+        if resources >= limit {
+            break;
+        }
+        next = v["link"].as_array().and_then(|links| {
+            links
+                .iter()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str())
+                .map(str::to_string)
+        });
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    Ok((resources, latencies.len(), secs, latencies))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+fn search_row(backend: &str, scenario: &str, result: &str, p50: &str, p99: &str, notes: &str) {
+    println!("| {backend} | {scenario} | {result} | {p50} | {p99} | {notes} |");
+}
+
+fn wrk_row(backend: &str, scenario: &str, r: &WrkResult, notes: &str) {
+    let errors = if r.errors > 0 {
+        format!("; **{} non-2xx**", r.errors)
+    } else {
+        String::new()
+    };
+    search_row(
+        backend,
+        scenario,
+        &format!("{:.0} req/s", r.rps),
+        &format!("{:.2} ms", r.p50_ms),
+        &format!("{:.2} ms", r.p99_ms),
+        &format!("{notes}{errors}"),
+    );
+}
+
+async fn run_search(o: &Options) -> Result<(), String> {
+    let patients = o.patients.unwrap_or(o.observations / 100).max(1);
+    let started = Instant::now();
+    let data = generate(o.observations, patients)?;
+    println!(
+        "generated {} Patients and {} Observations ({:.0} MiB NDJSON, {} files) in {:.1} s",
+        data.patients,
+        data.observations,
+        data.bytes as f64 / (1024.0 * 1024.0),
+        data.files.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !knows_indexing_setting() {
+        println!(
+            "note: `iomt-fhir import --help` does not mention IOMT_FHIR_SEARCH_INDEXING; \
+             the indexing-off import probably indexes anyway"
+        );
+    }
+    println!(
+        "\n### Search ({} Observations, durable commits)\n",
+        data.observations
+    );
+    println!("| backend | scenario | req/s | p50 | p99 | notes |");
+    println!("|---|---|---|---|---|---|");
+    for b in &o.backends {
+        search_backend(o, b, &data)
+            .await
+            .map_err(|e| format!("{b}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn search_backend(o: &Options, backend: &str, data: &SearchData) -> Result<(), String> {
+    let total = data.patients + data.observations;
+    // Indexing on: the database the searches run on.
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (database, mut cleanup) = fresh_database(o, backend, dir.path(), "bench_search").await?;
+    eprintln!("bench: {backend}: importing {total} resources (search indexing on)");
+    let on = import(&database, &data.files, true)?;
+    let on_bytes = database_bytes(&database, &mut cleanup).await;
+    // Indexing off: a second fresh database, removed right after.
+    let off_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (off_database, mut off_cleanup) =
+        fresh_database(o, backend, off_dir.path(), "bench_search_noidx").await?;
+    eprintln!("bench: {backend}: importing {total} resources (search indexing off)");
+    let off = import(&off_database, &data.files, false);
+    let off_bytes = database_bytes(&off_database, &mut off_cleanup).await;
+    drop_database(off_cleanup).await;
+    drop(off_dir);
+    let off = off?;
+    let rate = |i: &Imported| i.resources as f64 / i.secs.max(1e-9);
+    let failures = |i: &Imported| match i.failures.first() {
+        None => String::new(),
+        Some(f) => format!("; **{} failures**, first: {f}", i.failures.len()),
+    };
+    for (label, i, bytes) in [("on", &on, on_bytes), ("off", &off, off_bytes)] {
+        let ratio = if label == "off" {
+            format!("; on/off = {:.2}", rate(&on) / rate(&off).max(1e-9))
+        } else {
+            String::new()
+        };
+        search_row(
+            backend,
+            &format!("`iomt-fhir import` NDJSON, search indexing {label}"),
+            &format!("{:.0} resources/s", rate(i)),
+            "",
+            "",
+            &format!(
+                "{} resources in {:.1} s; database {}{ratio}{}",
+                i.resources,
+                i.secs,
+                mib(bytes),
+                failures(i)
+            ),
+        );
+    }
+
+    let server = Server::start(&database)?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let obs_url = format!("{}/Observation", server.base);
+    let sample_patient = patient_id(data.patients / 2);
+    let obs_probe = probe(
+        &client,
+        &format!("{obs_url}?patient=Patient/{sample_patient}{OBSERVATION_QUERY_TAIL}"),
+    )
+    .await;
+    let obs_script = observation_script(data.patients);
+    wrk_row(
+        backend,
+        "Observation?patient=…&code=8867-4&date=ge2019-01-01&_count=50, 16 connections",
+        &wrk(&obs_script, &obs_url, 16, o.seconds)?,
+        &obs_probe,
+    );
+    let pat_url = format!("{}/Patient", server.base);
+    let pat_probe = probe(
+        &client,
+        &format!(
+            "{pat_url}?name={}",
+            name_prefixes().first().unwrap_or(&"Smi")
+        ),
+    )
+    .await;
+    wrk_row(
+        backend,
+        "Patient?name=[3-letter prefix], first page, 16 connections",
+        &wrk(&patient_name_script(), &pat_url, 16, o.seconds)?,
+        &pat_probe,
+    );
+    wrk_row(
+        backend,
+        "Observation?patient=…&code=8867-4&date=ge2019-01-01&_count=50, 1 connection",
+        &wrk(&obs_script, &obs_url, 1, o.seconds)?,
+        &obs_probe,
+    );
+    let first = format!("{obs_url}?code=http://loinc.org%7C8867-4&_count=1000");
+    match page_through(&client, first, 100_000).await {
+        Ok((resources, pages, secs, latencies)) => search_row(
+            backend,
+            "paging Observation?code=8867-4&_count=1000 via `next`, 1 client",
+            &format!("{:.0} resources/s", resources as f64 / secs.max(1e-9)),
+            &format!("{:.1} ms/page", percentile(&latencies, 0.5)),
+            &format!("{:.1} ms/page", percentile(&latencies, 0.99)),
+            &format!(
+                "{resources} resources, {pages} pages in {secs:.1} s; slowest page {:.1} ms",
+                latencies.last().copied().unwrap_or(f64::NAN)
+            ),
+        ),
+        Err(e) => search_row(
+            backend,
+            "paging Observation?code=8867-4&_count=1000 via `next`, 1 client",
+            "failed",
+            "",
+            "",
+            &e.chars().take(300).collect::<String>(),
+        ),
+    }
+    search_row(
+        backend,
+        "server peak memory (VmHWM)",
+        &format!("{:.0} MiB", server.peak_mib()),
+        "",
+        "",
+        "",
+    );
+    drop(server);
+    drop_database(cleanup).await;
     Ok(())
 }
 
@@ -531,6 +1274,13 @@ async fn main() {
             .unwrap_or_default(),
         o.seconds
     );
+    if o.search_only {
+        if let Err(e) = run_search(&o).await {
+            eprintln!("bench (search): {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     for b in o.backends.clone() {
         if let Err(e) = run_backend(&o, &b).await {
             eprintln!("bench ({b}): {e}");
