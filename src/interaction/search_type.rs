@@ -16,6 +16,11 @@ use crate::store::{Db, SqlBuilder, Ty, Val};
 
 /// Included resources per page at most (`_include`, `_revinclude`), against result explosion.
 const MAX_INCLUDED: usize = 1000;
+/// A filter matching at least this many resources does not drive a search (see
+/// `search::query::Driver::Scan`).
+const SCAN_THRESHOLD: i64 = 2000;
+/// A filter with fewer candidates than this drives without looking at the others.
+const GOOD_DRIVER: i64 = 200;
 /// Rounds of `:iterate`.
 const MAX_ITERATE: usize = 3;
 
@@ -241,6 +246,19 @@ async fn run(
     bind_value_sets(db, &mut q).await?;
     // Inside a transaction, earlier entries' index rows must be visible.
     db.flush().await?;
+    if !q.count_only && q.count > 0 {
+        let mut estimates = Vec::new();
+        for (i, sql) in q.estimate_sqls(SCAN_THRESHOLD) {
+            let n = db.fetch_one_int(&sql.sql, &sql.args).await?;
+            estimates.push((i, n));
+            if n < GOOD_DRIVER {
+                break;
+            }
+        }
+        if !estimates.is_empty() {
+            q.choose_driver(&estimates, SCAN_THRESHOLD);
+        }
+    }
     let mut rows = if q.count_only || q.count == 0 || q.is_empty() {
         Vec::new()
     } else {
@@ -258,6 +276,9 @@ async fn run(
         let c = q.count_sql(None);
         Some(db.fetch_one_int(&c.sql, &c.args).await?)
     } else if q.total == TotalMode::None || !first_page || q.count == 0 {
+        None
+    } else if q.scans() && more {
+        // Every filter matches thousands: counting them is not cheap.
         None
     } else if !more {
         Some(rows.len() as i64)

@@ -291,6 +291,20 @@ struct Scope {
     /// `None`: every type (system search without `_type`).
     ty: Option<String>,
     filters: Vec<Filter>,
+    driver: Driver,
+}
+
+/// Which filter drives a scope's query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// The lowest [`Filter::rank`].
+    Auto,
+    /// The filter at this position (chosen from [`SearchQuery::estimate_sqls`]).
+    Filter(usize),
+    /// None: walk the type's resources in `rid` order and probe every filter, stopping at
+    /// the page size. Chosen when every filter matches many resources, so that the first
+    /// page costs the same whether thousands or millions match.
+    Scan,
 }
 
 /// A parsed search.
@@ -981,11 +995,13 @@ impl SearchQuery {
                 .map(|t| Scope {
                     ty: Some(t),
                     filters: Vec::new(),
+                    driver: Driver::Auto,
                 })
                 .collect(),
             None => vec![Scope {
                 ty: None,
                 filters: Vec::new(),
+                driver: Driver::Auto,
             }],
         };
         let mut q = SearchQuery {
@@ -1140,6 +1156,87 @@ impl SearchQuery {
         !self.sort.is_empty()
     }
 
+    /// For a one-type search, SQL counting (up to `cap`) the candidates of each filter that
+    /// could drive it, as (filter position, SQL); empty when the choice is obvious (an
+    /// `_id`, compartment or `_list` filter) or the search is sorted.
+    pub fn estimate_sqls(&self, cap: i64) -> Vec<(usize, SqlBuilder)> {
+        let [scope] = self.scopes.as_slice() else {
+            return Vec::new();
+        };
+        let Some(ty) = scope.ty.as_deref() else {
+            return Vec::new();
+        };
+        if self.is_sorted()
+            || scope
+                .filters
+                .iter()
+                .any(|f| f.rank() < 1 || matches!(f, Filter::Compartment { .. } | Filter::List(_)))
+        {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (i, f) in scope.filters.iter().enumerate() {
+            if !matches!(
+                f,
+                Filter::Index { negate: false, .. } | Filter::Composite { .. }
+            ) {
+                continue;
+            }
+            let mut b = SqlBuilder::new("SELECT COUNT(*) FROM (SELECT 1 FROM ");
+            match f {
+                Filter::Index {
+                    table, code, cond, ..
+                } => {
+                    b.push(table.name()).push(" WHERE res_type = ").text(ty);
+                    b.push(" AND code = ").text(code.clone()).push(" AND (");
+                    cond_sql(&mut b, cond);
+                    b.push(")");
+                }
+                Filter::Composite { table, alts } => {
+                    b.push(table.name()).push(" WHERE res_type = ").text(ty);
+                    b.push(" AND (");
+                    composite_alts_sql(&mut b, alts);
+                    b.push(")");
+                }
+                _ => continue,
+            }
+            b.push(" LIMIT ").int(cap).push(") AS m");
+            out.push((f.rank(), i, b));
+        }
+        // Likeliest to be selective first, so the caller can stop at a small one.
+        out.sort_by_key(|(rank, i, _)| (*rank, *i));
+        out.into_iter().map(|(_, i, b)| (i, b)).collect()
+    }
+
+    /// Sets how the (only) scope is driven, after [`SearchQuery::estimate_sqls`]. With
+    /// only large candidate sets and no chain or `_has` to drive, the scan plan is used.
+    pub fn choose_driver(&mut self, estimates: &[(usize, i64)], cap: i64) {
+        let Some(scope) = self.scopes.first_mut() else {
+            return;
+        };
+        let best = estimates.iter().min_by_key(|(_, n)| *n);
+        scope.driver = match best {
+            Some((i, n)) if *n < cap => Driver::Filter(*i),
+            Some(_) => {
+                if scope
+                    .filters
+                    .iter()
+                    .any(|f| matches!(f, Filter::Chain { .. } | Filter::Has { .. }))
+                {
+                    Driver::Auto
+                } else {
+                    Driver::Scan
+                }
+            }
+            None => Driver::Auto,
+        };
+    }
+
+    /// Whether the scan plan was chosen (its total is not cheap).
+    pub fn scans(&self) -> bool {
+        self.scopes.iter().any(|s| s.driver == Driver::Scan)
+    }
+
     /// The value set URLs that `:in` / `:not-in` filters name.
     pub fn value_set_urls(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -1208,7 +1305,7 @@ impl SearchQuery {
                 b.push(" OR ");
             }
             b.push("(");
-            scope_sql(b, scope.ty.as_deref(), &scope.filters, "r", 0);
+            scope_sql(b, scope.ty.as_deref(), &scope.filters, "r", 0, scope.driver);
             b.push(")");
         }
         if many {
@@ -1309,7 +1406,14 @@ fn parse_cursor(v: &str) -> Result<Cursor> {
 
 /// The conditions of one scope over `alias`: its type, then the driving filter as
 /// `rid IN (...)`, then the others as probes.
-fn scope_sql(b: &mut SqlBuilder, ty: Option<&str>, filters: &[Filter], alias: &str, depth: usize) {
+fn scope_sql(
+    b: &mut SqlBuilder,
+    ty: Option<&str>,
+    filters: &[Filter],
+    alias: &str,
+    depth: usize,
+    choice: Driver,
+) {
     match ty {
         Some(t) => {
             b.push(&format!("{alias}.res_type = ")).text(t);
@@ -1318,12 +1422,16 @@ fn scope_sql(b: &mut SqlBuilder, ty: Option<&str>, filters: &[Filter], alias: &s
             b.push("1 = 1");
         }
     }
-    let driver = filters
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| f.can_drive())
-        .min_by_key(|(_, f)| f.rank())
-        .map(|(i, _)| i);
+    let driver = match choice {
+        Driver::Auto => filters
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.can_drive())
+            .min_by_key(|(_, f)| f.rank())
+            .map(|(i, _)| i),
+        Driver::Filter(i) => Some(i),
+        Driver::Scan => None,
+    };
     if let Some(i) = driver
         && let Some(f) = filters.get(i)
     {
@@ -1447,7 +1555,7 @@ fn filter_sql(
                         " AND target_id IN (SELECT {inner_alias}.res_id FROM resource {inner_alias} \
                          WHERE {inner_alias}.deleted = 0 AND "
                     ));
-                        scope_sql(b, Some(t), inner, &inner_alias, depth + 1);
+                        scope_sql(b, Some(t), inner, &inner_alias, depth + 1, Driver::Auto);
                         b.push("))");
                     });
                 },
@@ -1471,7 +1579,14 @@ fn filter_sql(
                 " AND rid IN (SELECT {inner_alias}.rid FROM resource {inner_alias} \
                  WHERE {inner_alias}.deleted = 0 AND "
             ));
-            scope_sql(b, Some(source), inner, &inner_alias, depth + 1);
+            scope_sql(
+                b,
+                Some(source),
+                inner,
+                &inner_alias,
+                depth + 1,
+                Driver::Auto,
+            );
             b.push("))");
         }
         Filter::List(id) => {
@@ -1541,18 +1656,7 @@ fn filter_sql(
                 ));
             }
             b.push("(");
-            or_list(b, alts, |b, (keys, cond)| {
-                b.push("(code IN (");
-                for (i, k) in keys.iter().enumerate() {
-                    if i > 0 {
-                        b.push(", ");
-                    }
-                    b.text(k.clone());
-                }
-                b.push(") AND (");
-                cond_sql(b, cond);
-                b.push("))");
-            });
+            composite_alts_sql(b, alts);
             b.push("))");
         }
         Filter::ValueSet { .. } => {
@@ -1560,6 +1664,21 @@ fn filter_sql(
             b.push("1 = 0");
         }
     }
+}
+
+fn composite_alts_sql(b: &mut SqlBuilder, alts: &[(Vec<String>, Cond)]) {
+    or_list(b, alts, |b, (keys, cond)| {
+        b.push("(code IN (");
+        for (i, k) in keys.iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            b.text(k.clone());
+        }
+        b.push(") AND (");
+        cond_sql(b, cond);
+        b.push("))");
+    });
 }
 
 fn cond_sql(b: &mut SqlBuilder, cond: &Cond) {

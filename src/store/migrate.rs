@@ -18,6 +18,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0002_hl7_message.sql"),
         include_str!("../../migrations/postgres/0002_hl7_message.sql"),
     ),
+    (
+        3,
+        "search_scan",
+        include_str!("../../migrations/sqlite/0003_search_scan.sql"),
+        include_str!("../../migrations/postgres/0003_search_scan.sql"),
+    ),
 ];
 
 pub async fn run(db: &mut Db) -> Result<()> {
