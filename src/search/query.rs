@@ -1472,6 +1472,10 @@ fn index_sql(
             "EXISTS (SELECT 1 FROM {} x WHERE x.rid = {alias}.rid AND ",
             table.name()
         ));
+        // With the type, an equality probe is one seek in the covering lookup index.
+        if let Some(t) = ty {
+            b.push("x.res_type = ").text(t).push(" AND ");
+        }
     }
     b.push("code = ").text(code).push(" AND (");
     cond(b);
@@ -1654,6 +1658,9 @@ fn filter_sql(
                     "EXISTS (SELECT 1 FROM {} x WHERE x.rid = {alias}.rid AND ",
                     table.name()
                 ));
+                if let Some(t) = ty {
+                    b.push("x.res_type = ").text(t).push(" AND ");
+                }
             }
             b.push("(");
             composite_alts_sql(b, alts);

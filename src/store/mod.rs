@@ -151,6 +151,10 @@ impl Store {
             .synchronous(sync)
             .busy_timeout(Duration::from_secs(10))
             .pragma("cache_size", "-65536")
+            // Readers map the database file instead of copying pages into a private cache
+            // each: 16 readers then share the OS page cache, and concurrent searches do not
+            // serialise on SQLite's allocator mutex (measured: 2x the search throughput).
+            .pragma("mmap_size", "2147418112")
             // temp_store stays at its default (file) on purpose: each write job runs in a
             // SAVEPOINT, and SQLite (3.51) releases every statement savepoint by walking an
             // in-memory sub-journal from its start, which made large jobs quadratic (40% of
@@ -188,7 +192,7 @@ impl Store {
         let read = SqlitePoolOptions::new()
             .max_connections(config.pool_size.max(1))
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(opts.read_only(true))
+            .connect_with(opts.read_only(true).pragma("cache_size", "-8192"))
             .await
             .map_err(|e| format!("cannot open SQLite database {path}: {e}"))?;
         let (tx, rx) = mpsc::channel::<WriterMsg>(4096);
