@@ -30,7 +30,7 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         cache_bytes: settings.cache_mib << 20,
     })
     .await?;
-    Ok(Arc::new(Ctx {
+    let ctx = Arc::new(Ctx {
         store,
         defs,
         base,
@@ -42,7 +42,15 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         },
         conditional_delete: settings.conditional_delete,
         search_indexing: settings.search_indexing,
-    }))
+        registry: std::sync::RwLock::new(Arc::new(defs.registry.clone())),
+    });
+    let custom = crate::interaction::reindex::load_active(&ctx)
+        .await
+        .map_err(|e| format!("loading the active SearchParameters: {e}"))?;
+    if custom > 0 {
+        tracing::info!(custom, "custom SearchParameters in force");
+    }
+    Ok(ctx)
 }
 
 impl Application {

@@ -43,6 +43,15 @@ pub enum Command {
     /// List or replay stored HL7 v2 messages.
     #[command(subcommand)]
     Hl7(Hl7Command),
+    /// Put the stored SearchParameter resources in force and rebuild the search indexes
+    /// (after adding or changing SearchParameters, or upgrading the server).
+    Reindex {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Only resources of these types (comma-separated) [default: every type].
+        #[arg(long = "type", value_delimiter = ',')]
+        types: Vec<String>,
+    },
 }
 
 /// `iomt-fhir hl7 ...`: the stored HL7 v2 messages.

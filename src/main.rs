@@ -139,5 +139,52 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reindex { server, types } => {
+            let settings = Settings::resolve(&server, cli.config.as_ref())?;
+            let base = settings
+                .base_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
+            let ctx = context(&settings, base).await?;
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} resources  {per_sec}",
+                )
+                .map_err(|e| e.to_string())?,
+            );
+            let types = (!types.is_empty()).then_some(types);
+            let started = std::time::Instant::now();
+            let result =
+                iomt_fhir::interaction::reindex::run(&ctx, types.as_deref(), &|done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })
+                .await;
+            bar.finish_and_clear();
+            ctx.store.close().await;
+            let report = result.map_err(|e| {
+                e.issues
+                    .first()
+                    .map(|i| i.diagnostics.clone())
+                    .unwrap_or_default()
+            })?;
+            for a in &report.activated {
+                println!("activated {a}");
+            }
+            for (id, reason) in &report.refused {
+                println!("refused {id}: {reason}");
+            }
+            println!(
+                "reindexed {} resources in {:.1} s",
+                report.resources,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(if report.refused.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
     }
 }

@@ -68,6 +68,8 @@ pub fn statement(ctx: &Ctx) -> Value {
         ConditionalDeleteMode::Single => "single",
         ConditionalDeleteMode::Multiple => "multiple",
     };
+    let registry = ctx.registry();
+    let registry = &*registry;
     let resources: Vec<Value> = ctx
         .defs
         .resource_types
@@ -77,9 +79,7 @@ pub fn statement(ctx: &Ctx) -> Value {
                 json!({"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"}),
                 json!({"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date"}),
             ];
-            let mut found: Vec<_> = ctx
-                .defs
-                .registry
+            let mut found: Vec<_> = registry
                 .for_type(t)
                 .into_iter()
                 .filter(|p| p.expression.is_some() && searchable(p.kind) && p.code != "_id" && p.code != "_lastUpdated")
@@ -87,9 +87,7 @@ pub fn statement(ctx: &Ctx) -> Value {
                 .collect();
             found.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
             params.extend(found);
-            let mut includes: Vec<String> = ctx
-                .defs
-                .registry
+            let mut includes: Vec<String> = registry
                 .for_type(t)
                 .into_iter()
                 .filter(|p| p.expression.is_some() && p.kind == ParamType::Reference)
@@ -101,8 +99,7 @@ pub fn statement(ctx: &Ctx) -> Value {
                 .resource_types
                 .iter()
                 .flat_map(|source| {
-                    ctx.defs
-                        .registry
+                    registry
                         .for_type(source)
                         .into_iter()
                         .filter(|p| {
@@ -178,8 +175,7 @@ fn system_params(ctx: &Ctx) -> Vec<Value> {
         json!({"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date"}),
     ];
     let mut found: Vec<Value> = ctx
-        .defs
-        .registry
+        .registry()
         .for_type("Resource")
         .into_iter()
         .filter(|p| {

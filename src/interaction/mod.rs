@@ -10,6 +10,7 @@ pub mod history;
 pub mod hl7v2;
 pub mod patch;
 pub mod read;
+pub mod reindex;
 pub mod search_type;
 pub mod transaction;
 pub mod update;
@@ -36,6 +37,27 @@ pub struct Ctx {
     pub conditional_delete: delete::ConditionalDeleteMode,
     /// Whether writes extract search index values (see `Settings::search_indexing`).
     pub search_indexing: bool,
+    /// The search parameters in force: the official ones plus the SearchParameter resources
+    /// activated by `$reindex`; swapped whole by `$reindex`.
+    pub registry: std::sync::RwLock<Arc<crate::search::registry::Registry>>,
+}
+
+impl Ctx {
+    /// The search parameters in force now.
+    pub fn registry(&self) -> Arc<crate::search::registry::Registry> {
+        match self.registry.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_registry(&self, registry: crate::search::registry::Registry) {
+        let registry = Arc::new(registry);
+        match self.registry.write() {
+            Ok(mut r) => *r = registry,
+            Err(poisoned) => *poisoned.into_inner() = registry,
+        }
+    }
 }
 
 pub type SharedCtx = Arc<Ctx>;
@@ -219,6 +241,8 @@ pub enum Interaction {
     /// `POST [base]/$hl7v2-replay`: process stored messages again.
     Hl7v2Replay,
     HistorySystem,
+    /// `POST [base]/$reindex`: activate stored SearchParameters, rebuild indexes.
+    Reindex,
     SearchSystem,
     SearchType(String),
     /// `[Compartment]/[id]/[type or *]`.
@@ -282,6 +306,13 @@ pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<
         ["$hl7v2-replay"] => {
             if method == M::Post {
                 Ok(I::Hl7v2Replay)
+            } else {
+                not_allowed()
+            }
+        }
+        ["$reindex"] => {
+            if method == M::Post {
+                Ok(I::Reindex)
             } else {
                 not_allowed()
             }
@@ -487,6 +518,7 @@ pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirRespons
         I::HistoryInstance(t, id) => history::history(ctx, &req, Some(&t), Some(&id)).await,
         I::SearchType(t) => search_type::search(ctx, &t, &req).await,
         I::SearchSystem => search_type::search_system(ctx, &req).await,
+        I::Reindex => reindex::http(ctx, &req).await,
         I::SearchCompartment(c, id, t) => {
             search_type::search_compartment(ctx, &c, &id, &t, &req).await
         }

@@ -57,7 +57,7 @@ pub async fn search_in(
     lenient: bool,
 ) -> Result<String> {
     let q = SearchQuery::parse(
-        &ctx.defs.registry,
+        &ctx.registry(),
         ty,
         &params,
         lenient,
@@ -92,7 +92,7 @@ pub async fn search_system(ctx: &SharedCtx, req: &FhirRequest) -> Result<FhirRes
     let params = request_params(req);
     let types = types_param(ctx, &params)?;
     let q = SearchQuery::parse_scoped(
-        &ctx.defs.registry,
+        &ctx.registry(),
         types,
         &params,
         req.prefer_lenient,
@@ -127,7 +127,7 @@ pub async fn search_compartment(
         Some(vec![ty.to_string()])
     };
     let mut q = SearchQuery::parse_scoped(
-        &ctx.defs.registry,
+        &ctx.registry(),
         types,
         &params,
         req.prefer_lenient,
@@ -170,7 +170,7 @@ pub async fn everything(ctx: &SharedCtx, id: &str, req: &FhirRequest) -> Result<
     params.push(("_include".into(), "*".into()));
     let types = types_param(ctx, &params)?;
     let mut q = SearchQuery::parse_scoped(
-        &ctx.defs.registry,
+        &ctx.registry(),
         None,
         &params,
         false,

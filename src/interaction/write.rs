@@ -100,7 +100,7 @@ pub fn prepare_with_id(ctx: &Ctx, resource: Value, id: &str) -> Result<Prepared>
     ordered.extend(rest);
     let mut resource = Value::Object(ordered);
     let index = if ctx.search_indexing {
-        extract(&ctx.defs.registry, &resource)
+        extract(&ctx.registry(), &resource)
     } else {
         Vec::new()
     };
@@ -116,7 +116,7 @@ pub async fn matching_ids(
     query: &str,
     limit: usize,
 ) -> Result<Vec<String>> {
-    let mut q = parse_condition(&ctx.defs.registry, ty, query)?;
+    let mut q = parse_condition(&ctx.registry(), ty, query)?;
     crate::interaction::search_type::bind_value_sets(db, &mut q).await?;
     // Earlier writes of this job must be visible to the condition.
     db.flush().await?;

@@ -7,7 +7,8 @@
 //! - paths starting with a type name (`Observation.code`; `Resource` and `DomainResource`
 //!   match any resource), `%resource`, `$this`, parentheses, `[n]` indexing;
 //! - `|` (union), `=`, `!=`, `and`;
-//! - `where(criteria)`, `exists()`, `resolve() is T`, `x as T`, `.as(T)`, `.ofType(T)`, `is T`;
+//! - `where(criteria)`, `exists()`, `resolve() is T`, `x as T`, `.as(T)`, `.ofType(T)`, `is T`,
+//!   `extension(url)`;
 //! - string and boolean literals (strings only as an operand of `=` / `!=`).
 //!
 //! Anything else is refused by [`parse`] with a message naming the construct, so a custom
@@ -124,6 +125,8 @@ enum Step {
     Where(Box<Ast>),
     /// `as T` (operator or function) and `ofType(T)`: keep the items of that type.
     OfType(String),
+    /// `extension(url)`: the items' extensions with that url.
+    Extension(String),
     /// Only valid directly before `is`; [`parse`] turns that pair into [`Ast::ResolveIs`].
     /// Carries its source offset for the error when it stands anywhere else.
     Resolve(usize),
@@ -370,6 +373,17 @@ fn eval_path<'a>(
             }
             Step::OfType(type_name) => {
                 next.extend(current.iter().filter(|n| node_is(n, type_name)));
+            }
+            Step::Extension(url) => {
+                let mut all = Vec::new();
+                for node in &current {
+                    member(node.value, "extension", None, &mut all);
+                }
+                next.extend(
+                    all.into_iter().filter(|n| {
+                        n.value.get("url").and_then(Value::as_str) == Some(url.as_str())
+                    }),
+                );
             }
             // Rejected by `check_resolve` at parse time; nothing sensible to yield.
             Step::Resolve(_) => {}
@@ -1038,11 +1052,19 @@ impl Parser {
                 return Ok(Ast::Exists(Box::new(input)));
             }
             "resolve" => Step::Resolve(position),
+            "extension" => match &self.peek().kind {
+                Tok::Str(url) => {
+                    let url = url.clone();
+                    self.advance();
+                    Step::Extension(url)
+                }
+                _ => return self.error("extension() takes a string literal url"),
+            },
             "as" | "ofType" => Step::OfType(self.type_specifier()?),
             other => {
                 return Err(lex_error(
                     format!(
-                        "function '{other}()' is not supported (supported: where, exists, resolve, as, ofType)"
+                        "function '{other}()' is not supported (supported: where, exists, resolve, as, ofType, extension)"
                     ),
                     position,
                 ));
@@ -1314,6 +1336,20 @@ mod tests {
         check("DomainResource.id", bundle.clone(), json!([]));
         check("Resource.id", bundle.clone(), json!(["b"]));
         check("Bundle.entry[0].resource.id", bundle, json!(["c"]));
+    }
+
+    #[test]
+    fn extension_by_url() {
+        let p = json!({"resourceType": "Patient", "extension": [
+            {"url": "http://x/eye", "valueString": "blue"},
+            {"url": "http://x/other", "valueString": "no"}]});
+        check(
+            "Patient.extension('http://x/eye').value",
+            p.clone(),
+            json!(["blue"]),
+        );
+        check("Patient.extension('http://x/none').value", p, json!([]));
+        assert!(parse("Patient.extension(Patient.id)").is_err());
     }
 
     #[test]

@@ -78,14 +78,14 @@ pub struct LoadReport {
     pub unsupported: Vec<(String, String)>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct TypeParams {
     by_code: HashMap<String, usize>,
     /// Registration order, so `for_type` is deterministic.
     order: Vec<usize>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Registry {
     params: Vec<SearchParam>,
     /// Keyed by base type, including the abstract bases `Resource` and `DomainResource`,

@@ -24,6 +24,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0003_search_scan.sql"),
         include_str!("../../migrations/postgres/0003_search_scan.sql"),
     ),
+    (
+        4,
+        "search_parameter_active",
+        include_str!("../../migrations/sqlite/0004_search_parameter_active.sql"),
+        include_str!("../../migrations/postgres/0004_search_parameter_active.sql"),
+    ),
 ];
 
 pub async fn run(db: &mut Db) -> Result<()> {

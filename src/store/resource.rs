@@ -323,7 +323,77 @@ pub fn lock_key(parts: &[&str]) -> i64 {
     (h >> 1) as i64
 }
 
+/// One resource to index again (`iomt-fhir reindex`, `$reindex`).
+#[derive(Debug, Clone)]
+pub struct Reindexed {
+    pub rid: i64,
+    /// The version the entries were extracted from; a resource written since keeps the
+    /// index its own write gave it.
+    pub version: i64,
+    pub res_type: String,
+    pub index: Vec<IndexEntry>,
+}
+
 impl Db {
+    /// Replaces the search index rows of resources whose current version is still the one
+    /// given; returns how many were replaced. The job commits them like any write.
+    pub async fn replace_indexes(&mut self, items: Vec<Reindexed>) -> Result<usize> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let mut b =
+            SqlBuilder::new("SELECT rid, version FROM resource WHERE deleted = 0 AND rid IN (");
+        for (i, it) in items.iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            b.int(it.rid);
+        }
+        b.push(")");
+        let current: std::collections::HashMap<i64, i64> = self
+            .fetch_all(&b.sql, &b.args, &[Ty::Int, Ty::Int])
+            .await?
+            .into_iter()
+            .filter_map(|r| Some((r.first()?.int(), r.get(1)?.int())))
+            .collect();
+        let kept: Vec<Reindexed> = items
+            .into_iter()
+            .filter(|it| current.get(&it.rid) == Some(&it.version))
+            .collect();
+        if kept.is_empty() {
+            return Ok(0);
+        }
+        let in_list = |sql: &str| {
+            let mut b = SqlBuilder::new(sql);
+            b.push(" WHERE rid IN (");
+            for (i, it) in kept.iter().enumerate() {
+                if i > 0 {
+                    b.push(", ");
+                }
+                b.int(it.rid);
+            }
+            b.push(")");
+            b
+        };
+        for table in INDEX_TABLES {
+            let b = in_list(&format!("DELETE FROM {table}"));
+            self.execute(&b.sql, &b.args).await?;
+        }
+        // Every table may now hold rows: a later write clears them all.
+        let b = in_list("UPDATE resource SET idx_mask = 127");
+        self.execute(&b.sql, &b.args).await?;
+        let n = kept.len();
+        for it in kept {
+            self.pending_index
+                .extend(it.index.into_iter().map(|entry| PendingIndex {
+                    rid: it.rid,
+                    res_type: it.res_type.clone(),
+                    entry,
+                }));
+        }
+        Ok(n)
+    }
+
     /// The current row, without locking.
     pub async fn current(&mut self, ty: &str, id: &str) -> Result<Option<Current>> {
         let row = self

@@ -202,3 +202,79 @@ mod raw_http {
 fn reqwest_get(url: &str) -> String {
     raw_http::get(url)
 }
+
+/// `iomt-fhir reindex` activates stored SearchParameters; the next start keeps them.
+#[test]
+fn reindex_activates_custom_search_parameters_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/t.db", dir.path().display());
+    let file = dir.path().join("data.ndjson");
+    let eye = |id: &str, colour: &str| {
+        format!(
+            r#"{{"resourceType":"Patient","id":"{id}","extension":[{{"url":"http://example.org/eye-colour","valueCode":"{colour}"}}]}}"#
+        )
+    };
+    let sp = r#"{"resourceType":"SearchParameter","id":"eye","url":"http://example.org/SearchParameter/eye-colour","name":"EyeColour","status":"active","description":"Eye colour","code":"eye-colour","base":["Patient"],"type":"token","expression":"Patient.extension('http://example.org/eye-colour').value"}"#;
+    std::fs::write(
+        &file,
+        format!(
+            "{sp}\n{}\n{}\n",
+            eye("blue1", "blue"),
+            eye("green1", "green")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["import", "--database", &db, file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["reindex", "--database", &db])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("activated SearchParameter/eye (eye-colour)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("reindexed 3 resources"), "{stdout}");
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database",
+            &db,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = reqwest_get(&format!(
+        "http://127.0.0.1:{port}/fhir/Patient?eye-colour=blue"
+    ));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(body.contains("\"id\":\"blue1\""), "{body}");
+    assert!(!body.contains("\"id\":\"green1\""), "{body}");
+}

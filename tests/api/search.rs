@@ -642,7 +642,63 @@ async fn large_results_page_exactly(app: &TestApp) {
     assert_eq!(seen, want);
 }
 
+/// A posted SearchParameter is searchable after `$reindex`, for old and new resources.
+async fn custom_parameters_after_reindex(app: &TestApp) {
+    let eye = |id: &str, colour: &str| {
+        json!({"resourceType": "Patient", "id": id, "extension": [
+            {"url": "http://example.org/eye-colour", "valueCode": colour}]})
+    };
+    for (id, colour) in [("blue1", "blue"), ("green1", "green")] {
+        assert_eq!(
+            app.put(&format!("Patient/{id}"), &eye(id, colour))
+                .await
+                .status(),
+            201
+        );
+    }
+    let sp = json!({"resourceType": "SearchParameter", "id": "eye",
+        "url": "http://example.org/SearchParameter/eye-colour", "name": "EyeColour",
+        "status": "active", "description": "Eye colour", "code": "eye-colour",
+        "base": ["Patient"], "type": "token",
+        "expression": "Patient.extension('http://example.org/eye-colour').value"});
+    assert_eq!(app.put("SearchParameter/eye", &sp).await.status(), 201);
+    let bad = json!({"resourceType": "SearchParameter", "id": "bad",
+        "url": "http://example.org/SearchParameter/bad", "name": "Bad", "status": "active",
+        "description": "Unsupported FHIRPath", "code": "first-name", "base": ["Patient"],
+        "type": "string", "expression": "Patient.name.first()"});
+    assert_eq!(app.put("SearchParameter/bad", &bad).await.status(), 201);
+    // Not in force before $reindex.
+    assert_eq!(app.get("Patient?eye-colour=blue").await.status(), 400);
+    let r = app
+        .post("$reindex", &json!({"resourceType": "Parameters"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let report = json(r).await;
+    let text = report.to_string();
+    assert!(text.contains("SearchParameter/eye (eye-colour)"), "{text}");
+    assert!(
+        text.contains("SearchParameter/bad: "),
+        "refused with a reason: {text}"
+    );
+    let b = search(app, "Patient?eye-colour=blue").await;
+    assert_eq!(ids(&b, "match"), ["Patient/blue1"]);
+    // New writes are indexed with it too.
+    assert_eq!(
+        app.put("Patient/blue2", &eye("blue2", "blue"))
+            .await
+            .status(),
+        201
+    );
+    let b = search(app, "Patient?eye-colour=blue").await;
+    assert_eq!(sorted(ids(&b, "match")), ["Patient/blue1", "Patient/blue2"]);
+    // The CapabilityStatement lists it.
+    let cs = json(app.get("metadata").await).await.to_string();
+    assert!(cs.contains("eye-colour"));
+    assert!(!cs.contains("first-name"));
+}
+
 crate::both_backends!(
+    custom_parameters_after_reindex,
     large_results_page_exactly,
     parameter_types_and_modifiers,
     sort_include_and_revinclude,
