@@ -12,6 +12,7 @@ pub mod patch;
 pub mod read;
 pub mod reindex;
 pub mod search_type;
+pub mod subset;
 pub mod transaction;
 pub mod update;
 pub mod validate;

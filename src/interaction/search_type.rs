@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::error::{FhirError, Result};
 use crate::interaction::bundle_text::{BundleText, url_with_query};
+use crate::interaction::subset::{Summary, subset};
 use crate::interaction::{Body, Ctx, FhirRequest, FhirResponse, RequestBody, SharedCtx};
 use crate::search::query::{
     CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, value_set_codes,
@@ -334,7 +335,27 @@ async fn run(
         }
     }
 
-    let included = includes(db, &q, &rows).await?;
+    let mut included = includes(db, &q, &rows).await?;
+    // _summary / _elements shape every entry (search.html#summary, #elements).
+    let summary = params
+        .iter()
+        .find(|(k, _)| k == "_summary")
+        .and_then(|(_, v)| Summary::parse(v))
+        .filter(|s| *s != Summary::False);
+    let wanted: Option<Vec<String>> =
+        params.iter().find(|(k, _)| k == "_elements").map(|(_, v)| {
+            v.split(',')
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect()
+        });
+    if summary.is_some() || wanted.is_some() {
+        for row in rows.iter_mut().chain(included.rows.iter_mut()) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&row.body) {
+                row.body = subset(&ctx.defs.elements, v, summary, wanted.as_deref()).to_string();
+            }
+        }
+    }
     let mut b = BundleText::new("searchset", total, &links);
     for row in &rows {
         b.entry(

@@ -2,18 +2,12 @@
 //! search.html#summary, #elements). JSON only: XML is answered with 406/415.
 
 use axum::http::HeaderMap;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use crate::error::{ErrorKind, FhirError};
 use crate::interaction::SharedCtx;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Summary {
-    True,
-    Text,
-    Data,
-    False,
-}
+pub use crate::interaction::subset::Summary;
 
 /// How to write the response body.
 #[derive(Debug, Clone)]
@@ -130,61 +124,11 @@ impl Negotiation {
 
     /// Applies `_summary` / `_elements` to one resource and marks it SUBSETTED.
     fn subset(&self, ctx: &SharedCtx, v: Value) -> Value {
-        let Value::Object(obj) = v else { return v };
-        let ty = obj
-            .get("resourceType")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let elements = &ctx.defs.elements;
-        let keep: Option<Vec<String>> = match (&self.summary, &self.elements) {
-            (Some(Summary::True), _) => elements.top_level_summary_keys(&ty),
-            (Some(Summary::Text), _) => {
-                let mut k = elements.mandatory_top_level_keys(&ty).unwrap_or_default();
-                k.push("text".into());
-                Some(k)
-            }
-            (Some(Summary::Data), _) => Some(
-                obj.keys()
-                    .filter(|k| k.as_str() != "text")
-                    .cloned()
-                    .collect(),
-            ),
-            (_, Some(list)) => {
-                let mut k = elements.mandatory_top_level_keys(&ty).unwrap_or_default();
-                for e in list {
-                    k.push(e.clone());
-                    k.push(format!("_{e}"));
-                }
-                Some(k)
-            }
-            _ => None,
-        };
-        let Some(keep) = keep else {
-            return Value::Object(obj);
-        };
-        let mut out = Map::new();
-        let mut dropped = false;
-        for (k, val) in obj {
-            if matches!(k.as_str(), "resourceType" | "id" | "meta") || keep.contains(&k) {
-                out.insert(k, val);
-            } else {
-                dropped = true;
-            }
-        }
-        if dropped {
-            let meta = out.entry("meta").or_insert_with(|| json!({}));
-            if let Some(m) = meta.as_object_mut() {
-                let tags = m.entry("tag").or_insert_with(|| json!([]));
-                if let Some(t) = tags.as_array_mut() {
-                    t.push(json!({
-                        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-                        "code": "SUBSETTED",
-                        "display": "subsetted"
-                    }));
-                }
-            }
-        }
-        Value::Object(out)
+        crate::interaction::subset::subset(
+            &ctx.defs.elements,
+            v,
+            self.summary,
+            self.elements.as_deref(),
+        )
     }
 }

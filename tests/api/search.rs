@@ -377,6 +377,15 @@ async fn sort_include_and_revinclude(app: &TestApp) {
     let b2 = json(app.client.get(&next).send().await.unwrap()).await;
     assert_eq!(ids(&b2, "match"), ["Patient/p3"]);
 
+    // _elements and _summary shape each entry, marked SUBSETTED.
+    let b = search(app, "Patient?_id=p1&_elements=gender").await;
+    let p = &b["entry"][0]["resource"];
+    assert_eq!(p["gender"], "male");
+    assert!(p.get("name").is_none(), "{p}");
+    assert!(p["meta"]["tag"].to_string().contains("SUBSETTED"), "{p}");
+    let b = search(app, "Observation?_id=ob1&_summary=text").await;
+    let o = &b["entry"][0]["resource"];
+    assert!(o.get("valueQuantity").is_none() && o["status"] == "final", "{o}");
     let b = search(app, "Observation?_id=ob1&_include=Observation:patient").await;
     assert_eq!(ids(&b, "match"), ["Observation/ob1"]);
     assert_eq!(ids(&b, "include"), ["Patient/p1"]);
