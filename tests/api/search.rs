@@ -385,7 +385,10 @@ async fn sort_include_and_revinclude(app: &TestApp) {
     assert!(p["meta"]["tag"].to_string().contains("SUBSETTED"), "{p}");
     let b = search(app, "Observation?_id=ob1&_summary=text").await;
     let o = &b["entry"][0]["resource"];
-    assert!(o.get("valueQuantity").is_none() && o["status"] == "final", "{o}");
+    assert!(
+        o.get("valueQuantity").is_none() && o["status"] == "final",
+        "{o}"
+    );
     let b = search(app, "Observation?_id=ob1&_include=Observation:patient").await;
     assert_eq!(ids(&b, "match"), ["Observation/ob1"]);
     assert_eq!(ids(&b, "include"), ["Patient/p1"]);
@@ -707,9 +710,237 @@ async fn custom_parameters_after_reindex(app: &TestApp) {
 }
 
 crate::both_backends!(
+    synthea_clinical_queries,
     custom_parameters_after_reindex,
     large_results_page_exactly,
     parameter_types_and_modifiers,
     sort_include_and_revinclude,
     paging_totals_and_errors,
 );
+
+const SYNTHEA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/synthea");
+const SYNTHEA_FILES: [&str; 3] = [
+    "Ali_Harris_eed1d00b-7665-4da3-88b7-c37cfb2ed245.json",
+    "Antonio_Castellanos_6d2eba67-5b4a-403f-a29f-e6da3f1ea963.json",
+    "Alejandro_Riojas_a9fcc685-c7a2-4474-bf25-26c8fe4b48f9.json",
+];
+
+/// Loads Synthea bundles as transactions and returns their resources with the ids the
+/// server gave them (references rewritten the same way), to compute expected results.
+async fn load_synthea(app: &TestApp) -> Vec<Value> {
+    let mut all = Vec::new();
+    for file in SYNTHEA_FILES {
+        let text = std::fs::read_to_string(format!("{SYNTHEA}/{file}")).unwrap();
+        let bundle: Value = serde_json::from_str(&text).unwrap();
+        let r = app.post("", &bundle).await;
+        assert_eq!(r.status(), 200, "{file}");
+        let response = json(r).await;
+        let mut ids = std::collections::HashMap::new();
+        let entries = bundle["entry"].as_array().unwrap();
+        for (e, resp) in entries.iter().zip(response["entry"].as_array().unwrap()) {
+            let location = resp["response"]["location"].as_str().unwrap();
+            let typed: Vec<&str> = location.split('/').take(2).collect();
+            ids.insert(e["fullUrl"].as_str().unwrap().to_string(), typed.join("/"));
+        }
+        for e in entries {
+            let mut text = e["resource"].to_string();
+            for (from, to) in &ids {
+                text = text.replace(&format!("\"{from}\""), &format!("\"{to}\""));
+            }
+            let mut resource: Value = serde_json::from_str(&text).unwrap();
+            let id = ids[e["fullUrl"].as_str().unwrap()]
+                .split('/')
+                .nth(1)
+                .unwrap()
+                .to_string();
+            resource["id"] = Value::String(id);
+            all.push(resource);
+        }
+    }
+    all
+}
+
+fn key(r: &Value) -> String {
+    format!(
+        "{}/{}",
+        r["resourceType"].as_str().unwrap(),
+        r["id"].as_str().unwrap()
+    )
+}
+
+fn has_code(r: &Value, code: &str) -> bool {
+    r["code"]["coding"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["code"] == code))
+}
+
+fn instant(s: &str) -> i64 {
+    iomt_fhir::search::extract::parse_fhir_date_range(s)
+        .unwrap()
+        .0
+}
+
+/// The matches of every page, following `next` links.
+async fn all_pages(app: &TestApp, first: Value) -> Vec<String> {
+    let mut out = ids(&first, "match");
+    let mut next = link(&first, "next");
+    while let Some(url) = next {
+        let b = json(app.client.get(&url).send().await.unwrap()).await;
+        out.extend(ids(&b, "match"));
+        next = link(&b, "next");
+    }
+    out
+}
+
+/// Common clinical queries over real Synthea data, each checked against the answer
+/// computed from the loaded bundles.
+async fn synthea_clinical_queries(app: &TestApp) {
+    let data = load_synthea(app).await;
+    let of_type = |t: &'static str| data.iter().filter(move |r| r["resourceType"] == t);
+    let patient = of_type("Patient").next().unwrap().clone();
+    let pid = patient["id"].as_str().unwrap();
+    let subject = format!("Patient/{pid}");
+
+    // Observation?patient=X&code=loinc|8302-2&date=ge2015-01-01&_sort=-date
+    let since = instant("2015-01-01");
+    let want: Vec<String> = of_type("Observation")
+        .filter(|o| o["subject"]["reference"] == subject.as_str() && has_code(o, "8302-2"))
+        .filter(|o| instant(o["effectiveDateTime"].as_str().unwrap()) >= since)
+        .map(key)
+        .collect();
+    assert!(!want.is_empty());
+    let b = search(
+        app,
+        &format!("Observation?patient={pid}&code=http://loinc.org|8302-2&date=ge2015-01-01&_sort=-date&_count=5"),
+    )
+    .await;
+    let got = all_pages(app, b).await;
+    assert_eq!(
+        sorted(got.clone()),
+        sorted(want),
+        "patient's heights since 2015"
+    );
+    let dates: Vec<i64> = got
+        .iter()
+        .map(|k| {
+            let o = data.iter().find(|r| key(r) == *k).unwrap();
+            instant(o["effectiveDateTime"].as_str().unwrap())
+        })
+        .collect();
+    assert!(
+        dates.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {dates:?}"
+    );
+
+    // Observation?value-quantity=gt80||kg
+    let want: Vec<String> = of_type("Observation")
+        .filter(|o| {
+            o["valueQuantity"]["code"] == "kg"
+                && o["valueQuantity"]["value"].as_f64().unwrap() > 80.0
+        })
+        .map(key)
+        .collect();
+    let got = all_pages(
+        app,
+        search(app, "Observation?value-quantity=gt80||kg&_count=100").await,
+    )
+    .await;
+    assert!(!want.is_empty(), "weights over 80 kg");
+    assert_eq!(sorted(got), sorted(want), "weights over 80 kg");
+
+    // Systolic over 130 mm[Hg]: a composite over the same component.
+    let want: Vec<String> = of_type("Observation")
+        .filter(|o| {
+            o["component"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    has_code(c, "8480-6") && c["valueQuantity"]["value"].as_f64().unwrap() > 130.0
+                })
+            })
+        })
+        .map(key)
+        .collect();
+    let got = all_pages(
+        app,
+        search(
+            app,
+            "Observation?component-code-value-quantity=http://loinc.org|8480-6$gt130&_count=100",
+        )
+        .await,
+    )
+    .await;
+    assert!(!want.is_empty(), "systolic over 130");
+    assert_eq!(sorted(got), sorted(want), "systolic over 130");
+
+    // Encounter?patient.name=<family>
+    let family = patient["name"][0]["family"].as_str().unwrap();
+    let want: Vec<String> = of_type("Encounter")
+        .filter(|e| e["subject"]["reference"] == subject.as_str())
+        .map(key)
+        .collect();
+    let got = all_pages(
+        app,
+        search(app, &format!("Encounter?patient.name={family}&_count=100")).await,
+    )
+    .await;
+    assert!(!want.is_empty(), "encounters of {family}");
+    assert_eq!(sorted(got), sorted(want), "encounters of {family}");
+
+    // Patient?_has:Observation:patient:code=2339-0 (glucose measured)
+    let want: Vec<String> = of_type("Patient")
+        .filter(|p| {
+            let s = format!("Patient/{}", p["id"].as_str().unwrap());
+            of_type("Observation")
+                .any(|o| o["subject"]["reference"] == s.as_str() && has_code(o, "2339-0"))
+        })
+        .map(key)
+        .collect();
+    assert!(!want.is_empty(), "patients with a glucose result");
+    let b = search(app, "Patient?_has:Observation:patient:code=2339-0").await;
+    assert_eq!(
+        sorted(ids(&b, "match")),
+        sorted(want),
+        "patients with a glucose result"
+    );
+
+    // MedicationRequest?_include=MedicationRequest:patient (Synthea codes medications
+    // inline, so :medication includes nothing here)
+    let b = search(app, &format!("MedicationRequest?subject={subject}&_include=MedicationRequest:patient&_include=MedicationRequest:medication")).await;
+    let want: Vec<String> = of_type("MedicationRequest")
+        .filter(|m| m["subject"]["reference"] == subject.as_str())
+        .map(key)
+        .collect();
+    assert!(!want.is_empty(), "medication requests of {subject}");
+    assert_eq!(sorted(ids(&b, "match")), sorted(want.clone()));
+    if !want.is_empty() {
+        assert_eq!(ids(&b, "include"), [subject.clone()]);
+    }
+
+    // Encounter?_id=E&_revinclude=Observation:encounter
+    let enc = of_type("Encounter")
+        .find(|e| {
+            of_type("Observation").any(|o| {
+                o["encounter"]["reference"]
+                    == format!("Encounter/{}", e["id"].as_str().unwrap()).as_str()
+            })
+        })
+        .unwrap();
+    let eref = key(enc);
+    let want: Vec<String> = of_type("Observation")
+        .filter(|o| o["encounter"]["reference"] == eref.as_str())
+        .map(key)
+        .collect();
+    assert!(!want.is_empty(), "observations of {eref}");
+    let b = search(
+        app,
+        &format!(
+            "Encounter?_id={}&_revinclude=Observation:encounter",
+            enc["id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(
+        sorted(ids(&b, "include")),
+        sorted(want),
+        "observations of {eref}"
+    );
+}
