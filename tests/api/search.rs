@@ -12,7 +12,11 @@ fn fixtures() -> Vec<Value> {
     vec![
         json!({"resourceType": "Organization", "id": "o1", "name": "Acme Health"}),
         json!({"resourceType": "Organization", "id": "o2", "name": "Beta Clinic"}),
-        json!({"resourceType": "Practitioner", "id": "pr1", "name": [{"family": "Oz"}]}),
+        json!({"resourceType": "Practitioner", "id": "pr1", "name": [{"family": "Oz"}],
+            "meta": {"tag": [{"system": "http://example.org/tags", "code": "vip"}],
+                "profile": ["http://example.org/StructureDefinition/special-practitioner"],
+                "security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}],
+                "source": "http://example.org/ehr#1"}}),
         json!({"resourceType": "Patient", "id": "p1", "active": true, "gender": "male",
             "birthDate": "1974-12-25",
             "name": [{"family": "Chalmers", "given": ["Peter", "James"]}],
@@ -318,6 +322,21 @@ const CASES: &[(&str, &[&str])] = &[
         "Patient?_lastUpdated=gt2000-01-01",
         &["Patient/p1", "Patient/p2", "Patient/p3"],
     ),
+    // meta: _tag, _profile, _security, _source, also across all types
+    (
+        "Practitioner?_tag=http://example.org/tags|vip",
+        &["Practitioner/pr1"],
+    ),
+    (
+        "Practitioner?_profile=http://example.org/StructureDefinition/special-practitioner",
+        &["Practitioner/pr1"],
+    ),
+    ("Practitioner?_security=R", &["Practitioner/pr1"]),
+    (
+        "Practitioner?_source=http://example.org/ehr%231",
+        &["Practitioner/pr1"],
+    ),
+    ("?_tag=vip", &["Practitioner/pr1"]),
     // system level and compartments
     (
         "?_type=Patient,Organization&_id=p1,o1",
