@@ -163,6 +163,11 @@ pub fn statement(ctx: &Ctx) -> Value {
                 {"code": "history-system"}
             ],
             "searchParam": system_params(ctx),
+            "operation": [{
+                "name": "reindex",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Resource-reindex",
+                "documentation": "Activates the stored SearchParameter resources and rebuilds the search indexes (optionally only of the _type given)."
+            }],
             "compartment": compartments
         }]
     })
