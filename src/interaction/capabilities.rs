@@ -165,7 +165,7 @@ pub fn statement(ctx: &Ctx) -> Value {
             "searchParam": system_params(ctx),
             "operation": [{
                 "name": "reindex",
-                "definition": "http://hl7.org/fhir/OperationDefinition/Resource-reindex",
+                "definition": "urn:iomt-fhir:operation:reindex",
                 "documentation": "Activates the stored SearchParameter resources and rebuilds the search indexes (optionally only of the _type given)."
             }],
             "compartment": compartments
