@@ -9,6 +9,12 @@ use crate::interaction::Ctx;
 use crate::interaction::delete::ConditionalDeleteMode;
 use crate::search::registry::ParamType;
 
+/// Whether `crate::search::query` can run this parameter.
+fn runnable(p: &crate::search::registry::SearchParam) -> bool {
+    p.expression.is_some()
+        && (searchable(p.kind) || (p.kind == ParamType::Special && p.code == "near"))
+}
+
 /// Parameter types `crate::search::query` supports.
 pub fn searchable(kind: ParamType) -> bool {
     matches!(
@@ -82,7 +88,7 @@ pub fn statement(ctx: &Ctx) -> Value {
             let mut found: Vec<_> = registry
                 .for_type(t)
                 .into_iter()
-                .filter(|p| p.expression.is_some() && searchable(p.kind) && p.code != "_id" && p.code != "_lastUpdated")
+                .filter(|p| runnable(p) && p.code != "_id" && p.code != "_lastUpdated")
                 .map(|p| json!({"name": p.code, "definition": p.url, "type": type_code(p.kind)}))
                 .collect();
             found.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));

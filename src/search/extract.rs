@@ -99,13 +99,18 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     let mut values = Vec::new();
     let mut extra = Vec::new();
     for param in registry.for_type(resource_type) {
-        if param.kind == ParamType::Special || matches!(param.code.as_str(), "_id" | "_lastUpdated")
-        {
+        if matches!(param.code.as_str(), "_id" | "_lastUpdated") {
             continue;
         }
         let Some(expression) = &param.expression else {
             continue;
         };
+        if param.kind == ParamType::Special {
+            if param.code == "near" {
+                near(expression, resource, resource_type, &mut entries);
+            }
+            continue;
+        }
         if param.kind == ParamType::Composite {
             composite(param, expression, resource, resource_type, &mut entries);
             continue;
@@ -154,6 +159,38 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
         }
     }
     entries
+}
+
+/// `Location.near` (location.html#positional): the position's latitude and longitude as
+/// numbers under `near:lat` and `near:long`.
+fn near(
+    expression: &fhirpath::Expr,
+    resource: &Value,
+    resource_type: &str,
+    entries: &mut Vec<IndexEntry>,
+) {
+    let focus = Node {
+        value: resource,
+        fhir_type: None,
+    };
+    for node in expression.evaluate_in(focus, resource, Some(resource_type)) {
+        let (Some(lat), Some(long)) = (
+            node.value.get("latitude").and_then(Value::as_f64),
+            node.value.get("longitude").and_then(Value::as_f64),
+        ) else {
+            continue;
+        };
+        entries.push(IndexEntry {
+            code: "near:lat".into(),
+            value: IndexValue::Number { value: number(lat) },
+        });
+        entries.push(IndexEntry {
+            code: "near:long".into(),
+            value: IndexValue::Number {
+                value: number(long),
+            },
+        });
+    }
 }
 
 /// A composite parameter (search.html#composite) of the supported shape (two components,

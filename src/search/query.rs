@@ -204,6 +204,11 @@ enum Filter {
         table: Table,
         alts: Vec<(Vec<String>, Cond)>,
     },
+    /// `near=lat|long|distance|unit`: a position inside the bounding box of that circle.
+    Near {
+        lat: (f64, f64),
+        long: (f64, f64),
+    },
     /// `:in` / `:not-in` before [`SearchQuery::bind_value_sets`] turns it into a token filter.
     ValueSet {
         code: String,
@@ -235,7 +240,7 @@ impl Filter {
                 ..
             } => 3,
             Filter::Index { negate: false, .. } => 4,
-            Filter::LastUpdated(_) => 5,
+            Filter::LastUpdated(_) | Filter::Near { .. } => 5,
             _ => 9,
         }
     }
@@ -620,6 +625,12 @@ fn parse_filter(
     let param = registry.get(lookup_ty, name).ok_or_else(|| {
         FhirError::invalid(format!("unknown search parameter {name:?} for {lookup_ty}"))
     })?;
+    if param.kind == ParamType::Special && param.code == "near" && param.expression.is_some() {
+        return match modifier {
+            None => parse_near(value),
+            Some(m) => Err(unsupported_modifier(name, m)),
+        };
+    }
     if param.kind == ParamType::Composite && param.expression.is_some() {
         return match modifier {
             None => composite_filter(param, value),
@@ -872,6 +883,48 @@ fn composite_filter(param: &crate::search::registry::SearchParam, value: &str) -
         alts.push((keys, plain_cond(k1, name, tail)?));
     }
     Ok(Filter::Composite { table, alts })
+}
+
+/// `near=latitude|longitude|distance|unit` (location.html#positional): distance defaults to
+/// 1 km; units km, m, [mi_i] (UCUM codes) are understood.
+fn parse_near(value: &str) -> Result<Filter> {
+    let bad = |why: &str| FhirError::invalid(format!("near: {value:?}: {why}"));
+    let parts = split_bars(value);
+    let num = |i: usize| -> Result<Option<f64>> {
+        match parts.get(i).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(t) => t
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .map(Some)
+                .ok_or_else(|| bad("not a number")),
+        }
+    };
+    let (Some(lat), Some(long)) = (num(0)?, num(1)?) else {
+        return Err(bad("needs latitude|longitude"));
+    };
+    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&long) {
+        return Err(bad("latitude or longitude out of range"));
+    }
+    let distance = num(2)?.unwrap_or(1.0);
+    let km = match parts.get(3).map(String::as_str) {
+        None | Some("") | Some("km") => distance,
+        Some("m") => distance / 1000.0,
+        Some("[mi_i]" | "mi") => distance * 1.609_344,
+        Some(u) => return Err(bad(&format!("unknown distance unit {u}"))),
+    };
+    if km < 0.0 {
+        return Err(bad("negative distance"));
+    }
+    // Degrees of latitude are ~111.32 km; of longitude, that times cos(latitude).
+    let d_lat = km / 111.32;
+    let cos = lat.to_radians().cos().max(1e-6);
+    let d_long = (km / (111.32 * cos)).min(180.0);
+    Ok(Filter::Near {
+        lat: (lat - d_lat, lat + d_lat),
+        long: (long - d_long, long + d_long),
+    })
 }
 
 fn parse_sort(registry: &Registry, ty: Option<&str>, value: &str) -> Result<Vec<(SortKey, bool)>> {
@@ -1665,6 +1718,35 @@ fn filter_sql(
             b.push("(");
             composite_alts_sql(b, alts);
             b.push("))");
+        }
+        Filter::Near { lat, long } => {
+            let range = |(lo, hi): (f64, f64)| {
+                Cond::Number(vec![Number {
+                    prefix: Prefix::Eq,
+                    value: lo,
+                    lo,
+                    hi,
+                }])
+            };
+            let lat_cond = range(*lat);
+            index_sql(
+                b,
+                ty,
+                alias,
+                (Table::Number, "near:lat"),
+                (false, false),
+                |b| cond_sql(b, &lat_cond),
+            );
+            b.push(" AND ");
+            let long_cond = range(*long);
+            index_sql(
+                b,
+                ty,
+                alias,
+                (Table::Number, "near:long"),
+                (false, false),
+                |b| cond_sql(b, &long_cond),
+            );
         }
         Filter::ValueSet { .. } => {
             // Bound before SQL is built; an unbound one matches nothing.

@@ -64,6 +64,10 @@ fn fixtures() -> Vec<Value> {
             "url": "http://example.org/vs/hr",
             "compose": {"include": [{"system": "http://loinc.org", "concept": [{"code": "8867-4"}]}]}}),
         json!({"resourceType": "Medication", "id": "med1", "code": {"text": "aspirin"}}),
+        json!({"resourceType": "Location", "id": "loc1", "name": "Ward 3",
+            "position": {"latitude": 42.256500, "longitude": -83.694810}}),
+        json!({"resourceType": "Location", "id": "loc2", "name": "Berlin",
+            "position": {"latitude": 52.52, "longitude": 13.405}}),
         json!({"resourceType": "MedicationRequest", "id": "mr1", "status": "active", "intent": "order",
             "medicationReference": {"reference": "Medication/med1"},
             "subject": {"reference": "Patient/p1"}}),
@@ -337,6 +341,11 @@ const CASES: &[(&str, &[&str])] = &[
         &["Practitioner/pr1"],
     ),
     ("?_tag=vip", &["Practitioner/pr1"]),
+    // near (special): within the distance (km unless a unit is given)
+    ("Location?near=42.2565|-83.6948|5|km", &["Location/loc1"]),
+    ("Location?near=42.30|-83.6948|2000|m", &[]),
+    ("Location?near=52.5|13.4|10", &["Location/loc2"]),
+    ("Location?near=0|0|1", &[]),
     // system level and compartments
     (
         "?_type=Patient,Organization&_id=p1,o1",
@@ -582,6 +591,8 @@ async fn paging_totals_and_errors(app: &TestApp) {
         ("?_type=Nonsense", "Nonsense"),
         ("?gender=male", "gender"),
         ("Patient?_text=x", "_text"),
+        ("Location?near=abc", "near"),
+        ("Location?near=91|0", "range"),
     ] {
         let r = app.get(query).await;
         let status = r.status();
