@@ -154,7 +154,7 @@ impl Store {
             // Readers map the database file instead of copying pages into a private cache
             // each: 16 readers then share the OS page cache, and concurrent searches do not
             // serialise on SQLite's allocator mutex (measured: 2x the search throughput).
-            .pragma("mmap_size", "2147418112")
+            .pragma("mmap_size", "274877906944")
             // temp_store stays at its default (file) on purpose: each write job runs in a
             // SAVEPOINT, and SQLite (3.51) releases every statement savepoint by walking an
             // in-memory sub-journal from its start, which made large jobs quadratic (40% of
