@@ -64,6 +64,14 @@ impl Application {
             .clone()
             .unwrap_or_else(|| format!("http://{addr}/fhir"));
         let ctx = context(&settings, base).await?;
+        // Planner statistics may be missing or stale (e.g. autovacuum off): refresh them in
+        // the background rather than delay the start.
+        let for_stats = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = for_stats.store.analyze().await {
+                tracing::warn!(error = %e, "refreshing planner statistics failed");
+            }
+        });
         crate::interaction::hl7v2::terminology()?;
         crate::interaction::hl7v2::publish_concept_maps(&ctx).await?;
         let mllp = match settings.mllp_listen {

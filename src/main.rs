@@ -56,6 +56,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let ctx = context(&settings, base).await?;
             let started = std::time::Instant::now();
             let summary = iomt_fhir::import::run(ctx.clone(), &paths, jobs).await?;
+            if let Err(e) = ctx.store.analyze().await {
+                eprintln!("iomt-fhir: refreshing planner statistics: {e}");
+            }
             ctx.store.close().await;
             let written = summary.written.load(Ordering::Relaxed);
             let secs = started.elapsed().as_secs_f64();

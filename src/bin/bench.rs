@@ -148,11 +148,16 @@ impl Server {
 
     /// Peak resident memory (VmHWM) of the server process, in MiB.
     fn peak_mib(&self) -> f64 {
+        self.status_mib("VmHWM:")
+    }
+
+    /// A memory line of `/proc/PID/status` (`VmHWM:`, `RssAnon:`), in MiB.
+    fn status_mib(&self, key: &str) -> f64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
             .and_then(|s| {
                 s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
+                    .find(|l| l.starts_with(key))
                     .and_then(|l| l.split_whitespace().nth(1))
                     .and_then(|kb| kb.parse::<f64>().ok())
             })
@@ -1238,11 +1243,15 @@ async fn search_backend(o: &Options, backend: &str, data: &SearchData) -> Result
     }
     search_row(
         backend,
-        "server peak memory (VmHWM)",
-        &format!("{:.0} MiB", server.peak_mib()),
+        "server memory: peak VmHWM / RssAnon at the end",
+        &format!(
+            "{:.0} / {:.0} MiB",
+            server.peak_mib(),
+            server.status_mib("RssAnon:")
+        ),
         "",
         "",
-        "",
+        "VmHWM counts the mmap'd SQLite file once per reader connection; RssAnon is heap",
     );
     drop(server);
     drop_database(cleanup).await;

@@ -220,6 +220,7 @@ pub async fn run(
             })
         })
         .await?;
+    ctx.store.analyze().await?;
     Ok(Report {
         activated,
         refused,

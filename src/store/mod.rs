@@ -165,7 +165,7 @@ impl Store {
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(opts.clone())
+            .connect_with(opts.clone().pragma("wal_autocheckpoint", "16384"))
             .await
             .map_err(|e| format!("cannot open SQLite database {path}: {e}"))?;
         let conn = write_pool
@@ -245,6 +245,24 @@ impl Store {
             Inner::Sqlite { .. } => "sqlite",
             Inner::Postgres { .. } => "postgres",
         }
+    }
+
+    /// Refreshes the query planner's statistics after bulk changes (`import`, `reindex`,
+    /// start-up). PostgreSQL plans search probes from them: without, a probe of a common
+    /// code becomes a scan of all its rows (measured 10x slower). SQLite plans without
+    /// statistics, so this does nothing there.
+    pub async fn analyze(&self) -> Result<()> {
+        if let Inner::Postgres { .. } = &*self.inner {
+            let mut db = self.reader().await?;
+            // Only this server's tables (resolved through its search_path), not every table
+            // of the database.
+            db.raw(
+                "ANALYZE resource, resource_version, idx_token, idx_string, idx_reference, \
+                 idx_date, idx_number, idx_quantity, idx_uri",
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// A connection for reads (no transaction).
