@@ -250,7 +250,7 @@ async fn run(
     if !q.count_only && q.count > 0 {
         let mut estimates = Vec::new();
         for (i, sql) in q.estimate_sqls(SCAN_THRESHOLD) {
-            let n = db.fetch_one_int(&sql.sql, &sql.args).await?;
+            let n = db.search_int(&sql.sql, &sql.args).await?;
             estimates.push((i, n));
             if n < GOOD_DRIVER {
                 break;
@@ -264,7 +264,7 @@ async fn run(
         Vec::new()
     } else {
         let p = q.page_sql();
-        rows_of(db.fetch_all(&p.sql, &p.args, &ROW_TYPES).await?)
+        rows_of(db.search_rows(&p.sql, &p.args, &ROW_TYPES).await?)
     };
     let more = rows.len() > q.count;
     rows.truncate(q.count);
@@ -275,7 +275,7 @@ async fn run(
     let first_page = q.cursor == Cursor::First && q.offset == 0;
     let total = if q.count_only || q.total == TotalMode::Accurate {
         let c = q.count_sql(None);
-        Some(db.fetch_one_int(&c.sql, &c.args).await?)
+        Some(db.search_int(&c.sql, &c.args).await?)
     } else if q.total == TotalMode::None || !first_page || q.count == 0 {
         None
     } else if q.scans() && more {
@@ -285,7 +285,7 @@ async fn run(
         Some(rows.len() as i64)
     } else {
         let c = q.count_sql(Some(CHEAP_TOTAL + 1));
-        let n = db.fetch_one_int(&c.sql, &c.args).await?;
+        let n = db.search_int(&c.sql, &c.args).await?;
         (n <= CHEAP_TOTAL).then_some(n)
     };
 
@@ -454,7 +454,7 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
             if let Some(t) = &inc.target {
                 b.push(" AND x.target_type = ").text(t.clone());
             }
-            for r in db.fetch_all(&b.sql, &b.args, &[Ty::Int]).await? {
+            for r in db.search_rows(&b.sql, &b.args, &[Ty::Int]).await? {
                 if let Some(v) = r.first() {
                     found.push(v.int());
                 }
@@ -486,7 +486,7 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
                     .push(")");
             }
             b.push(")");
-            for r in db.fetch_all(&b.sql, &b.args, &[Ty::Int]).await? {
+            for r in db.search_rows(&b.sql, &b.args, &[Ty::Int]).await? {
                 if let Some(v) = r.first() {
                     found.push(v.int());
                 }
@@ -506,7 +506,7 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
         );
         push_list(&mut b, found);
         b.push(" ORDER BY r.rid");
-        let rows = rows_of(db.fetch_all(&b.sql, &b.args, &ROW_TYPES).await?);
+        let rows = rows_of(db.search_rows(&b.sql, &b.args, &ROW_TYPES).await?);
         frontier = rows
             .iter()
             .map(|r| (r.rid, r.ty.clone(), r.id.clone()))

@@ -121,7 +121,7 @@ pub async fn matching_ids(
     // Earlier writes of this job must be visible to the condition.
     db.flush().await?;
     let b = q.ids_sql(limit);
-    let rows = db.fetch_all(&b.sql, &b.args, &[Ty::Text]).await?;
+    let rows = db.search_rows(&b.sql, &b.args, &[Ty::Text]).await?;
     Ok(rows
         .into_iter()
         .filter_map(|r| r.into_iter().next().and_then(|v| v.text()))

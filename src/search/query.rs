@@ -1406,6 +1406,9 @@ impl SearchQuery {
             "SELECT r.rid, r.res_type, r.res_id, v.body FROM resource r \
              JOIN resource_version v ON v.seq = r.seq",
         );
+        if let Some(page) = self.ordered_page(&mut b) {
+            return page;
+        }
         self.where_clause(&mut b);
         let reverse = match self.cursor {
             Cursor::First => false,
@@ -1424,6 +1427,74 @@ impl SearchQuery {
             b.push(" OFFSET ").int(self.offset as i64);
         }
         b
+    }
+
+    /// The page of a search with one filter, an exact token (`system|code`) or a typed
+    /// reference, in the default order: the filter's lookup index ends in `rid`, so the page
+    /// is a range of it read in order, however many resources match (bulk paging).
+    fn ordered_page(&self, b: &mut SqlBuilder) -> Option<SqlBuilder> {
+        let [scope] = self.scopes.as_slice() else {
+            return None;
+        };
+        let ty = scope.ty.as_deref()?;
+        let [filter] = scope.filters.as_slice() else {
+            return None;
+        };
+        if self.is_sorted() || self.offset > 0 {
+            return None;
+        }
+        let Filter::Index {
+            table,
+            code,
+            cond,
+            negate: false,
+        } = filter
+        else {
+            return None;
+        };
+        let exact = match cond {
+            Cond::Token(values) => {
+                matches!(values.as_slice(), [TokenValue { system: Some(s), code: Some(_) }] if !s.is_empty())
+            }
+            Cond::Reference(values) => {
+                matches!(values.as_slice(), [RefValue::Local(Some(_), _)])
+            }
+            _ => false,
+        };
+        if !exact {
+            return None;
+        }
+        let mut b = std::mem::replace(b, SqlBuilder::new(""));
+        b.push(" WHERE r.deleted = 0 AND r.res_type = ")
+            .text(ty)
+            .push(&format!(
+                " AND r.rid IN (SELECT rid FROM {} WHERE res_type = ",
+                table.name()
+            ))
+            .text(ty)
+            .push(" AND code = ")
+            .text(code.clone())
+            .push(" AND (");
+        cond_sql(&mut b, cond);
+        b.push(")");
+        let reverse = match self.cursor {
+            Cursor::First => false,
+            Cursor::After(rid) => {
+                b.push(" AND rid > ").int(rid);
+                false
+            }
+            Cursor::Before(rid) => {
+                b.push(" AND rid < ").int(rid);
+                true
+            }
+        };
+        let dir = if reverse { "DESC" } else { "ASC" };
+        b.push(&format!(" ORDER BY rid {dir} LIMIT "))
+            .int(self.count as i64 + 1)
+            .push(")");
+        self.order_by(&mut b, reverse);
+        b.push(" LIMIT ").int(self.count as i64 + 1);
+        Some(b)
     }
 
     /// SQL selecting the ids of at most `limit` matches (conditional interactions).

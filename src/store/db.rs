@@ -182,6 +182,41 @@ impl Db {
         self.fetch_all_unflushed(sql, args, shape).await
     }
 
+    /// Rows of a search query. On PostgreSQL the statement is not kept prepared, so it is
+    /// planned with the values bound this time: a cached generic plan cannot see that one
+    /// reference matches 100 rows and one code 15,000, and drove searches through the large
+    /// side (measured: 571 ms against 2 ms).
+    pub async fn search_rows(
+        &mut self,
+        sql: &str,
+        args: &[Arg],
+        shape: &[Ty],
+    ) -> Result<Vec<Vec<Val>>> {
+        self.flush().await?;
+        let Conn::Pg(c) = &mut self.conn else {
+            return self.fetch_all_unflushed(sql, args, shape).await;
+        };
+        let mut out = Vec::new();
+        for row in bind_args!(sqlx::query(AssertSqlSafe(sql)).persistent(false), args)
+            .fetch_all(&mut **c)
+            .await?
+        {
+            out.push(decode_row!(row, shape));
+        }
+        Ok(out)
+    }
+
+    /// The first column of a search query's first row (see [`Db::search_rows`]).
+    pub async fn search_int(&mut self, sql: &str, args: &[Arg]) -> Result<i64> {
+        Ok(self
+            .search_rows(sql, args, &[Ty::Int])
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next())
+            .map_or(0, |v| v.int()))
+    }
+
     /// Reads rows of resource `ty/id` only: the job's buffered writes are flushed first only
     /// if they touch that resource (other buffered rows cannot change the answer). This keeps
     /// a transaction of many conditional updates from flushing before every entry.

@@ -217,11 +217,7 @@ impl Store {
     async fn open_postgres(config: &StoreConfig) -> Result<Store, String> {
         let mut opts = PgConnectOptions::from_str(&config.url)
             .map_err(|e| format!("bad PostgreSQL URL: {e}"))?
-            .application_name("iomt-fhir")
-            // Search SQL binds every value; a cached generic plan cannot see that one
-            // reference matches 100 rows and one code 15,000, and drove searches through the
-            // large side (measured: 571 ms generic against 2 ms custom). Plan each execution.
-            .options([("plan_cache_mode", "force_custom_plan")]);
+            .application_name("iomt-fhir");
         if config.durability == Durability::Relaxed {
             opts = opts.options([("synchronous_commit", "off")]);
         }
