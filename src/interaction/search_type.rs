@@ -10,8 +10,8 @@ use crate::interaction::bundle_text::{BundleText, url_with_query};
 use crate::interaction::subset::{Summary, subset};
 use crate::interaction::{Body, Ctx, FhirRequest, FhirResponse, RequestBody, SharedCtx};
 use crate::search::query::{
-    CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, value_set_codes,
-    value_set_sql,
+    CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, canonical_sql,
+    hierarchy_codes, parse_hierarchy_key, value_set_codes, value_set_sql,
 };
 use crate::store::{Db, SqlBuilder, Ty, Val};
 
@@ -217,6 +217,26 @@ pub async fn bind_value_sets(db: &mut Db, q: &mut SearchQuery) -> Result<()> {
     }
     let mut sets: HashMap<String, Vec<TokenValue>> = HashMap::new();
     for url in urls {
+        if let Some((above, system, code)) = parse_hierarchy_key(&url) {
+            let b = canonical_sql("CodeSystem", system);
+            let rows = db.fetch_all(&b.sql, &b.args, &[Ty::Text]).await?;
+            let body = rows
+                .into_iter()
+                .next()
+                .and_then(|r| r.into_iter().next())
+                .and_then(Val::text)
+                .ok_or_else(|| {
+                    FhirError::invalid(format!(
+                        ":{}: code system {system} is not held by this server",
+                        if above { "above" } else { "below" }
+                    ))
+                })?;
+            let cs: serde_json::Value = serde_json::from_str(&body)
+                .map_err(|e| FhirError::internal(format!("stored CodeSystem is not JSON: {e}")))?;
+            let codes = hierarchy_codes(&cs, code, above)?;
+            sets.insert(url, codes);
+            continue;
+        }
         let b = value_set_sql(&url);
         let rows = db.fetch_all(&b.sql, &b.args, &[Ty::Text]).await?;
         let body = rows

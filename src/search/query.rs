@@ -40,6 +40,10 @@ const CONTROL: &[&str] = &[
     "_containedType",
 ];
 
+/// Prefix of the key under which `:above` / `:below` wait for their CodeSystem (see
+/// [`hierarchy_codes`]), next to the value set URLs of `:in`.
+pub const HIERARCHY: &str = "hierarchy:";
+
 /// Chains and `_has` nest at most this deep.
 const MAX_DEPTH: usize = 4;
 
@@ -704,9 +708,24 @@ fn parse_filter(
             url: value.to_string(),
             negate: m == "not-in",
         }),
-        (ParamType::Token, Some(m @ ("above" | "below"))) => Err(FhirError::not_supported(
-            format!("{name}:{m}: the server holds no code system hierarchies"),
-        )),
+        (ParamType::Token, Some(m @ ("above" | "below"))) => {
+            // Subsumption in a CodeSystem stored on the server, resolved like a value set.
+            let (Some(system), code_value) = split_bar(value) else {
+                return Err(FhirError::invalid(format!(
+                    "{key}: {value:?} needs the form system|code"
+                )));
+            };
+            if system.is_empty() || code_value.is_empty() {
+                return Err(FhirError::invalid(format!(
+                    "{key}: {value:?} needs the form system|code"
+                )));
+            }
+            Ok(Filter::ValueSet {
+                code,
+                url: format!("{HIERARCHY}{m}|{system}|{code_value}"),
+                negate: false,
+            })
+        }
         (ParamType::String, m) => {
             let mode = match m {
                 None => StringMode::StartsWith,
@@ -2108,13 +2127,93 @@ pub fn value_set_codes(vs: &Value) -> Result<Vec<TokenValue>> {
 
 /// SQL finding the body of the ValueSet with canonical `url`.
 pub fn value_set_sql(url: &str) -> SqlBuilder {
+    canonical_sql("ValueSet", url)
+}
+
+/// SQL finding the body of the newest `ty` (ValueSet, CodeSystem) with canonical `url`.
+pub fn canonical_sql(ty: &str, url: &str) -> SqlBuilder {
     let mut b = SqlBuilder::new(
         "SELECT v.body FROM resource r JOIN resource_version v ON v.seq = r.seq \
-         WHERE r.res_type = 'ValueSet' AND r.deleted = 0 AND r.rid IN \
-         (SELECT rid FROM idx_uri WHERE res_type = 'ValueSet' AND code = 'url' AND value = ",
+         WHERE r.res_type = ",
     );
-    b.text(url).push(") ORDER BY r.rid DESC LIMIT 1");
+    b.text(ty)
+        .push(" AND r.deleted = 0 AND r.rid IN (SELECT rid FROM idx_uri WHERE res_type = ")
+        .text(ty)
+        .push(" AND code = 'url' AND value = ")
+        .text(url)
+        .push(") ORDER BY r.rid DESC LIMIT 1");
     b
+}
+
+/// Splits a [`HIERARCHY`] key into (above?, system, code).
+pub fn parse_hierarchy_key(key: &str) -> Option<(bool, &str, &str)> {
+    let rest = key.strip_prefix(HIERARCHY)?;
+    let (mode, rest) = rest.split_once('|')?;
+    let (system, code) = rest.rsplit_once('|')?;
+    Some((mode == "above", system, code))
+}
+
+/// `:below` (the code and its descendants) or `:above` (the code and its ancestors) in a
+/// CodeSystem's nested `concept` tree (codesystem.html#hierarchy).
+pub fn hierarchy_codes(cs: &Value, code: &str, above: bool) -> Result<Vec<TokenValue>> {
+    let system = cs.get("url").and_then(Value::as_str).unwrap_or_default();
+    // Path from the root to `code`, then the subtree under it.
+    fn find<'a>(concepts: &'a [Value], code: &str, path: &mut Vec<&'a Value>) -> bool {
+        for c in concepts {
+            path.push(c);
+            if c.get("code").and_then(Value::as_str) == Some(code) {
+                return true;
+            }
+            if let Some(children) = c.get("concept").and_then(Value::as_array)
+                && find(children, code, path)
+            {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    fn subtree(c: &Value, out: &mut Vec<String>) {
+        if let Some(code) = c.get("code").and_then(Value::as_str) {
+            out.push(code.to_string());
+        }
+        for child in c
+            .get("concept")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            subtree(child, out);
+        }
+    }
+    let concepts = cs
+        .get("concept")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut path = Vec::new();
+    if !find(concepts, code, &mut path) {
+        return Err(FhirError::invalid(format!(
+            "code {code:?} is not in code system {system}"
+        )));
+    }
+    let mut codes = Vec::new();
+    if above {
+        codes.extend(
+            path.iter()
+                .filter_map(|c| c.get("code").and_then(Value::as_str))
+                .map(str::to_string),
+        );
+    } else if let Some(last) = path.last() {
+        subtree(last, &mut codes);
+    }
+    Ok(codes
+        .into_iter()
+        .map(|c| TokenValue {
+            system: Some(system.to_string()),
+            code: Some(c),
+        })
+        .collect())
 }
 
 /// Parses a conditional URL's query (`identifier=sys|123&active=true`).

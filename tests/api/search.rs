@@ -64,6 +64,17 @@ fn fixtures() -> Vec<Value> {
             "url": "http://example.org/vs/hr",
             "compose": {"include": [{"system": "http://loinc.org", "concept": [{"code": "8867-4"}]}]}}),
         json!({"resourceType": "Medication", "id": "med1", "code": {"text": "aspirin"}}),
+        json!({"resourceType": "CodeSystem", "id": "cs1", "url": "http://example.org/cs/devices",
+            "status": "active", "content": "complete", "hierarchyMeaning": "is-a",
+            "concept": [{"code": "monitor", "concept": [
+                {"code": "bedside-monitor"},
+                {"code": "wearable", "concept": [{"code": "patch"}]}]}]}),
+        json!({"resourceType": "Device", "id": "dv1", "type": {"coding": [
+            {"system": "http://example.org/cs/devices", "code": "wearable"}]}}),
+        json!({"resourceType": "Device", "id": "dv2", "type": {"coding": [
+            {"system": "http://example.org/cs/devices", "code": "patch"}]}}),
+        json!({"resourceType": "Device", "id": "dv3", "type": {"coding": [
+            {"system": "http://example.org/cs/devices", "code": "bedside-monitor"}]}}),
         json!({"resourceType": "Location", "id": "loc1", "name": "Ward 3",
             "position": {"latitude": 42.256500, "longitude": -83.694810}}),
         json!({"resourceType": "Location", "id": "loc2", "name": "Berlin",
@@ -171,6 +182,19 @@ const CASES: &[(&str, &[&str])] = &[
     (
         "Observation?code:not-in=http://example.org/vs/hr",
         &["Observation/ob3", "Observation/ob5", "Observation/ob6"],
+    ),
+    // :below / :above in a CodeSystem hierarchy the server holds
+    (
+        "Device?type:below=http://example.org/cs/devices|wearable",
+        &["Device/dv1", "Device/dv2"],
+    ),
+    (
+        "Device?type:below=http://example.org/cs/devices|monitor",
+        &["Device/dv1", "Device/dv2", "Device/dv3"],
+    ),
+    (
+        "Device?type:above=http://example.org/cs/devices|patch",
+        &["Device/dv1", "Device/dv2"],
     ),
     // date: partial dates are ranges, prefixes
     ("Patient?birthdate=1980", &["Patient/p2"]),
@@ -576,7 +600,12 @@ async fn paging_totals_and_errors(app: &TestApp) {
     for (query, needle) in [
         ("Observation?value-quantity=abc", "value-quantity"),
         ("Observation?date=2019-13", "date"),
-        ("Observation?code:above=8867-4", "above"),
+        ("Observation?code:above=8867-4", "system|code"),
+        ("Device?type:below=http://unknown.org/cs|x", "not held"),
+        (
+            "Device?type:below=http://example.org/cs/devices|nothing",
+            "not in code system",
+        ),
         ("Observation?code-value-quantity=8867-4", "$"),
         ("Patient?colour=blue", "colour"),
         ("Patient?organization.colour=x", "colour"),
