@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::interaction::Ctx;
 use crate::interaction::delete::ConditionalDeleteMode;
-use crate::search::registry::ParamType;
+use crate::search::registry::{ParamType, Registry};
 
 /// Whether `crate::search::query` can run this parameter.
 fn runnable(p: &crate::search::registry::SearchParam) -> bool {
@@ -76,23 +76,25 @@ pub fn statement(ctx: &Ctx) -> Value {
     };
     let registry = ctx.registry();
     let registry = &*registry;
+    // Every reference parameter once, in type order, for each type's `searchRevInclude`.
+    let references: Vec<(String, &[String])> = ctx
+        .defs
+        .resource_types
+        .iter()
+        .flat_map(|source| {
+            registry
+                .for_type(source)
+                .into_iter()
+                .filter(|p| p.expression.is_some() && p.kind == ParamType::Reference)
+                .map(move |p| (format!("{source}:{}", p.code), p.targets.as_slice()))
+        })
+        .collect();
     let resources: Vec<Value> = ctx
         .defs
         .resource_types
         .iter()
         .map(|t| {
-            let mut params = vec![
-                json!({"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"}),
-                json!({"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date"}),
-            ];
-            let mut found: Vec<_> = registry
-                .for_type(t)
-                .into_iter()
-                .filter(|p| runnable(p) && p.code != "_id" && p.code != "_lastUpdated")
-                .map(|p| json!({"name": p.code, "definition": p.url, "type": type_code(p.kind)}))
-                .collect();
-            found.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-            params.extend(found);
+            let params = search_params(registry, t);
             let mut includes: Vec<String> = registry
                 .for_type(t)
                 .into_iter()
@@ -100,21 +102,10 @@ pub fn statement(ctx: &Ctx) -> Value {
                 .map(|p| format!("{t}:{}", p.code))
                 .collect();
             includes.sort();
-            let rev_includes: Vec<String> = ctx
-                .defs
-                .resource_types
+            let rev_includes: Vec<&String> = references
                 .iter()
-                .flat_map(|source| {
-                    registry
-                        .for_type(source)
-                        .into_iter()
-                        .filter(|p| {
-                            p.expression.is_some()
-                                && p.kind == ParamType::Reference
-                                && (p.targets.is_empty() || p.targets.iter().any(|x| x == t))
-                        })
-                        .map(move |p| format!("{source}:{}", p.code))
-                })
+                .filter(|(_, targets)| targets.is_empty() || targets.iter().any(|x| x == t))
+                .map(|(label, _)| label)
                 .collect();
             let mut includes_all = vec!["*".to_string()];
             includes_all.extend(includes);
@@ -168,7 +159,7 @@ pub fn statement(ctx: &Ctx) -> Value {
                 {"code": "transaction"}, {"code": "batch"}, {"code": "search-system"},
                 {"code": "history-system"}
             ],
-            "searchParam": system_params(ctx),
+            "searchParam": search_params(registry, "Resource"),
             "operation": [{
                 "name": "reindex",
                 "definition": "urn:iomt-fhir:operation:reindex",
@@ -179,22 +170,17 @@ pub fn statement(ctx: &Ctx) -> Value {
     })
 }
 
-/// Parameters of a system-level search without `_type`: those every resource has.
-fn system_params(ctx: &Ctx) -> Vec<Value> {
+/// The searchParam list of `ty` (`Resource` for a system-level search without `_type`):
+/// `_id` and `_lastUpdated` (store columns), then every runnable parameter by name.
+fn search_params(registry: &Registry, ty: &str) -> Vec<Value> {
     let mut params = vec![
         json!({"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"}),
         json!({"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date"}),
     ];
-    let mut found: Vec<Value> = ctx
-        .registry()
-        .for_type("Resource")
+    let mut found: Vec<Value> = registry
+        .for_type(ty)
         .into_iter()
-        .filter(|p| {
-            p.expression.is_some()
-                && searchable(p.kind)
-                && p.code != "_id"
-                && p.code != "_lastUpdated"
-        })
+        .filter(|p| runnable(p) && p.code != "_id" && p.code != "_lastUpdated")
         .map(|p| json!({"name": p.code, "definition": p.url, "type": type_code(p.kind)}))
         .collect();
     found.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));

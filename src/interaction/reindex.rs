@@ -136,14 +136,7 @@ pub async fn run(
 
     let type_filter = |b: &mut SqlBuilder| {
         if let Some(ts) = types {
-            b.push(" AND r.res_type IN (");
-            for (i, t) in ts.iter().enumerate() {
-                if i > 0 {
-                    b.push(", ");
-                }
-                b.text(t.clone());
-            }
-            b.push(")");
+            b.push(" AND r.res_type IN ").list(ts);
         }
     };
     let mut count = SqlBuilder::new("SELECT COUNT(*) FROM resource r WHERE r.deleted = 0");
@@ -230,17 +223,7 @@ pub async fn run(
 
 /// `POST [base]/$reindex[?_type=...]`: answers a Parameters resource with what was done.
 pub async fn http(ctx: &SharedCtx, req: &FhirRequest) -> Result<FhirResponse> {
-    let mut types: Option<Vec<String>> = None;
-    for (_, v) in req.query.iter().filter(|(k, _)| k == "_type") {
-        for t in v.split(',').filter(|t| !t.is_empty()) {
-            if !ctx.defs.is_resource_type(t) {
-                return Err(FhirError::invalid(format!(
-                    "_type: unknown resource type {t:?}"
-                )));
-            }
-            types.get_or_insert_with(Vec::new).push(t.to_string());
-        }
-    }
+    let types = crate::interaction::search_type::types_param(ctx, &req.query)?;
     let report = run(ctx, types.as_deref(), &|_, _| {}).await?;
     let mut parameter = vec![json!({"name": "resources", "valueInteger": report.resources})];
     for a in &report.activated {

@@ -11,7 +11,7 @@ use crate::interaction::subset::{Summary, subset};
 use crate::interaction::{Body, Ctx, FhirRequest, FhirResponse, RequestBody, SharedCtx};
 use crate::search::query::{
     CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, canonical_sql,
-    hierarchy_codes, parse_hierarchy_key, value_set_codes, value_set_sql,
+    hierarchy_codes, parse_hierarchy_key, value_set_codes,
 };
 use crate::store::{Db, SqlBuilder, Ty, Val};
 
@@ -57,19 +57,29 @@ pub async fn search_in(
     params: Vec<(String, String)>,
     lenient: bool,
 ) -> Result<String> {
-    let q = SearchQuery::parse(
-        &ctx.registry(),
-        ty,
-        &params,
-        lenient,
-        ctx.limits.default_count,
-        ctx.limits.max_count,
-    )?;
+    let q = parse(ctx, Some(vec![ty.to_string()]), &params, lenient)?;
     run(db, ctx, q, ty, &params).await
 }
 
+/// Parses a search over `types` (`None`: every type) with the server's page-size limits.
+fn parse(
+    ctx: &Ctx,
+    types: Option<Vec<String>>,
+    params: &[(String, String)],
+    lenient: bool,
+) -> Result<SearchQuery> {
+    SearchQuery::parse_scoped(
+        &ctx.registry(),
+        types,
+        params,
+        lenient,
+        ctx.limits.default_count,
+        ctx.limits.max_count,
+    )
+}
+
 /// The `_type` parameter's types, checked.
-fn types_param(ctx: &Ctx, params: &[(String, String)]) -> Result<Option<Vec<String>>> {
+pub(crate) fn types_param(ctx: &Ctx, params: &[(String, String)]) -> Result<Option<Vec<String>>> {
     let mut out: Option<Vec<String>> = None;
     for (_, v) in params.iter().filter(|(k, _)| k == "_type") {
         for t in v.split(',').filter(|t| !t.is_empty()) {
@@ -92,14 +102,7 @@ fn types_param(ctx: &Ctx, params: &[(String, String)]) -> Result<Option<Vec<Stri
 pub async fn search_system(ctx: &SharedCtx, req: &FhirRequest) -> Result<FhirResponse> {
     let params = request_params(req);
     let types = types_param(ctx, &params)?;
-    let q = SearchQuery::parse_scoped(
-        &ctx.registry(),
-        types,
-        &params,
-        req.prefer_lenient,
-        ctx.limits.default_count,
-        ctx.limits.max_count,
-    )?;
+    let q = parse(ctx, types, &params, req.prefer_lenient)?;
     let mut db = ctx.store.reader().await?;
     Ok(raw(run(&mut db, ctx, q, "", &params).await?))
 }
@@ -127,14 +130,7 @@ pub async fn search_compartment(
         }
         Some(vec![ty.to_string()])
     };
-    let mut q = SearchQuery::parse_scoped(
-        &ctx.registry(),
-        types,
-        &params,
-        req.prefer_lenient,
-        ctx.limits.default_count,
-        ctx.limits.max_count,
-    )?;
+    let mut q = parse(ctx, types, &params, req.prefer_lenient)?;
     let type_filter = types_param(ctx, &params)?;
     q.restrict_to_compartment(compartment, id, members, type_filter.as_deref());
     let mut db = ctx.store.reader().await?;
@@ -170,14 +166,7 @@ pub async fn everything(ctx: &SharedCtx, id: &str, req: &FhirRequest) -> Result<
     }
     params.push(("_include".into(), "*".into()));
     let types = types_param(ctx, &params)?;
-    let mut q = SearchQuery::parse_scoped(
-        &ctx.registry(),
-        None,
-        &params,
-        false,
-        ctx.limits.default_count,
-        ctx.limits.max_count,
-    )?;
+    let mut q = parse(ctx, None, &params, false)?;
     q.restrict_to_compartment("Patient", id, members, types.as_deref());
     let path = format!("Patient/{id}/$everything");
     let link_params: Vec<(String, String)> = given
@@ -209,7 +198,26 @@ fn rows_of(raw: Vec<Vec<Val>>) -> Vec<Row> {
 
 const ROW_TYPES: [Ty; 4] = [Ty::Int, Ty::Text, Ty::Text, Ty::Text];
 
-/// Turns `:in` / `:not-in` value set URLs into codes from the ValueSets the server holds.
+/// The newest stored `ty` (ValueSet, CodeSystem) with canonical `url`, if the server holds one.
+async fn fetch_canonical(db: &mut Db, ty: &str, url: &str) -> Result<Option<serde_json::Value>> {
+    let b = canonical_sql(ty, url);
+    let Some(body) = db
+        .fetch_all(&b.sql, &b.args, &[Ty::Text])
+        .await?
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next())
+        .and_then(Val::text)
+    else {
+        return Ok(None);
+    };
+    serde_json::from_str(&body)
+        .map(Some)
+        .map_err(|e| FhirError::internal(format!("stored {ty} is not JSON: {e}")))
+}
+
+/// Turns `:in` / `:not-in` value set URLs, and `:above` / `:below` subsumption keys, into
+/// codes from the ValueSets and CodeSystems the server holds.
 pub async fn bind_value_sets(db: &mut Db, q: &mut SearchQuery) -> Result<()> {
     let urls = q.value_set_urls();
     if urls.is_empty() {
@@ -217,39 +225,28 @@ pub async fn bind_value_sets(db: &mut Db, q: &mut SearchQuery) -> Result<()> {
     }
     let mut sets: HashMap<String, Vec<TokenValue>> = HashMap::new();
     for url in urls {
-        if let Some((above, system, code)) = parse_hierarchy_key(&url) {
-            let b = canonical_sql("CodeSystem", system);
-            let rows = db.fetch_all(&b.sql, &b.args, &[Ty::Text]).await?;
-            let body = rows
-                .into_iter()
-                .next()
-                .and_then(|r| r.into_iter().next())
-                .and_then(Val::text)
-                .ok_or_else(|| {
-                    FhirError::invalid(format!(
-                        ":{}: code system {system} is not held by this server",
-                        if above { "above" } else { "below" }
-                    ))
-                })?;
-            let cs: serde_json::Value = serde_json::from_str(&body)
-                .map_err(|e| FhirError::internal(format!("stored CodeSystem is not JSON: {e}")))?;
-            let codes = hierarchy_codes(&cs, code, above)?;
-            sets.insert(url, codes);
-            continue;
-        }
-        let b = value_set_sql(&url);
-        let rows = db.fetch_all(&b.sql, &b.args, &[Ty::Text]).await?;
-        let body = rows
-            .into_iter()
-            .next()
-            .and_then(|r| r.into_iter().next())
-            .and_then(Val::text)
-            .ok_or_else(|| {
-                FhirError::invalid(format!("value set {url} is not held by this server"))
-            })?;
-        let vs: serde_json::Value = serde_json::from_str(&body)
-            .map_err(|e| FhirError::internal(format!("stored ValueSet is not JSON: {e}")))?;
-        sets.insert(url, value_set_codes(&vs)?);
+        let codes = match parse_hierarchy_key(&url) {
+            Some((above, system, code)) => {
+                let cs = fetch_canonical(db, "CodeSystem", system)
+                    .await?
+                    .ok_or_else(|| {
+                        FhirError::invalid(format!(
+                            ":{}: code system {system} is not held by this server",
+                            if above { "above" } else { "below" }
+                        ))
+                    })?;
+                hierarchy_codes(&cs, code, above)?
+            }
+            None => {
+                let vs = fetch_canonical(db, "ValueSet", &url)
+                    .await?
+                    .ok_or_else(|| {
+                        FhirError::invalid(format!("value set {url} is not held by this server"))
+                    })?;
+                value_set_codes(&vs)?
+            }
+        };
+        sets.insert(url, codes);
     }
     q.bind_value_sets(&sets);
     Ok(())
@@ -423,17 +420,6 @@ struct Included {
     truncated: bool,
 }
 
-fn push_list(b: &mut SqlBuilder, items: impl IntoIterator<Item = i64>) {
-    b.push("(");
-    for (i, v) in items.into_iter().enumerate() {
-        if i > 0 {
-            b.push(", ");
-        }
-        b.int(v);
-    }
-    b.push(")");
-}
-
 /// Resources that `_include` (targets of the page's references) and `_revinclude`
 /// (resources referring to the page) add, with `:iterate` applied to what was included.
 async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included> {
@@ -467,7 +453,7 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
                  ON t.res_type = x.target_type AND t.res_id = x.target_id \
                  WHERE t.deleted = 0 AND x.rid IN ",
             );
-            push_list(&mut b, sources);
+            b.list(sources);
             if let Some(c) = &inc.code {
                 b.push(" AND x.code = ").text(c.clone());
             }
@@ -524,7 +510,7 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
             "SELECT r.rid, r.res_type, r.res_id, v.body FROM resource r \
              JOIN resource_version v ON v.seq = r.seq WHERE r.deleted = 0 AND r.rid IN ",
         );
-        push_list(&mut b, found);
+        b.list(found);
         b.push(" ORDER BY r.rid");
         let rows = rows_of(db.search_rows(&b.sql, &b.args, &ROW_TYPES).await?);
         frontier = rows

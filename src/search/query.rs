@@ -333,59 +333,39 @@ pub struct SearchQuery {
     pub revincludes: Vec<Include>,
 }
 
-/// Splits a parameter value on unescaped commas and unescapes `\,` `\$` `\\` (a `\|` stays
-/// escaped for [`split_bar`]).
-fn split_or(value: &str) -> Vec<String> {
+/// Splits `value` on `sep` where `sep` is not escaped by `\`. After a `\`, a character for
+/// which `unescape` holds is kept alone; any other keeps its `\` for a later split. A
+/// trailing lone `\` is dropped.
+fn split_escaped(value: &str, sep: char, unescape: impl Fn(char) -> bool) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut chars = value.chars();
     while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                if let Some(n) = chars.next()
-                    && let Some(last) = out.last_mut()
-                {
-                    if n == '|' {
-                        last.push('\\');
-                    }
-                    last.push(n);
-                }
+        if c == sep {
+            out.push(String::new());
+            continue;
+        }
+        let Some(last) = out.last_mut() else { break };
+        if c != '\\' {
+            last.push(c);
+        } else if let Some(n) = chars.next() {
+            if !unescape(n) {
+                last.push('\\');
             }
-            ',' => out.push(String::new()),
-            c => {
-                if let Some(last) = out.last_mut() {
-                    last.push(c);
-                }
-            }
+            last.push(n);
         }
     }
     out
 }
 
+/// Splits a parameter value on unescaped commas and unescapes `\,` `\$` `\\` (a `\|` stays
+/// escaped for [`split_bar`]).
+fn split_or(value: &str) -> Vec<String> {
+    split_escaped(value, ',', |n| n != '|')
+}
+
 /// Splits on every unescaped `|`, unescaping `\|`.
 fn split_bars(v: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
-    let mut chars = v.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                if let Some(n) = chars.next()
-                    && let Some(last) = out.last_mut()
-                {
-                    if n != '|' {
-                        last.push('\\');
-                    }
-                    last.push(n);
-                }
-            }
-            '|' => out.push(String::new()),
-            c => {
-                if let Some(last) = out.last_mut() {
-                    last.push(c);
-                }
-            }
-        }
-    }
-    out
+    split_escaped(v, '|', |n| n == '|')
 }
 
 /// Splits `system|code` on the first unescaped `|`.
@@ -805,22 +785,7 @@ fn parse_filter(
 
 /// Splits on `sep` where it is not escaped by `\`, keeping every escape for later parsing.
 fn split_unescaped(value: &str, sep: char) -> Vec<String> {
-    let mut out = vec![String::new()];
-    let mut chars = value.chars();
-    while let Some(c) = chars.next() {
-        let Some(last) = out.last_mut() else { break };
-        if c == '\\' {
-            last.push(c);
-            if let Some(n) = chars.next() {
-                last.push(n);
-            }
-        } else if c == sep {
-            out.push(String::new());
-        } else {
-            last.push(c);
-        }
-    }
-    out
+    split_escaped(value, sep, |_| false)
 }
 
 /// The condition a plain (unmodified) value of a parameter type gives.
@@ -1425,19 +1390,32 @@ impl SearchQuery {
             "SELECT r.rid, r.res_type, r.res_id, v.body FROM resource r \
              JOIN resource_version v ON v.seq = r.seq",
         );
-        if let Some(page) = self.ordered_page(&mut b) {
-            return page;
-        }
-        self.where_clause(&mut b);
-        let reverse = match self.cursor {
-            Cursor::First => false,
-            Cursor::After(rid) => {
-                b.push(" AND r.rid > ").int(rid);
-                false
+        let reverse = match self.ordered_single() {
+            Some((ty, table, code, cond)) => {
+                // The filter's lookup index ends in `rid`: the page is a range of it read
+                // in order, however many resources match (bulk paging).
+                b.push(" WHERE r.deleted = 0 AND r.res_type = ")
+                    .text(ty)
+                    .push(&format!(
+                        " AND r.rid IN (SELECT rid FROM {} WHERE res_type = ",
+                        table.name()
+                    ))
+                    .text(ty)
+                    .push(" AND code = ")
+                    .text(code)
+                    .push(" AND (");
+                cond_sql(&mut b, cond);
+                b.push(")");
+                let reverse = self.cursor_bound(&mut b, "rid");
+                let dir = if reverse { "DESC" } else { "ASC" };
+                b.push(&format!(" ORDER BY rid {dir} LIMIT "))
+                    .int(self.count as i64 + 1)
+                    .push(")");
+                reverse
             }
-            Cursor::Before(rid) => {
-                b.push(" AND r.rid < ").int(rid);
-                true
+            None => {
+                self.where_clause(&mut b);
+                self.cursor_bound(&mut b, "r.rid")
             }
         };
         self.order_by(&mut b, reverse);
@@ -1448,29 +1426,43 @@ impl SearchQuery {
         b
     }
 
-    /// The page of a search with one filter, an exact token (`system|code`) or a typed
-    /// reference, in the default order: the filter's lookup index ends in `rid`, so the page
-    /// is a range of it read in order, however many resources match (bulk paging).
-    fn ordered_page(&self, b: &mut SqlBuilder) -> Option<SqlBuilder> {
+    /// Appends the keyset condition of the cursor on `col`; returns whether the page is
+    /// read backwards ([`Cursor::Before`]).
+    fn cursor_bound(&self, b: &mut SqlBuilder, col: &str) -> bool {
+        match self.cursor {
+            Cursor::First => false,
+            Cursor::After(rid) => {
+                b.push(&format!(" AND {col} > ")).int(rid);
+                false
+            }
+            Cursor::Before(rid) => {
+                b.push(&format!(" AND {col} < ")).int(rid);
+                true
+            }
+        }
+    }
+
+    /// A search with one filter, an exact token (`system|code`) or a typed reference, in
+    /// the default order: `(type, table, code, condition)` to page straight from its index.
+    fn ordered_single(&self) -> Option<(&str, Table, &str, &Cond)> {
         let [scope] = self.scopes.as_slice() else {
             return None;
         };
         let ty = scope.ty.as_deref()?;
-        let [filter] = scope.filters.as_slice() else {
+        let [
+            Filter::Index {
+                table,
+                code,
+                cond,
+                negate: false,
+            },
+        ] = scope.filters.as_slice()
+        else {
             return None;
         };
         if self.is_sorted() || self.offset > 0 {
             return None;
         }
-        let Filter::Index {
-            table,
-            code,
-            cond,
-            negate: false,
-        } = filter
-        else {
-            return None;
-        };
         let exact = match cond {
             Cond::Token(values) => {
                 matches!(values.as_slice(), [TokenValue { system: Some(s), code: Some(_) }] if !s.is_empty())
@@ -1480,40 +1472,7 @@ impl SearchQuery {
             }
             _ => false,
         };
-        if !exact {
-            return None;
-        }
-        let mut b = std::mem::replace(b, SqlBuilder::new(""));
-        b.push(" WHERE r.deleted = 0 AND r.res_type = ")
-            .text(ty)
-            .push(&format!(
-                " AND r.rid IN (SELECT rid FROM {} WHERE res_type = ",
-                table.name()
-            ))
-            .text(ty)
-            .push(" AND code = ")
-            .text(code.clone())
-            .push(" AND (");
-        cond_sql(&mut b, cond);
-        b.push(")");
-        let reverse = match self.cursor {
-            Cursor::First => false,
-            Cursor::After(rid) => {
-                b.push(" AND rid > ").int(rid);
-                false
-            }
-            Cursor::Before(rid) => {
-                b.push(" AND rid < ").int(rid);
-                true
-            }
-        };
-        let dir = if reverse { "DESC" } else { "ASC" };
-        b.push(&format!(" ORDER BY rid {dir} LIMIT "))
-            .int(self.count as i64 + 1)
-            .push(")");
-        self.order_by(&mut b, reverse);
-        b.push(" LIMIT ").int(self.count as i64 + 1);
-        Some(b)
+        exact.then_some((ty, *table, code.as_str(), cond))
     }
 
     /// SQL selecting the ids of at most `limit` matches (conditional interactions).
@@ -1595,7 +1554,7 @@ fn index_sql(
     b: &mut SqlBuilder,
     ty: Option<&str>,
     alias: &str,
-    (table, code): (Table, &str),
+    (table, code): (Table, Option<&str>),
     (negate, drive): (bool, bool),
     cond: impl FnOnce(&mut SqlBuilder),
 ) {
@@ -1620,7 +1579,11 @@ fn index_sql(
             b.push("x.res_type = ").text(t).push(" AND ");
         }
     }
-    b.push("code = ").text(code).push(" AND (");
+    // A composite's condition carries its own codes.
+    if let Some(code) = code {
+        b.push("code = ").text(code).push(" AND ");
+    }
+    b.push("(");
     cond(b);
     b.push("))");
 }
@@ -1654,14 +1617,7 @@ fn filter_sql(
     };
     match f {
         Filter::Id(ids) => {
-            b.push(&format!("{alias}.res_id IN ("));
-            for (i, id) in ids.iter().enumerate() {
-                if i > 0 {
-                    b.push(", ");
-                }
-                b.text(id.clone());
-            }
-            b.push(")");
+            b.push(&format!("{alias}.res_id IN ")).list(ids);
         }
         Filter::LastUpdated(values) => {
             b.push("(");
@@ -1676,7 +1632,7 @@ fn filter_sql(
             code,
             cond,
             negate,
-        } => index_sql(b, ty, alias, (*table, code), (*negate, drive), |b| {
+        } => index_sql(b, ty, alias, (*table, Some(code)), (*negate, drive), |b| {
             cond_sql(b, cond)
         }),
         Filter::Missing {
@@ -1684,7 +1640,7 @@ fn filter_sql(
             code,
             missing,
         } => {
-            index_sql(b, ty, alias, (*table, code), (*missing, false), |b| {
+            index_sql(b, ty, alias, (*table, Some(code)), (*missing, false), |b| {
                 b.push("1 = 1");
             });
         }
@@ -1694,7 +1650,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Reference, code),
+                (Table::Reference, Some(code)),
                 (false, drive),
                 |b| {
                     or_list(b, targets, |b, (t, inner)| {
@@ -1774,40 +1730,18 @@ fn filter_sql(
                 or_list(b, pairs, |b, (t, codes)| {
                     b.push("(res_type = ")
                         .text(t.clone())
-                        .push(" AND code IN (");
-                    for (i, c) in codes.iter().enumerate() {
-                        if i > 0 {
-                            b.push(", ");
-                        }
-                        b.text(c.clone());
-                    }
-                    b.push("))");
+                        .push(" AND code IN ")
+                        .list(codes)
+                        .push(")");
                 });
                 b.push("))");
             }
             b.push(")");
         }
         Filter::Composite { table, alts } => {
-            if drive {
-                b.push(&format!(
-                    "{alias}.rid IN (SELECT rid FROM {} WHERE ",
-                    table.name()
-                ));
-                if let Some(t) = ty {
-                    b.push("res_type = ").text(t).push(" AND ");
-                }
-            } else {
-                b.push(&format!(
-                    "EXISTS (SELECT 1 FROM {} x WHERE x.rid = {alias}.rid AND ",
-                    table.name()
-                ));
-                if let Some(t) = ty {
-                    b.push("x.res_type = ").text(t).push(" AND ");
-                }
-            }
-            b.push("(");
-            composite_alts_sql(b, alts);
-            b.push("))");
+            index_sql(b, ty, alias, (*table, None), (false, drive), |b| {
+                composite_alts_sql(b, alts)
+            });
         }
         Filter::Near { lat, long } => {
             let range = |(lo, hi): (f64, f64)| {
@@ -1823,7 +1757,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Number, "near:lat"),
+                (Table::Number, Some("near:lat")),
                 (false, false),
                 |b| cond_sql(b, &lat_cond),
             );
@@ -1833,7 +1767,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Number, "near:long"),
+                (Table::Number, Some("near:long")),
                 (false, false),
                 |b| cond_sql(b, &long_cond),
             );
@@ -1847,14 +1781,7 @@ fn filter_sql(
 
 fn composite_alts_sql(b: &mut SqlBuilder, alts: &[(Vec<String>, Cond)]) {
     or_list(b, alts, |b, (keys, cond)| {
-        b.push("(code IN (");
-        for (i, k) in keys.iter().enumerate() {
-            if i > 0 {
-                b.push(", ");
-            }
-            b.text(k.clone());
-        }
-        b.push(") AND (");
+        b.push("(code IN ").list(keys).push(" AND (");
         cond_sql(b, cond);
         b.push("))");
     });
@@ -1938,14 +1865,7 @@ fn cond_sql(b: &mut SqlBuilder, cond: &Cond) {
             b.push(")");
         }),
         Cond::Uri(values) => {
-            b.push("value IN (");
-            for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    b.push(", ");
-                }
-                b.text(v.clone());
-            }
-            b.push(")");
+            b.push("value IN ").list(values);
         }
         Cond::UriBelow(values) => or_list(b, values, |b, v| {
             b.push("(value >= ")
@@ -2123,11 +2043,6 @@ pub fn value_set_codes(vs: &Value) -> Result<Vec<TokenValue>> {
         }
     }
     Ok(out)
-}
-
-/// SQL finding the body of the ValueSet with canonical `url`.
-pub fn value_set_sql(url: &str) -> SqlBuilder {
-    canonical_sql("ValueSet", url)
 }
 
 /// SQL finding the body of the newest `ty` (ValueSet, CodeSystem) with canonical `url`.

@@ -43,6 +43,18 @@ pub enum Arg {
     Real(f64),
 }
 
+impl From<i64> for Arg {
+    fn from(i: i64) -> Arg {
+        Arg::Int(i)
+    }
+}
+
+impl From<&String> for Arg {
+    fn from(s: &String) -> Arg {
+        Arg::Text(s.clone())
+    }
+}
+
 /// The declared type of a result column, so rows decode without guessing.
 #[derive(Debug, Clone, Copy)]
 pub enum Ty {
@@ -315,5 +327,21 @@ impl SqlBuilder {
     }
     pub fn int(&mut self, i: i64) -> &mut Self {
         self.bind(Arg::Int(i))
+    }
+    /// Appends `(a, b, ...)`, one placeholder per item, for `IN`.
+    pub fn list<I, A>(&mut self, items: I) -> &mut Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<Arg>,
+    {
+        self.sql.push('(');
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.sql.push_str(", ");
+            }
+            self.bind(item.into());
+        }
+        self.sql.push(')');
+        self
     }
 }

@@ -342,14 +342,8 @@ impl Db {
             return Ok(0);
         }
         let mut b =
-            SqlBuilder::new("SELECT rid, version FROM resource WHERE deleted = 0 AND rid IN (");
-        for (i, it) in items.iter().enumerate() {
-            if i > 0 {
-                b.push(", ");
-            }
-            b.int(it.rid);
-        }
-        b.push(")");
+            SqlBuilder::new("SELECT rid, version FROM resource WHERE deleted = 0 AND rid IN ");
+        b.list(items.iter().map(|it| it.rid));
         let current: std::collections::HashMap<i64, i64> = self
             .fetch_all(&b.sql, &b.args, &[Ty::Int, Ty::Int])
             .await?
@@ -365,14 +359,7 @@ impl Db {
         }
         let in_list = |sql: &str| {
             let mut b = SqlBuilder::new(sql);
-            b.push(" WHERE rid IN (");
-            for (i, it) in kept.iter().enumerate() {
-                if i > 0 {
-                    b.push(", ");
-                }
-                b.int(it.rid);
-            }
-            b.push(")");
+            b.push(" WHERE rid IN ").list(kept.iter().map(|it| it.rid));
             b
         };
         for table in INDEX_TABLES {
