@@ -109,36 +109,11 @@ fn bad_configuration_fails_with_one_line() {
 fn sigterm_shuts_down_cleanly_and_data_survives() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}/t.db", dir.path().display());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    let start = || {
-        Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--database",
-                &db,
-            ])
-            .env("IOMT_FHIR_DURABILITY", "full")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let port = free_port();
+    let start = || serve(&db, port);
     let base = format!("http://127.0.0.1:{port}/fhir");
-    let wait_up = || {
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("server did not start");
-    };
     let mut child = start();
-    wait_up();
+    wait_up(port);
     let client = raw_http::blocking_client();
     let r = client(
         &format!("{base}/Patient/keep"),
@@ -153,7 +128,7 @@ fn sigterm_shuts_down_cleanly_and_data_survives() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
     let mut child = start();
-    wait_up();
+    wait_up(port);
     let body = reqwest_get(&format!("{base}/Patient/keep"));
     assert!(body.contains("\"id\":\"keep\""), "{body}");
     // a second process may not write the same SQLite database
@@ -166,6 +141,40 @@ fn sigterm_shuts_down_cleanly_and_data_survives() {
     assert!(err.contains("in use by another iomt-fhir process"), "{err}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// `iomt-fhir serve` on `database` and 127.0.0.1:`port`, durable commits.
+fn serve(database: &str, port: u16) -> std::process::Child {
+    Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database",
+            database,
+        ])
+        .env("IOMT_FHIR_DURABILITY", "full")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the server on `port` accepts connections.
+fn wait_up(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server did not start");
 }
 
 /// Minimal blocking HTTP over std, to keep the test free of a second runtime.
@@ -249,27 +258,9 @@ fn reindex_activates_custom_search_parameters_across_restarts() {
     );
     assert!(stdout.contains("reindexed 3 resources"), "{stdout}");
 
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--database",
-            &db,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let port = free_port();
+    let mut child = serve(&db, port);
+    wait_up(port);
     let body = reqwest_get(&format!(
         "http://127.0.0.1:{port}/fhir/Patient?eye-colour=blue"
     ));

@@ -498,13 +498,7 @@ async fn search_basics(app: &TestApp) {
     assert!(b.get("entry").is_none());
     // unknown parameter: 400 by default, reported in the bundle when lenient
     assert_eq!(app.get("Patient?colour=blue").await.status(), 400);
-    let r = app
-        .client
-        .get(app.url("Patient?colour=blue"))
-        .header("prefer", "handling=lenient")
-        .send()
-        .await
-        .unwrap();
+    let r = app.get_lenient("Patient?colour=blue").await;
     assert_eq!(r.status(), 200);
     let b = json(r).await;
     let outcome = b["entry"]

@@ -41,6 +41,16 @@ impl TestApp {
             .expect("request")
     }
 
+    /// GET with `Prefer: handling=lenient`.
+    pub async fn get_lenient(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .header("prefer", "handling=lenient")
+            .send()
+            .await
+            .expect("request")
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.client
             .post(self.url(path))

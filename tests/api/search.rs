@@ -633,12 +633,8 @@ async fn paging_totals_and_errors(app: &TestApp) {
     }
     // Lenient handling ignores unknown parameters and says so in the Bundle.
     let r = app
-        .client
-        .get(app.url("Patient?colour=blue&_sort=colour&gender=male"))
-        .header("prefer", "handling=lenient")
-        .send()
-        .await
-        .unwrap();
+        .get_lenient("Patient?colour=blue&_sort=colour&gender=male")
+        .await;
     assert_eq!(r.status(), 200);
     let b = json(r).await;
     assert_eq!(ids(&b, "match"), ["Patient/p1"]);
@@ -650,13 +646,7 @@ async fn paging_totals_and_errors(app: &TestApp) {
     let text = outcome.expect("outcome entry").to_string();
     assert!(text.contains("colour"), "{text}");
     // ... but a malformed value of a known parameter is still an error.
-    let r = app
-        .client
-        .get(app.url("Observation?value-quantity=abc"))
-        .header("prefer", "handling=lenient")
-        .send()
-        .await
-        .unwrap();
+    let r = app.get_lenient("Observation?value-quantity=abc").await;
     assert_eq!(r.status(), 400);
 }
 
@@ -700,13 +690,11 @@ async fn large_results_page_exactly(app: &TestApp) {
     );
     assert_eq!(b["total"], 3);
     // Paging through all of them: each once, in order.
-    let mut seen = Vec::new();
-    let mut next = Some(app.url("Observation?code=8867-4&date=ge2020-01-01&_count=500"));
-    while let Some(url) = next {
-        let b = json(app.client.get(&url).send().await.unwrap()).await;
-        seen.extend(ids(&b, "match"));
-        next = link(&b, "next");
-    }
+    let seen = all_pages(
+        app,
+        search(app, "Observation?code=8867-4&date=ge2020-01-01&_count=500").await,
+    )
+    .await;
     let want: Vec<String> = (0..2100)
         .map(|i| format!("Observation/big{i:04}"))
         .collect();
