@@ -83,11 +83,12 @@ pub async fn run(ctx: SharedCtx, paths: &[PathBuf], jobs: usize) -> Result<Summa
     Arc::try_unwrap(summary).map_err(|_| "import still running".to_string())
 }
 
-async fn import_file(ctx: &SharedCtx, file: &Path, summary: &Summary) -> Result<(), String> {
+async fn import_file(ctx: &SharedCtx, file: &Path, summary: &Arc<Summary>) -> Result<(), String> {
     let text = tokio::fs::read_to_string(file)
         .await
         .map_err(|e| format!("cannot read: {e}"))?;
     if file.extension().and_then(|e| e.to_str()) == Some("ndjson") {
+        let mut pipeline = Pipeline::default();
         let mut chunk = Vec::new();
         for (n, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -97,13 +98,15 @@ async fn import_file(ctx: &SharedCtx, file: &Path, summary: &Summary) -> Result<
                 serde_json::from_str(line).map_err(|e| format!("line {}: not JSON: {e}", n + 1))?;
             chunk.push(v);
             if chunk.len() == NDJSON_CHUNK {
-                submit(ctx, as_transaction(std::mem::take(&mut chunk)), summary).await?;
+                pipeline
+                    .push(ctx, std::mem::take(&mut chunk), summary)
+                    .await?;
             }
         }
         if !chunk.is_empty() {
-            submit(ctx, as_transaction(chunk), summary).await?;
+            pipeline.push(ctx, chunk, summary).await?;
         }
-        return Ok(());
+        return pipeline.finish().await;
     }
     let v: Value = serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
     let bundle = match (
@@ -128,6 +131,62 @@ async fn import_file(ctx: &SharedCtx, file: &Path, summary: &Summary) -> Result<
 }
 
 /// Wraps resources in a transaction: `PUT Type/id` when they have an id, else `POST Type`.
+/// NDJSON chunks of one file, [`IN_FLIGHT`] at a time: while the store writes one chunk,
+/// the next ones are validated and prepared (the CPU work happens before a job is queued).
+/// A chunk that names a resource of a chunk still in flight waits for it, so a later line
+/// always wins over an earlier one.
+#[derive(Default)]
+struct Pipeline {
+    in_flight: std::collections::VecDeque<(ChunkTask, std::collections::HashSet<String>)>,
+}
+
+type ChunkTask = tokio::task::JoinHandle<Result<(), String>>;
+
+const IN_FLIGHT: usize = 3;
+
+impl Pipeline {
+    async fn push(
+        &mut self,
+        ctx: &SharedCtx,
+        chunk: Vec<Value>,
+        summary: &Arc<Summary>,
+    ) -> Result<(), String> {
+        let keys: std::collections::HashSet<String> = chunk
+            .iter()
+            .filter_map(|r| {
+                Some(format!(
+                    "{}/{}",
+                    r.get("resourceType")?.as_str()?,
+                    r.get("id")?.as_str()?
+                ))
+            })
+            .collect();
+        if self.in_flight.iter().any(|(_, k)| !k.is_disjoint(&keys)) {
+            self.finish().await?;
+        }
+        while self.in_flight.len() >= IN_FLIGHT {
+            if let Some((oldest, _)) = self.in_flight.pop_front() {
+                join(oldest).await?;
+            }
+        }
+        let (c, s) = (ctx.clone(), summary.clone());
+        let task = tokio::spawn(async move { submit(&c, as_transaction(chunk), &s).await });
+        self.in_flight.push_back((task, keys));
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), String> {
+        while let Some((task, _)) = self.in_flight.pop_front() {
+            join(task).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn join(task: ChunkTask) -> Result<(), String> {
+    task.await.map_err(|e| format!("import task failed: {e}"))?
+}
+
 fn as_transaction(resources: Vec<Value>) -> Value {
     let entries: Vec<Value> = resources
         .into_iter()

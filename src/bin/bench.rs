@@ -36,6 +36,8 @@ struct Options {
     observations: usize,
     /// Patients they are spread over; `None`: one per 100 Observations.
     patients: Option<usize>,
+    /// Write the generated search data set to this directory and stop.
+    generate_to: Option<PathBuf>,
 }
 
 fn options() -> Result<Options, String> {
@@ -49,6 +51,7 @@ fn options() -> Result<Options, String> {
         search_only: false,
         observations: 1_000_000,
         patients: None,
+        generate_to: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -70,6 +73,7 @@ fn options() -> Result<Options, String> {
                     .map_err(|e| format!("--hl7-messages: {e}"))?
             }
             "--search" => o.search_only = true,
+            "--generate" => o.generate_to = Some(PathBuf::from(value()?)),
             "--observations" => {
                 o.observations = value()?
                     .parse()
@@ -1106,6 +1110,16 @@ async fn run_search(o: &Options) -> Result<(), String> {
     let patients = o.patients.unwrap_or(o.observations / 100).max(1);
     let started = Instant::now();
     let data = generate(o.observations, patients)?;
+    if let Some(to) = &o.generate_to {
+        std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+        for f in &data.files {
+            if let Some(name) = f.file_name() {
+                std::fs::copy(f, to.join(name)).map_err(|e| format!("{}: {e}", f.display()))?;
+            }
+        }
+        println!("wrote {} files to {}", data.files.len(), to.display());
+        return Ok(());
+    }
     println!(
         "generated {} Patients and {} Observations ({:.0} MiB NDJSON, {} files) in {:.1} s",
         data.patients,

@@ -398,10 +398,14 @@ impl MessageRow {
         }
     }
 
+    /// Stores the row. A committed message's row is its job's last write and goes out with
+    /// the job's resources in one round trip (`Db::execute_final`); a redelivery racing the
+    /// first delivery finds the key taken and stores nothing (its writes are no-ops: every
+    /// entry is conditional on identifiers the first delivery wrote).
     async fn insert(&self, db: &mut Db) -> Result<()> {
-        db.execute(
-            "INSERT INTO hl7_message (received_at, peer, sending_application, sending_facility, control_id, message_type, raw_base64, outcome, ack, resources, error, dedup_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            &[
+        db.execute_final(
+            "INSERT INTO hl7_message (received_at, peer, sending_application, sending_facility, control_id, message_type, raw_base64, outcome, ack, resources, error, dedup_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (dedup_key) DO NOTHING",
+            vec![
                 Arg::Int(self.received_at),
                 Arg::Text(self.peer.clone()),
                 Arg::OptText(self.sending_application.clone()),
@@ -416,8 +420,7 @@ impl MessageRow {
                 Arg::OptText(self.dedup_key.clone()),
             ],
         )
-        .await?;
-        Ok(())
+        .await
     }
 }
 

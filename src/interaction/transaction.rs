@@ -454,6 +454,71 @@ async fn transaction(
     Ok(raw_bundle(b))
 }
 
+/// The commonest condition, `Type?identifier=system|value` (HL7 v2 and device feeds match
+/// patients, devices and observations that way), resolved for every conditional update of
+/// the transaction in one query rather than one search each. Answers by entry position;
+/// entries with any other condition are left to [`write::matching_ids`]. On PostgreSQL the
+/// conditions are locked first, in a fixed order, as `matching_ids` would.
+async fn resolve_identifier_conditions(
+    db: &mut Db,
+    ctx: &Ctx,
+    entries: &[Entry],
+) -> Result<HashMap<usize, Vec<String>>> {
+    let mut at = Vec::new();
+    let mut items = Vec::new();
+    let registry = ctx.registry();
+    for (i, e) in entries.iter().enumerate() {
+        let Interaction::ConditionalUpdate(t) = &e.interaction else {
+            continue;
+        };
+        let pairs: Vec<&(String, String)> = e
+            .req
+            .query
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "_format" | "_pretty"))
+            .collect();
+        let [(k, v)] = pairs.as_slice() else {
+            continue;
+        };
+        if k != "identifier"
+            || registry
+                .get(t, "identifier")
+                .is_none_or(|p| p.kind != crate::search::registry::ParamType::Token)
+        {
+            continue;
+        }
+        let Some((system, value)) = crate::search::query::single_system_code(v) else {
+            continue;
+        };
+        at.push(i);
+        items.push((t.clone(), system, value));
+    }
+    if items.len() < 2 {
+        return Ok(HashMap::new());
+    }
+    if db.is_postgres() {
+        let mut conditions: Vec<(String, String)> = at
+            .iter()
+            .filter_map(|&i| {
+                let q = crate::interaction::update::condition_query(&entries[i].req).ok()?;
+                match &entries[i].interaction {
+                    Interaction::ConditionalUpdate(t) => Some((t.clone(), q)),
+                    _ => None,
+                }
+            })
+            .collect();
+        conditions.sort();
+        conditions.dedup();
+        for (t, q) in &conditions {
+            db.lock_condition(t, q).await?;
+        }
+    }
+    // Earlier writes of this job must be visible to the conditions.
+    db.flush().await?;
+    let found = db.ids_by_identifier(&items, 2).await?;
+    Ok(at.into_iter().zip(found).collect())
+}
+
 /// The transaction body: runs inside one database transaction.
 async fn run(
     db: &mut Db,
@@ -504,6 +569,7 @@ async fn run(
     // 2. Resolve ids that depend on the database, then rewrite references.
     let mut existing: HashMap<usize, crate::store::resource::Stored> = HashMap::new();
     if payloads.iter().any(|p| matches!(p, Payload::Raw(_))) {
+        let mut resolved = resolve_identifier_conditions(db, ctx, &entries).await?;
         let mut map = HashMap::new();
         for &i in &order {
             let e = &entries[i];
@@ -537,8 +603,13 @@ async fn run(
                 I::Update(t, id) => (t, id.clone()),
                 I::ConditionalUpdate(t) => {
                     let q = crate::interaction::update::condition_query(&e.req).map_err(at)?;
-                    db.lock_condition(t, &q).await.map_err(at)?;
-                    let found = write::matching_ids(db, ctx, t, &q, 2).await.map_err(at)?;
+                    let found = match resolved.remove(&i) {
+                        Some(found) => found,
+                        None => {
+                            db.lock_condition(t, &q).await.map_err(at)?;
+                            write::matching_ids(db, ctx, t, &q, 2).await.map_err(at)?
+                        }
+                    };
                     let body_id = match &payloads[i] {
                         Payload::Raw(r) => r.get("id").and_then(Value::as_str).map(str::to_string),
                         _ => None,
@@ -580,7 +651,16 @@ async fn run(
         }
     }
 
-    // 3. Creates, then updates and patches, then reads.
+    // 3. Creates, then updates and patches, then reads. The current versions of every
+    // resource written by id are read ahead in one query.
+    let keys: Vec<(String, String)> = order
+        .iter()
+        .filter_map(|&i| match (&entries[i].interaction, &ids[i]) {
+            (I::Update(t, _) | I::ConditionalUpdate(t), Some(id)) => Some((t.clone(), id.clone())),
+            _ => None,
+        })
+        .collect();
+    db.prefetch(&keys).await?;
     let now_status = |created: bool| if created { "201 Created" } else { "200 OK" };
     for &i in &order {
         let e = &mut entries[i];

@@ -378,6 +378,8 @@ fn token(node: Node<'_>, out: &mut Vec<IndexValue>) {
         Value::Null | Value::Array(_) => return,
     };
     if map.contains_key("coding") || node.fhir_type == Some("CodeableConcept") {
+        let text = str_field(map, "text");
+        let before = out.len();
         for coding in map
             .get("coding")
             .and_then(Value::as_array)
@@ -385,9 +387,11 @@ fn token(node: Node<'_>, out: &mut Vec<IndexValue>) {
             .flatten()
             .filter_map(Value::as_object)
         {
-            coding_token(coding, out);
+            coding_token(coding, text, out);
         }
-        if let Some(text) = str_field(map, "text") {
+        if out.len() == before
+            && let Some(text) = text
+        {
             text_token(text, out);
         }
         return;
@@ -407,7 +411,7 @@ fn token(node: Node<'_>, out: &mut Vec<IndexValue>) {
     }
     if map.contains_key("code") || map.contains_key("system") {
         // Coding, or an Identifier with a system but no value (still matches `system|`).
-        coding_token(map, out);
+        coding_token(map, None, out);
         return;
     }
     if let Some(text) = str_field(map, "text") {
@@ -438,20 +442,33 @@ fn of_type(value: &Value, out: &mut Vec<IndexValue>) {
     }
 }
 
-fn coding_token(coding: &Map<String, Value>, out: &mut Vec<IndexValue>) {
+/// One row per Coding: its system and code, and for `:text` the texts that describe it
+/// (the CodeableConcept's `text`, then the Coding's `display`) in the same row, joined by
+/// [`TEXT_SEPARATOR`], rather than rows of their own.
+fn coding_token(
+    coding: &Map<String, Value>,
+    concept_text: Option<&str>,
+    out: &mut Vec<IndexValue>,
+) {
     let system = str_field(coding, "system");
     let code = str_field(coding, "code");
-    if system.is_some() || code.is_some() {
+    let display = str_field(coding, "display");
+    let text = match (concept_text, display) {
+        (Some(t), Some(d)) if t != d => Some(format!("{t}{TEXT_SEPARATOR}{d}")),
+        (Some(t), _) => Some(t.to_string()),
+        (None, d) => owned(d),
+    };
+    if system.is_some() || code.is_some() || text.is_some() {
         out.push(IndexValue::Token {
             system: owned(system),
             code: owned(code),
-            text: None,
+            text,
         });
     }
-    if let Some(display) = str_field(coding, "display") {
-        text_token(display, out);
-    }
 }
+
+/// Separates the texts of one token row; `:text` searches never contain it.
+pub const TEXT_SEPARATOR: char = '\u{1f}';
 
 /// HumanName and Address parts that search.html says a string parameter matches; the two
 /// types share only `text`, so one list covers both.
@@ -1038,11 +1055,11 @@ mod tests {
         check(
             "code",
             observation.clone(),
-            &[
-                token(Some("http://loinc.org"), Some("8867-4"), None),
-                token(None, None, Some("Heart rate")),
-                token(None, None, Some("HR")),
-            ],
+            &[token(
+                Some("http://loinc.org"),
+                Some("8867-4"),
+                Some("HR\u{1f}Heart rate"),
+            )],
         );
         let (start, _) = parse_fhir_date_range("2021-01-01T00:00:00Z").unwrap_or_default();
         check(
@@ -1223,7 +1240,7 @@ mod tests {
         );
         let codes = values(observation, "code");
         assert!(
-            codes.contains(&token(Some("http://loinc.org"), Some("29463-7"), None)),
+            codes.iter().any(|c| matches!(c, IndexValue::Token { system: Some(s), code: Some(c), .. } if s == "http://loinc.org" && c == "29463-7")),
             "{codes:?}"
         );
         assert!(values(observation, "subject").contains(&reference(

@@ -472,6 +472,20 @@ fn reference_value(v: &str, forced_type: Option<&str>) -> RefValue {
     }
 }
 
+/// A token search value that names exactly one `system|code`, both present, unescaped:
+/// what `identifier=system|value` conditions look for.
+pub fn single_system_code(value: &str) -> Option<(String, String)> {
+    match token_values(value).as_slice() {
+        [
+            TokenValue {
+                system: Some(system),
+                code: Some(code),
+            },
+        ] if !system.is_empty() => Some((system.clone(), code.clone())),
+        _ => None,
+    }
+}
+
 fn token_values(value: &str) -> Vec<TokenValue> {
     split_or(value)
         .iter()
@@ -2148,6 +2162,17 @@ pub fn parse_condition(registry: &Registry, res_type: &str, query: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_system_code_only_for_one_full_token() {
+        assert_eq!(
+            single_system_code(r"urn:k|root\|1.2"),
+            Some(("urn:k".into(), "root|1.2".into()))
+        );
+        for v in ["a|b,c|d", "|x", "x", "urn:k|"] {
+            assert_eq!(single_system_code(v), None, "{v}");
+        }
+    }
 
     #[test]
     fn splits_or_values_with_escapes() {

@@ -32,7 +32,14 @@ pub struct Db {
     pub(crate) release_pending: bool,
     /// A write failed outside any savepoint: the writer must roll back the whole group.
     pub(crate) group_failed: bool,
+    /// SQLite writer only: current rows (and bodies) a job read ahead in one query with
+    /// [`Db::prefetch`]; `None` records a resource that does not exist. An entry leaves when
+    /// the job writes that resource; the whole map is cleared when the job ends.
+    pub(crate) prefetched: std::collections::HashMap<(String, String), Option<Prefetched>>,
 }
+
+/// A current row read ahead: the row, the version's method and body.
+pub(crate) type Prefetched = (crate::store::resource::Current, String, Option<String>);
 
 /// A bound argument.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +143,7 @@ impl Db {
             savepoint: Default::default(),
             release_pending: false,
             group_failed: false,
+            prefetched: Default::default(),
         }
     }
 

@@ -133,6 +133,8 @@ pub struct Pending {
     pub inserts: Vec<Value>,
     pub updates: Vec<Value>,
     pub clears: [Vec<i64>; 7],
+    /// Statements that go last in the flush (see [`Db::execute_final`]).
+    pub tail: Vec<(String, Vec<Arg>)>,
 }
 
 impl Pending {
@@ -145,6 +147,7 @@ impl Pending {
             && self.inserts.is_empty()
             && self.updates.is_empty()
             && self.clears.iter().all(Vec::is_empty)
+            && self.tail.is_empty()
     }
 }
 
@@ -311,6 +314,30 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
     )
 }
 
+/// Shifts the `$N` placeholders of one statement by `offset`, to append it to a
+/// multi-statement query whose earlier statements hold `offset` arguments. Our SQL has no
+/// `$` inside literals.
+fn renumber(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut n = String::new();
+        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+            n.push(*d);
+            chars.next();
+        }
+        match n.parse::<usize>() {
+            Ok(k) => out.push_str(&(k + offset).to_string()),
+            Err(_) => out.push_str(&n),
+        }
+    }
+    out
+}
+
 /// A stable 63-bit hash (FNV-1a) for PostgreSQL advisory locks.
 pub fn lock_key(parts: &[&str]) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -381,8 +408,112 @@ impl Db {
         Ok(n)
     }
 
+    /// Reads the current rows and bodies of many resources in one query, so that the
+    /// [`Db::current`] and [`Db::vread`] calls of a job's entries (a transaction Bundle, an
+    /// import chunk) cost no round trip each. SQLite's single writer only: nothing else can
+    /// change those rows before the job ends. On PostgreSQL rows are read (and locked) one by
+    /// one with `FOR UPDATE`, so this does nothing there.
+    pub async fn prefetch(&mut self, keys: &[(String, String)]) -> Result<()> {
+        if self.is_postgres() || self.alloc.is_none() || keys.len() < 2 {
+            return Ok(());
+        }
+        let wanted: Vec<&(String, String)> = keys
+            .iter()
+            .filter(|k| !self.prefetched.contains_key(*k) && !self.pending.touches(&k.0, &k.1))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let list = Value::Array(
+            wanted
+                .iter()
+                .map(|(t, i)| Value::Array(vec![t.as_str().into(), i.as_str().into()]))
+                .collect(),
+        );
+        let rows = self
+            .fetch_all(
+                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_each($1) AS e JOIN resource r ON r.res_type = e.value->>0 AND r.res_id = e.value->>1 JOIN resource_version v ON v.seq = r.seq",
+                &[Arg::Text(list.to_string())],
+                &[
+                    Ty::Text,
+                    Ty::Text,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Text,
+                    Ty::OptText,
+                ],
+            )
+            .await?;
+        for (t, i) in wanted {
+            self.prefetched.insert((t.clone(), i.clone()), None);
+        }
+        for mut row in rows {
+            let body = row.pop().and_then(Val::text);
+            let method = row.pop().and_then(Val::text).unwrap_or_default();
+            let current = current_from(row.split_off(2));
+            let mut key = row.into_iter().map(|v| v.text().unwrap_or_default());
+            let (Some(t), Some(i)) = (key.next(), key.next()) else {
+                continue;
+            };
+            self.prefetched
+                .insert((t, i), Some((current, method, body)));
+        }
+        Ok(())
+    }
+
+    /// The ids of the current resources matching `identifier=system|value`, for many
+    /// (type, system, value) at once: what a conditional `Type?identifier=system|value`
+    /// search finds, in one query instead of one per condition. At most `limit` per item.
+    pub async fn ids_by_identifier(
+        &mut self,
+        items: &[(String, String, String)],
+        limit: usize,
+    ) -> Result<Vec<Vec<String>>> {
+        let list = Value::Array(
+            items
+                .iter()
+                .map(|(t, s, v)| {
+                    Value::Array(vec![
+                        t.as_str().into(),
+                        s.as_str().into(),
+                        v.as_str().into(),
+                    ])
+                })
+                .collect(),
+        );
+        let sql = if self.is_postgres() {
+            "SELECT e.ord::bigint - 1, r.res_id FROM json_array_elements($1::json) WITH ORDINALITY AS e(v, ord) JOIN idx_token t ON t.res_type = e.v->>0 AND t.code = 'identifier' AND t.value = e.v->>2 AND t.system = e.v->>1 JOIN resource r ON r.rid = t.rid AND r.deleted = 0 ORDER BY 1, r.rid"
+        } else {
+            "SELECT e.key, r.res_id FROM json_each($1) AS e JOIN idx_token t ON t.res_type = e.value->>0 AND t.code = 'identifier' AND t.value = e.value->>2 AND t.system = e.value->>1 JOIN resource r ON r.rid = t.rid AND r.deleted = 0 ORDER BY 1, r.rid"
+        };
+        let rows = self
+            .search_rows(sql, &[Arg::Text(list.to_string())], &[Ty::Int, Ty::Text])
+            .await?;
+        let mut out = vec![Vec::new(); items.len()];
+        for row in rows {
+            let mut it = row.into_iter();
+            let (Some(k), Some(id)) = (it.next(), it.next().and_then(Val::text)) else {
+                continue;
+            };
+            if let Some(ids) = usize::try_from(k.int()).ok().and_then(|k| out.get_mut(k))
+                && ids.len() < limit
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        }
+        Ok(out)
+    }
+
     /// The current row, without locking.
     pub async fn current(&mut self, ty: &str, id: &str) -> Result<Option<Current>> {
+        if let Some(p) = self.prefetched.get(&(ty.to_string(), id.to_string())) {
+            return Ok(p.as_ref().map(|(c, _, _)| c.clone()));
+        }
         let row = self
             .fetch_resource_rows(
                 ty,
@@ -450,6 +581,20 @@ impl Db {
 
     /// One version of a resource.
     pub async fn vread(&mut self, ty: &str, id: &str, version: i64) -> Result<Option<Stored>> {
+        if let Some(Some((c, method, body))) =
+            self.prefetched.get(&(ty.to_string(), id.to_string()))
+            && c.version == version
+        {
+            return Ok(Some(Stored {
+                res_type: ty.to_string(),
+                id: id.to_string(),
+                version,
+                last_updated: c.last_updated,
+                method: method.clone(),
+                body: body.clone(),
+                seq: c.seq,
+            }));
+        }
         let row = self
             .fetch_resource_rows(
                 ty,
@@ -475,6 +620,9 @@ impl Db {
         method: &str,
         now: Micros,
     ) -> Result<Written> {
+        if !self.prefetched.is_empty() {
+            self.prefetched.remove(&(ty.to_string(), id.to_string()));
+        }
         let version = prior.map_or(1, |c| c.version + 1);
         // lastUpdated never goes backwards for one resource, even if the clock does.
         let last_updated = prior.map_or(now, |c| now.max(c.last_updated + 1));
@@ -694,6 +842,20 @@ impl Db {
         r
     }
 
+    /// Runs a job's last statement together with its buffered writes, in the same round
+    /// trip and without a savepoint (see [`Db::flush_final`]): the job must not write after
+    /// it, and if it fails the writer's whole group rolls back, so use it only for
+    /// statements that cannot fail on input (e.g. `ON CONFLICT DO NOTHING` inserts).
+    /// Elsewhere (PostgreSQL) it is a plain [`Db::execute`].
+    pub async fn execute_final(&mut self, sql: &str, args: Vec<Arg>) -> Result<()> {
+        if self.alloc.is_none() {
+            self.execute(sql, &args).await?;
+            return Ok(());
+        }
+        self.pending.tail.push((sql.to_string(), args));
+        self.flush_final().await
+    }
+
     async fn flush_inner(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.pending_index);
         let mut tables: [Vec<Value>; 7] = Default::default();
@@ -786,32 +948,35 @@ impl Db {
                 .text(Value::Array(pending.updates).to_string())
                 .push(") AS e) AS u WHERE resource.rid = u.rid;\n");
         }
-        for (bit, rids) in pending.clears.iter().enumerate() {
+        for (bit, rids) in pending.clears.into_iter().enumerate() {
             if !rids.is_empty() {
                 b.push(&format!(
                     "DELETE FROM {} WHERE rid IN (SELECT value FROM json_each(",
                     INDEX_TABLES[bit]
                 ))
-                .text(Value::from(rids.clone()).to_string())
+                .text(Value::from(rids).to_string())
                 .push("));\n");
             }
         }
-        for (bit, rows) in tables.iter().enumerate() {
+        for (bit, rows) in tables.into_iter().enumerate() {
             if rows.is_empty() {
                 continue;
             }
             if pg {
                 // PostgreSQL runs one statement per query with arguments.
                 let sql = bulk_insert_sql(bit, true, "$1");
-                self.execute_unflushed(&sql, &[Arg::Text(Value::Array(rows.clone()).to_string())])
+                self.execute_unflushed(&sql, &[Arg::Text(Value::Array(rows).to_string())])
                     .await?;
             } else {
                 let n = b.args.len() + 1;
                 b.push(&bulk_insert_sql(bit, false, &format!("${n}")));
-                b.args
-                    .push(Arg::Text(Value::Array(rows.clone()).to_string()));
+                b.args.push(Arg::Text(Value::Array(rows).to_string()));
                 b.push(";\n");
             }
+        }
+        for (sql, args) in pending.tail {
+            b.push(&renumber(&sql, b.args.len())).push(";\n");
+            b.args.extend(args);
         }
         if !b.sql.is_empty() {
             self.execute_unflushed(&b.sql, &b.args).await?;
@@ -915,5 +1080,22 @@ fn stored_from(ty: &str, id: &str, row: Vec<Val>) -> Stored {
         method,
         body,
         seq,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renumber;
+
+    #[test]
+    fn renumber_shifts_every_placeholder() {
+        assert_eq!(
+            renumber(
+                "INSERT INTO t VALUES ($1, $2, $10) ON CONFLICT DO NOTHING",
+                7
+            ),
+            "INSERT INTO t VALUES ($8, $9, $17) ON CONFLICT DO NOTHING"
+        );
+        assert_eq!(renumber("SELECT '$' || $1", 0), "SELECT '$' || $1");
     }
 }
