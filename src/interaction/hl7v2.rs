@@ -33,6 +33,7 @@ const SUPPORTED: &[(&str, &str)] = &[
     ("ADT", "A13"),
     ("ADT", "A28"),
     ("ADT", "A31"),
+    ("ADT", "A40"),
     ("ORU", "R01"),
     ("RDE", "O11"),
     ("RAS", "O17"),

@@ -176,7 +176,66 @@ async fn pcd01_over_http_is_acknowledged_after_commit_and_idempotent(app: &TestA
     );
 }
 
-crate::both_backends!(pcd01_over_http_is_acknowledged_after_commit_and_idempotent);
+/// ADT^A40: the survivor gets a `replaces` link, the prior record becomes inactive with a
+/// `replaced-by` link; both are found by identifier, nothing is duplicated on resend.
+async fn adt_a40_merges_patients(app: &TestApp) {
+    let a01 = |mrn: &str, family: &str, control: &str| {
+        format!(
+            "MSH|^~\\&|ADT1|GHH|EHR|GHH|20240306080000||ADT^A04|{control}|P|2.5.1\rEVN|A04|20240306080000\rPID|1||{mrn}^^^GHH^MR||{family}^ANN||19700101|F\rPV1|1|O\r"
+        )
+    };
+    for (mrn, family, control) in [("M-1", "SURVIVOR", "C1"), ("M-2", "PRIOR", "C2")] {
+        let r = post_hl7(
+            app,
+            a01(mrn, family, control).into_bytes(),
+            "x-application/hl7-v2+er7",
+        )
+        .await;
+        let ack = r.text().await.unwrap();
+        assert!(ack.contains("MSA|AA|"), "{ack}");
+    }
+    let merge = "MSH|^~\\&|ADT1|GHH|EHR|GHH|20240307080000||ADT^A40^ADT_A39|C3|P|2.5.1\rEVN|A40|20240307080000\rPID|1||M-1^^^GHH^MR||SURVIVOR^ANN||19700101|F\rMRG|M-2^^^GHH^MR\r";
+    for _ in 0..2 {
+        let r = post_hl7(app, merge.as_bytes().to_vec(), "x-application/hl7-v2+er7").await;
+        let ack = r.text().await.unwrap();
+        assert!(ack.contains("MSA|AA|C3"), "{ack}");
+    }
+    let find = |mrn: &'static str| async move {
+        let b = json(
+            app.get(&format!("Patient?identifier=urn:hl7v2:authority:GHH|{mrn}"))
+                .await,
+        )
+        .await;
+        assert_eq!(b["total"], 1, "{b}");
+        b["entry"][0]["resource"].clone()
+    };
+    let survivor = find("M-1").await;
+    let prior = find("M-2").await;
+    let (sid, pid) = (
+        survivor["id"].as_str().unwrap(),
+        prior["id"].as_str().unwrap(),
+    );
+    assert_eq!(survivor["link"][0]["type"], "replaces");
+    assert_eq!(
+        survivor["link"][0]["other"]["reference"],
+        format!("Patient/{pid}")
+    );
+    assert_eq!(prior["active"], false);
+    assert_eq!(prior["link"][0]["type"], "replaced-by");
+    assert_eq!(
+        prior["link"][0]["other"]["reference"],
+        format!("Patient/{sid}")
+    );
+    // The prior record's demographics stay in its history.
+    let history = json(app.get(&format!("Patient/{pid}/_history")).await).await;
+    assert_eq!(history["total"], 2, "{history}");
+    assert_eq!(count(app, &format!("Patient?link=Patient/{pid}")).await, 1);
+}
+
+crate::both_backends!(
+    pcd01_over_http_is_acknowledged_after_commit_and_idempotent,
+    adt_a40_merges_patients
+);
 
 /// Reads one framed ACK at a time, keeping bytes that arrived with an earlier one (two
 /// ACKs can come in one read).

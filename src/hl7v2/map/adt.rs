@@ -14,12 +14,12 @@ use crate::hl7v2::map::{Builder, Seg};
 use crate::hl7v2::message::Repetition;
 
 /// Trigger events mapped: admit, transfer, discharge, register, pre-admit, update, the
-/// cancellations A11/A13, pending admit A14, and the person-only A28/A31.
+/// cancellations A11/A13, pending admit A14, the person-only A28/A31, and the merge A40.
 pub(crate) const TRIGGERS: &[&str] = &[
-    "A01", "A02", "A03", "A04", "A05", "A08", "A11", "A13", "A14", "A28", "A31",
+    "A01", "A02", "A03", "A04", "A05", "A08", "A11", "A13", "A14", "A28", "A31", "A40",
 ];
 /// Segments this mapping reads (anything else is reported as not mapped).
-pub(crate) const SEGMENTS: &[&str] = &["EVN", "PID", "PV1", "NK1", "AL1", "DG1"];
+pub(crate) const SEGMENTS: &[&str] = &["EVN", "PID", "PV1", "NK1", "AL1", "DG1", "MRG"];
 
 const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
 const NULL_FLAVOR: &str = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor";
@@ -47,6 +47,10 @@ pub(crate) fn map(b: &mut Builder) {
         b.missing_segment("PID", 1, "in ADT messages");
         return;
     };
+    if b.trigger == "A40" {
+        merge(b, pid);
+        return;
+    }
     let patient = patient(b, pid, Method::Update);
     // A28/A31 maintain the person only; their PV1, if any, is a placeholder.
     let person_only = matches!(b.trigger.as_str(), "A28" | "A31");
@@ -75,6 +79,57 @@ pub(crate) fn map(b: &mut Builder) {
             _ => {}
         }
     }
+}
+
+/// ADT^A40 (merge patient, patient identifier list; v2-to-FHIR IG MRG[Patient]): PID is
+/// the surviving patient, MRG-1 the prior patient's identifiers. The survivor is written
+/// from PID as for any ADT event, with a `replaces` link; the prior record's current
+/// version becomes an inactive Patient carrying MRG-1's identifiers and a `replaced-by`
+/// link to the survivor (patient.html#links). Its earlier versions keep its demographics in
+/// its history; resources that refer to it keep doing so, and clients follow the link.
+fn merge(b: &mut Builder, pid: Seg) {
+    let Some(mrg) = first(b, "MRG") else {
+        b.missing_segment("MRG", 1, "for ADT^A40");
+        return;
+    };
+    let default_system = b.sender_urn("authority");
+    let prior_ids: Vec<Value> = mrg
+        .reps(1)
+        .iter()
+        .filter_map(|r| cx_identifier(r, &default_system))
+        .collect();
+    let Some(first_id) = prior_ids.first() else {
+        b.missing(mrg, 1, "prior patient identifier list");
+        return;
+    };
+    let primary = prior_ids
+        .iter()
+        .find(|i| i.pointer("/type/coding/0/code").and_then(Value::as_str) == Some("MR"))
+        .unwrap_or(first_id);
+    let system = primary["system"].as_str().unwrap_or_default().to_string();
+    let value = primary["value"].as_str().unwrap_or_default().to_string();
+    let prior_query = token_query("identifier", &system, &value);
+    let prior_url = crate::hl7v2::map::bundle::uuid_urn(&format!("Patient?{prior_query}"));
+    let Some(survivor) = patient(b, pid, Method::Update) else {
+        return;
+    };
+    if survivor.key == format!("{system}|{value}") {
+        b.bad(mrg, 1, "prior patient identifier list", &value);
+        return;
+    }
+    if let Some(p) = b.resource_mut(&survivor.full_url) {
+        p.insert(
+            "link".into(),
+            json!([{"other": {"reference": prior_url}, "type": "replaces"}]),
+        );
+    }
+    let prior = json!({
+        "resourceType": "Patient",
+        "identifier": prior_ids,
+        "active": false,
+        "link": [{"other": {"reference": survivor.full_url}, "type": "replaced-by"}]
+    });
+    b.add(Entry::new("Patient", prior_query, Method::Update, prior));
 }
 
 /// PID → Patient. `method` is `Update` for ADT (the authoritative demographics feed) and

@@ -378,6 +378,48 @@ fn adt_a01_admit() {
 }
 
 #[test]
+fn adt_a40_merge_links_survivor_and_retired_prior() {
+    let m = golden("adt_a40");
+    assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+    let patients = resources(&m.bundle, "Patient");
+    assert_eq!(patients.len(), 2);
+    let (survivor, prior) = (patients[0], patients[1]);
+    assert_eq!(survivor["identifier"][0]["value"], "555-44-4444");
+    assert_eq!(survivor["link"][0]["type"], "replaces");
+    assert_eq!(prior["identifier"][0]["value"], "555-44-9999");
+    assert_eq!(prior["active"], false);
+    assert_eq!(prior["link"][0]["type"], "replaced-by");
+    let entries = m.bundle["entry"].as_array().unwrap();
+    let url_of = |value: &str| {
+        entries
+            .iter()
+            .find(|e| e["resource"]["identifier"][0]["value"] == value)
+            .map(|e| e["fullUrl"].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        survivor["link"][0]["other"]["reference"],
+        url_of("555-44-9999")
+    );
+    assert_eq!(
+        prior["link"][0]["other"]["reference"],
+        url_of("555-44-4444")
+    );
+
+    // Without MRG, or merging a patient into itself: AE, nothing written.
+    let t = terminology();
+    let text = message("adt_a40");
+    let no_mrg: String = text
+        .split('\r')
+        .filter(|s| !s.starts_with("MRG"))
+        .collect::<Vec<_>>()
+        .join("\r");
+    assert!(map_text(&no_mrg, &t).is_err());
+    let same = text.replace("MRG|555-44-9999", "MRG|555-44-4444");
+    assert!(map_text(&same, &t).is_err());
+}
+
+#[test]
 fn adt_a08_update_and_a03_discharge() {
     let m = golden("adt_a08");
     let e = resources(&m.bundle, "Encounter")[0];
