@@ -79,9 +79,14 @@ impl Application {
                 let l = TcpListener::bind(addr)
                     .await
                     .map_err(|e| format!("cannot listen for MLLP on {addr}: {e}"))?;
+                let tls = match &settings.mllp_tls {
+                    Some(files) => Some(crate::tls::acceptor(files)?),
+                    None => None,
+                };
                 let config = crate::mllp::MllpConfig {
                     max_message_bytes: settings.mllp_max_bytes,
                     idle: std::time::Duration::from_secs(settings.mllp_idle_secs),
+                    tls,
                 };
                 Some((l, config))
             }

@@ -128,6 +128,15 @@ pub struct ServerArgs {
     /// Seconds an idle MLLP connection stays open [default: 300].
     #[arg(long, env = "IOMT_FHIR_MLLP_IDLE_SECS")]
     pub mllp_idle_secs: Option<u64>,
+    /// PEM certificate chain: MLLP over TLS (needs --mllp-tls-key).
+    #[arg(long, env = "IOMT_FHIR_MLLP_TLS_CERT")]
+    pub mllp_tls_cert: Option<PathBuf>,
+    /// PEM private key of --mllp-tls-cert.
+    #[arg(long, env = "IOMT_FHIR_MLLP_TLS_KEY")]
+    pub mllp_tls_key: Option<PathBuf>,
+    /// PEM CA certificates: MLLP clients must present a certificate issued by one of them.
+    #[arg(long, env = "IOMT_FHIR_MLLP_TLS_CLIENT_CA")]
+    pub mllp_tls_client_ca: Option<PathBuf>,
     /// MiB of current resource versions cached for reads by id (SQLite only; 0 turns it
     /// off) [default: 64].
     #[arg(long, env = "IOMT_FHIR_CACHE_MIB")]
@@ -161,6 +170,7 @@ pub struct Settings {
     pub mllp_listen: Option<SocketAddr>,
     pub mllp_max_bytes: usize,
     pub mllp_idle_secs: u64,
+    pub mllp_tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Settings {
@@ -224,8 +234,29 @@ impl Settings {
             })?),
             None => None,
         };
+        let mllp_tls = match (
+            args.mllp_tls_cert.clone().or(file.mllp_tls_cert),
+            args.mllp_tls_key.clone().or(file.mllp_tls_key),
+            args.mllp_tls_client_ca.clone().or(file.mllp_tls_client_ca),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            _ => {
+                return Err(
+                    "MLLP over TLS needs both --mllp-tls-cert and --mllp-tls-key".to_string(),
+                );
+            }
+        };
+        if mllp_tls.is_some() && mllp_listen.is_none() {
+            return Err("--mllp-tls-cert is given but --mllp-listen is not".to_string());
+        }
         Ok(Settings {
             mllp_listen,
+            mllp_tls,
             mllp_max_bytes: positive(
                 "mllp-max-bytes",
                 args.mllp_max_bytes

@@ -29,4 +29,5 @@ pub mod rest;
 pub mod search;
 pub mod store;
 pub mod time;
+pub mod tls;
 pub mod validation;

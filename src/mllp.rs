@@ -2,12 +2,13 @@
 //! listener, many connections, many messages per connection, each answered with its
 //! acknowledgement only after `crate::interaction::hl7v2::ingest` has committed it.
 //! A malformed frame gets a NAK; an idle or oversize connection is closed; nothing here can
-//! hang the server or crash it.
+//! hang the server or crash it. With a TLS acceptor every connection is TLS (a handshake
+//! that fails or stalls for the idle time closes the connection).
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::hl7v2::ack::{self, AckCode, AckError};
@@ -16,12 +17,14 @@ use crate::interaction::SharedCtx;
 use crate::interaction::hl7v2::ingest;
 
 /// Listener settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct MllpConfig {
     /// Largest message accepted, in bytes.
     pub max_message_bytes: usize,
     /// A connection silent for this long is closed.
     pub idle: Duration,
+    /// MLLP over TLS when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -35,9 +38,18 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+                    let (ctx, shutdown, config) = (ctx.clone(), shutdown.clone(), config.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, &peer.to_string(), ctx, config, shutdown).await {
+                        let peer = peer.to_string();
+                        let ended = match config.tls.clone() {
+                            None => connection(stream, &peer, ctx, &config, shutdown).await,
+                            Some(tls) => match tokio::time::timeout(config.idle, tls.accept(stream)).await {
+                                Ok(Ok(s)) => connection(s, &peer, ctx, &config, shutdown).await,
+                                Ok(Err(e)) => Err(e),
+                                Err(_) => Ok(()),
+                            },
+                        };
+                        if let Err(e) = ended {
                             tracing::debug!(%peer, error = %e, "MLLP connection ended");
                         }
                     });
@@ -54,11 +66,11 @@ pub async fn serve(
     tracing::info!("MLLP listener stopped");
 }
 
-async fn connection(
-    mut stream: TcpStream,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     peer: &str,
     ctx: SharedCtx,
-    config: MllpConfig,
+    config: &MllpConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut decoder = MllpDecoder::new(config.max_message_bytes);
@@ -89,6 +101,7 @@ async fn connection(
                 }
             };
             stream.write_all(&frame(&reply)).await?;
+            stream.flush().await?;
         }
     }
 }

@@ -386,3 +386,135 @@ async fn hl7_cli_lists_and_replays_stored_messages() {
     assert!(text.contains("replayed 1 messages"), "{text}");
     assert!(text.contains(": AE"), "{text}");
 }
+
+const TLS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+
+/// A TLS client trusting the test CA, presenting the test client certificate if `with_cert`.
+fn tls_connector(with_cert: bool) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(format!("{TLS}/ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = if with_cert {
+        let certs = CertificateDer::pem_file_iter(format!("{TLS}/client.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(format!("{TLS}/client.key")).unwrap();
+        builder.with_client_auth_cert(certs, key).unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// MLLP over TLS with client certificates: a client with a certificate from the configured
+/// CA gets its ACK after commit; one without a certificate gets no session at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mllp_over_tls_requires_a_client_certificate() {
+    let app = spawn_with(Backend::Sqlite, |a| {
+        a.mllp_listen = Some("127.0.0.1:0".into());
+        a.mllp_tls_cert = Some(format!("{TLS}/server.pem").into());
+        a.mllp_tls_key = Some(format!("{TLS}/server.key").into());
+        a.mllp_tls_client_ca = Some(format!("{TLS}/ca.pem").into());
+    })
+    .await
+    .unwrap();
+    let port = app.mllp_port.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut s = tls_connector(true)
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    let msg = std::fs::read(ACME).unwrap();
+    let mut framed = vec![0x0b];
+    framed.extend_from_slice(&msg);
+    framed.extend_from_slice(&[0x1c, 0x0d]);
+    s.write_all(&framed).await.unwrap();
+    s.flush().await.unwrap();
+    let mut ack = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !ack.ends_with(&[0x1c, 0x0d]) {
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed before the ACK");
+        ack.extend_from_slice(&buf[..n]);
+    }
+    let ack = String::from_utf8_lossy(&ack);
+    assert!(ack.contains("MSA|AA|") || ack.contains("MSA|CA|"), "{ack}");
+    assert!(count(&app, "Observation").await > 0);
+
+    // Without a client certificate the handshake (or the first read) fails.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let refused = match tls_connector(false).connect(name, tcp).await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.write_all(&framed).await;
+            let _ = s.flush().await;
+            !matches!(
+                tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await,
+                Ok(Ok(n)) if n > 0
+            )
+        }
+    };
+    assert!(refused, "a client without a certificate was served");
+    // Plain MLLP on a TLS port gets no acknowledgement either.
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    plain.write_all(&framed).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), plain.read(&mut buf)).await;
+    assert!(
+        !matches!(got, Ok(Ok(n)) if n > 0 && buf[..n].windows(3).any(|w| w == b"MSA")),
+        "plain MLLP was answered on the TLS port"
+    );
+    app.stop().await;
+}
+
+/// TLS settings are checked at start-up: a certificate without its key, or a file that
+/// holds no certificate, stops the start with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mllp_tls_misconfiguration_stops_the_start() {
+    use iomt_fhir::config::{ServerArgs, Settings};
+    let dir = tempfile::tempdir().unwrap();
+    let base = ServerArgs {
+        listen: Some("127.0.0.1:0".into()),
+        database: Some(format!("sqlite://{}/t.db", dir.path().display())),
+        mllp_listen: Some("127.0.0.1:0".into()),
+        ..ServerArgs::default()
+    };
+    let no_key = ServerArgs {
+        mllp_tls_cert: Some(format!("{TLS}/server.pem").into()),
+        ..base.clone()
+    };
+    let e = Settings::resolve(&no_key, None).unwrap_err();
+    assert!(e.contains("--mllp-tls-key"), "{e}");
+
+    let wrong = ServerArgs {
+        mllp_tls_cert: Some(format!("{TLS}/server.key").into()),
+        mllp_tls_key: Some(format!("{TLS}/server.key").into()),
+        ..base
+    };
+    let settings = Settings::resolve(&wrong, None).unwrap();
+    let e = match iomt_fhir::app::Application::build(settings).await {
+        Ok(_) => panic!("started with a key file as certificate"),
+        Err(e) => e,
+    };
+    assert!(e.contains("server.key") && e.contains("certificate"), "{e}");
+}
