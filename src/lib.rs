@@ -20,6 +20,7 @@
 pub mod app;
 pub mod config;
 pub mod definitions;
+pub mod devices;
 pub mod error;
 pub mod hl7v2;
 pub mod import;

@@ -21,7 +21,7 @@
 //! identifier so a re-delivered message writes nothing new.
 
 mod adt;
-mod bundle;
+pub(crate) mod bundle;
 mod datatypes;
 mod oru;
 mod pcd;
