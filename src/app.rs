@@ -30,7 +30,17 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         cache_bytes: settings.cache_mib << 20,
     })
     .await?;
+    let templates = match &settings.device_mappings {
+        Some(dir) => crate::devices::Templates::from_dir(dir),
+        None => crate::devices::Templates::shipped(),
+    }
+    .map_err(|e| format!("device mapping templates: {e}"))?;
     let ctx = Arc::new(Ctx {
+        devices: crate::interaction::device_data::DeviceFeeds::new(
+            templates,
+            settings.devices_auto_create,
+            settings.device_queue,
+        ),
         store,
         defs,
         base,

@@ -128,6 +128,17 @@ pub struct ServerArgs {
     /// Seconds an idle MLLP connection stays open [default: 300].
     #[arg(long, env = "IOMT_FHIR_MLLP_IDLE_SECS")]
     pub mllp_idle_secs: Option<u64>,
+    /// Directory of device mapping templates (`*.json`) replacing the shipped ones.
+    #[arg(long, env = "IOMT_FHIR_DEVICE_MAPPINGS")]
+    pub device_mappings: Option<PathBuf>,
+    /// Create a Device the first time an unknown device id sends data; with false such
+    /// messages become dead letters [default: true].
+    #[arg(long, env = "IOMT_FHIR_DEVICES_AUTO_CREATE")]
+    pub devices_auto_create: Option<bool>,
+    /// Device messages accepted but not yet committed, at most; beyond it HTTP answers 503
+    /// and MQTT stops reading [default: 100000].
+    #[arg(long, env = "IOMT_FHIR_DEVICE_QUEUE")]
+    pub device_queue: Option<usize>,
     /// PEM certificate chain: MLLP over TLS (needs --mllp-tls-key).
     #[arg(long, env = "IOMT_FHIR_MLLP_TLS_CERT")]
     pub mllp_tls_cert: Option<PathBuf>,
@@ -171,6 +182,9 @@ pub struct Settings {
     pub mllp_max_bytes: usize,
     pub mllp_idle_secs: u64,
     pub mllp_tls: Option<crate::tls::TlsFiles>,
+    pub device_mappings: Option<PathBuf>,
+    pub devices_auto_create: bool,
+    pub device_queue: usize,
 }
 
 impl Settings {
@@ -255,6 +269,15 @@ impl Settings {
             return Err("--mllp-tls-cert is given but --mllp-listen is not".to_string());
         }
         Ok(Settings {
+            device_mappings: args.device_mappings.clone().or(file.device_mappings),
+            devices_auto_create: args
+                .devices_auto_create
+                .or(file.devices_auto_create)
+                .unwrap_or(true),
+            device_queue: positive(
+                "device-queue",
+                args.device_queue.or(file.device_queue).unwrap_or(100_000),
+            )?,
             mllp_listen,
             mllp_tls,
             mllp_max_bytes: positive(

@@ -6,6 +6,7 @@ pub mod bundle_text;
 pub mod capabilities;
 pub mod create;
 pub mod delete;
+pub mod device_data;
 pub mod history;
 pub mod hl7v2;
 pub mod patch;
@@ -41,6 +42,8 @@ pub struct Ctx {
     /// The search parameters in force: the official ones plus the SearchParameter resources
     /// activated by `$reindex`; swapped whole by `$reindex`.
     pub registry: std::sync::RwLock<Arc<crate::search::registry::Registry>>,
+    /// Device feed templates and settings (`$device-data`, MQTT).
+    pub devices: device_data::DeviceFeeds,
 }
 
 impl Ctx {
@@ -235,6 +238,14 @@ impl FhirResponse {
 pub enum Interaction {
     Capabilities,
     Bundle,
+    /// `POST [base]/$device-data`: device telemetry (JSON, JSON array, NDJSON).
+    DeviceData,
+    /// `GET [base]/$device-data/errors`: device messages that could not be mapped.
+    DeviceDataErrors,
+    /// `POST [base]/$device-data/replay`: map the dead letters again.
+    DeviceDataReplay,
+    /// `GET [base]/$device-data/templates`: the mapping templates in force.
+    DeviceDataTemplates,
     /// `POST [base]/$hl7v2`: HL7 v2 message ingestion.
     Hl7v2,
     /// `GET [base]/$hl7v2-messages`: the stored HL7 v2 messages.
@@ -290,6 +301,11 @@ pub fn route(defs: &Definitions, method: Method, segments: &[String]) -> Result<
             _ if get => Ok(I::SearchSystem),
             _ => not_allowed(),
         },
+        ["$device-data"] if method == M::Post => Ok(I::DeviceData),
+        ["$device-data", "errors"] if get => Ok(I::DeviceDataErrors),
+        ["$device-data", "replay"] if method == M::Post => Ok(I::DeviceDataReplay),
+        ["$device-data", "templates"] if get => Ok(I::DeviceDataTemplates),
+        ["$device-data"] | ["$device-data", "errors" | "replay" | "templates"] => not_allowed(),
         ["$hl7v2"] => {
             if method == M::Post {
                 Ok(I::Hl7v2)
@@ -511,6 +527,10 @@ pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirRespons
     match interaction {
         I::Capabilities => Ok(FhirResponse::json(200, capabilities::statement(ctx))),
         I::Bundle => transaction::bundle(ctx, &mut req).await,
+        I::DeviceData => device_data::http(ctx, req).await,
+        I::DeviceDataErrors => device_data::http_errors(ctx, &req).await,
+        I::DeviceDataReplay => device_data::http_replay(ctx, &req).await,
+        I::DeviceDataTemplates => Ok(device_data::http_templates(ctx)),
         I::Hl7v2 => hl7v2::http(ctx, req).await,
         I::Hl7v2Messages => hl7v2::http_list(ctx, &req).await,
         I::Hl7v2Replay => hl7v2::http_replay(ctx, &req).await,

@@ -160,6 +160,16 @@ async fn build_request(
         {
             RequestBody::Bytes(bytes.to_vec())
         }
+        ""
+        | "application/json"
+        | "application/x-ndjson"
+        | "application/ndjson"
+        | "application/fhir+ndjson"
+        | "text/plain"
+            if req.segments.first().is_some_and(|s| s == "$device-data") =>
+        {
+            RequestBody::Bytes(bytes.to_vec())
+        }
         "application/x-www-form-urlencoded"
             if req.segments.last().is_none_or(|s| s != "_search") =>
         {

@@ -30,6 +30,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0004_search_parameter_active.sql"),
         include_str!("../../migrations/postgres/0004_search_parameter_active.sql"),
     ),
+    (
+        5,
+        "device_message",
+        include_str!("../../migrations/sqlite/0005_device_message.sql"),
+        include_str!("../../migrations/postgres/0005_device_message.sql"),
+    ),
 ];
 
 pub async fn run(db: &mut Db) -> Result<()> {

@@ -9,6 +9,7 @@ mod helpers;
 mod cli;
 mod conformance;
 mod crud;
+mod devices;
 mod errors;
 mod hl7;
 mod search;
