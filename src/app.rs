@@ -17,6 +17,7 @@ pub struct Application {
     port: u16,
     mllp: Option<(TcpListener, crate::mllp::MllpConfig)>,
     mllp_port: Option<u16>,
+    mqtt: Option<crate::mqtt::MqttConfig>,
 }
 
 /// Opens the store and builds the shared context (also used by `import`).
@@ -120,6 +121,7 @@ impl Application {
             ctx,
             mllp,
             mllp_port,
+            mqtt: settings.mqtt.clone(),
         })
     }
 
@@ -150,9 +152,22 @@ impl Application {
                 listener,
                 self.ctx.clone(),
                 config,
-                stop_rx,
+                stop_rx.clone(),
             ))
         });
+        let mqtt = match &self.mqtt {
+            Some(c) => {
+                let options = crate::mqtt::options(c)?;
+                tracing::info!(url = %c.url, topics = ?c.topics, "subscribing to device data over MQTT");
+                Some(tokio::spawn(crate::mqtt::run(
+                    self.ctx.clone(),
+                    c.clone(),
+                    options,
+                    stop_rx.clone(),
+                )))
+            }
+            None => None,
+        };
         let result = axum::serve(self.listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
@@ -161,6 +176,9 @@ impl Application {
             .await
             .map_err(|e| format!("server error: {e}"));
         if let Some(m) = mllp {
+            let _ = m.await;
+        }
+        if let Some(m) = mqtt {
             let _ = m.await;
         }
         result?;

@@ -43,6 +43,9 @@ pub enum Command {
     /// List or replay stored HL7 v2 messages.
     #[command(subcommand)]
     Hl7(Hl7Command),
+    /// Device feed dead letters: list them, or map them again after a template fix.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
     /// Put the stored SearchParameter resources in force and rebuild the search indexes
     /// (after adding or changing SearchParameters, or upgrading the server).
     Reindex {
@@ -51,6 +54,25 @@ pub enum Command {
         /// Only resources of these types (comma-separated) [default: every type].
         #[arg(long = "type", value_delimiter = ',')]
         types: Vec<String>,
+    },
+}
+
+/// `iomt-fhir devices ...`: device messages that could not be mapped.
+#[derive(Subcommand, Debug)]
+pub enum DevicesCommand {
+    /// List the open dead letters (JSON lines), oldest first.
+    Errors {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Map the open dead letters again (all, or the one with --id).
+    Replay {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        id: Option<i64>,
     },
 }
 
@@ -128,6 +150,24 @@ pub struct ServerArgs {
     /// Seconds an idle MLLP connection stays open [default: 300].
     #[arg(long, env = "IOMT_FHIR_MLLP_IDLE_SECS")]
     pub mllp_idle_secs: Option<u64>,
+    /// MQTT broker to subscribe to for device data: mqtt://HOST:PORT or mqtts://HOST:PORT.
+    #[arg(long, env = "IOMT_FHIR_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+    /// Topic filter to subscribe to (repeat, or comma-separate), e.g. 'devices/+/telemetry'.
+    #[arg(long, env = "IOMT_FHIR_MQTT_TOPIC", value_delimiter = ',')]
+    #[serde(default)]
+    pub mqtt_topic: Vec<String>,
+    /// MQTT client id; the broker keeps the session (and queued messages) under it
+    /// [default: iomt-fhir].
+    #[arg(long, env = "IOMT_FHIR_MQTT_CLIENT_ID")]
+    pub mqtt_client_id: Option<String>,
+    #[arg(long, env = "IOMT_FHIR_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    #[arg(long, env = "IOMT_FHIR_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<String>,
+    /// PEM CA certificates that signed the broker's certificate (mqtts://).
+    #[arg(long, env = "IOMT_FHIR_MQTT_TLS_CA")]
+    pub mqtt_tls_ca: Option<PathBuf>,
     /// Directory of device mapping templates (`*.json`) replacing the shipped ones.
     #[arg(long, env = "IOMT_FHIR_DEVICE_MAPPINGS")]
     pub device_mappings: Option<PathBuf>,
@@ -185,6 +225,7 @@ pub struct Settings {
     pub device_mappings: Option<PathBuf>,
     pub devices_auto_create: bool,
     pub device_queue: usize,
+    pub mqtt: Option<crate::mqtt::MqttConfig>,
 }
 
 impl Settings {
@@ -268,7 +309,36 @@ impl Settings {
         if mllp_tls.is_some() && mllp_listen.is_none() {
             return Err("--mllp-tls-cert is given but --mllp-listen is not".to_string());
         }
+        let topics = if args.mqtt_topic.is_empty() {
+            file.mqtt_topic.clone()
+        } else {
+            args.mqtt_topic.clone()
+        };
+        let mqtt = match args.mqtt_url.clone().or(file.mqtt_url.clone()) {
+            None if !topics.is_empty() => {
+                return Err("--mqtt-topic is given but --mqtt-url is not".to_string());
+            }
+            None => None,
+            Some(url) => {
+                let c = crate::mqtt::MqttConfig {
+                    url,
+                    topics,
+                    client_id: args
+                        .mqtt_client_id
+                        .clone()
+                        .or(file.mqtt_client_id.clone())
+                        .unwrap_or_else(|| "iomt-fhir".to_string()),
+                    username: args.mqtt_username.clone().or(file.mqtt_username.clone()),
+                    password: args.mqtt_password.clone().or(file.mqtt_password.clone()),
+                    tls_ca: args.mqtt_tls_ca.clone().or(file.mqtt_tls_ca.clone()),
+                    batch: 500,
+                };
+                crate::mqtt::options(&c)?;
+                Some(c)
+            }
+        };
         Ok(Settings {
+            mqtt,
             device_mappings: args.device_mappings.clone().or(file.device_mappings),
             devices_auto_create: args
                 .devices_auto_create

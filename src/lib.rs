@@ -26,6 +26,7 @@ pub mod hl7v2;
 pub mod import;
 pub mod interaction;
 pub mod mllp;
+pub mod mqtt;
 pub mod rest;
 pub mod search;
 pub mod store;

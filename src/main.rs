@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use iomt_fhir::app::{Application, context, shutdown_signal};
-use iomt_fhir::config::{Cli, Command, Hl7Command, Settings};
+use iomt_fhir::config::{Cli, Command, DevicesCommand, Hl7Command, Settings};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -130,6 +130,52 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                                 );
                             }
                             println!("replayed {} messages", results.len());
+                        })
+                }
+            };
+            ctx.store.close().await;
+            result.map_err(|e| {
+                e.issues
+                    .first()
+                    .map(|i| i.diagnostics.clone())
+                    .unwrap_or_default()
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Devices(cmd) => {
+            let server = match &cmd {
+                DevicesCommand::Errors { server, .. } | DevicesCommand::Replay { server, .. } => {
+                    server
+                }
+            };
+            let settings = Settings::resolve(server, cli.config.as_ref())?;
+            let base = settings
+                .base_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
+            let ctx = context(&settings, base).await?;
+            let result = match cmd {
+                DevicesCommand::Errors { limit, .. } => {
+                    iomt_fhir::interaction::device_data::dead_letters(&ctx, false, 0, limit.max(1))
+                        .await
+                        .map(|messages| {
+                            for m in messages {
+                                println!("{m}");
+                            }
+                        })
+                }
+                DevicesCommand::Replay { id, .. } => {
+                    iomt_fhir::interaction::device_data::replay(&ctx, id)
+                        .await
+                        .map(|(n, o)| {
+                            for (i, why) in &o.rejected {
+                                println!("message {i}: still not mapped: {why}");
+                            }
+                            println!(
+                                "replayed {n} messages: {} mapped, {} still failing",
+                                o.mapped,
+                                o.rejected.len()
+                            );
                         })
                 }
             };

@@ -89,6 +89,8 @@ fn device_id_for(system: &str, value: &str) -> String {
 pub struct Message {
     pub text: String,
     pub json: std::result::Result<Value, String>,
+    /// Where it came from when that differs per message (an MQTT topic), for dead letters.
+    pub source: Option<String>,
 }
 
 /// One JSON message, a JSON array of messages, or NDJSON (one message per line).
@@ -103,11 +105,13 @@ pub fn split_body(bytes: &[u8]) -> Result<Vec<Message>> {
             .map(|v| Message {
                 text: v.to_string(),
                 json: Ok(v),
+                source: None,
             })
             .collect(),
         Ok(v) => vec![Message {
             text: text.trim().to_string(),
             json: Ok(v),
+            source: None,
         }],
         Err(_) => text
             .lines()
@@ -115,6 +119,7 @@ pub fn split_body(bytes: &[u8]) -> Result<Vec<Message>> {
             .map(|l| Message {
                 text: l.to_string(),
                 json: serde_json::from_str(l).map_err(|e| format!("not JSON: {e}")),
+                source: None,
             })
             .collect(),
     })
@@ -127,7 +132,8 @@ struct Planned {
     writes: Vec<(&'static str, String, Prepared)>,
     /// Devices whose location changes: (id, zone Location id).
     moves: Vec<(String, String)>,
-    dead: Vec<(String, String)>,
+    /// (source, payload, reason)
+    dead: Vec<(String, String, String)>,
 }
 
 /// Maps and writes one batch of messages; `source` is recorded with dead letters.
@@ -321,16 +327,16 @@ async fn ingest_with(
     if keep_dead {
         for (i, why) in &dead {
             if let Some(m) = messages.get(*i) {
-                plan.dead.push((m.text.clone(), why.clone()));
+                let from = m.source.clone().unwrap_or_else(|| source.to_string());
+                plan.dead.push((from, m.text.clone(), why.clone()));
             }
         }
     }
     outcome.rejected = dead;
-    let source = source.to_string();
     let c = ctx.clone();
     let created = ctx
         .store
-        .write(move |db| Box::pin(async move { commit(db, &c, plan, &source).await }))
+        .write(move |db| Box::pin(async move { commit(db, &c, plan).await }))
         .await?;
     outcome.devices_created = created;
     Ok(outcome)
@@ -386,12 +392,7 @@ fn plan_reading(
 
 /// The writer job: create missing Devices, write resources (no-ops when unchanged), move
 /// tagged Devices, keep dead letters. Returns how many Devices it created.
-async fn commit(
-    db: &mut Db,
-    ctx: &crate::interaction::Ctx,
-    plan: Planned,
-    source: &str,
-) -> Result<usize> {
+async fn commit(db: &mut Db, ctx: &crate::interaction::Ctx, plan: Planned) -> Result<usize> {
     let mut keys: Vec<(String, String)> = plan
         .writes
         .iter()
@@ -448,12 +449,12 @@ async fn commit(
         let p = write::prepare_with_id(ctx, body, device)?;
         update_in(db, "Device", device, &p, None).await?;
     }
-    for (payload, reason) in &plan.dead {
+    for (source, payload, reason) in &plan.dead {
         db.execute(
             "INSERT INTO device_message (received_at, source, payload, reason) VALUES ($1, $2, $3, $4)",
             &[
                 Arg::Int(now),
-                Arg::Text(source.to_string()),
+                Arg::Text(source.clone()),
                 Arg::Text(payload.clone()),
                 Arg::Text(reason.clone()),
             ],
@@ -577,6 +578,7 @@ pub async fn replay(ctx: &SharedCtx, id: Option<i64>) -> Result<(usize, Outcome)
         messages.push(Message {
             json: serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}")),
             text,
+            source: None,
         });
     }
     if messages.is_empty() {

@@ -12,5 +12,6 @@ mod crud;
 mod devices;
 mod errors;
 mod hl7;
+mod mqtt;
 mod search;
 mod transactions;

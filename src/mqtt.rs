@@ -1,0 +1,236 @@
+//! The MQTT subscriber for device feeds (MQTT 3.1.1, QoS 1): connects to an existing broker
+//! with a persistent session (`clean_session = false`, a fixed client id), so the broker
+//! keeps what arrives while the server is down; acknowledges each PUBLISH only after its
+//! readings are committed (manual acks), so a crash before the commit means a redelivery,
+//! and redeliveries write nothing new (deterministic Observation ids). Reconnects with
+//! back-off. Back-pressure: a bounded channel between the network task and the writer, plus
+//! the shared device queue; when they are full the network task stops reading.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Publish, QoS, Transport};
+use tokio::sync::{mpsc, watch};
+
+use crate::interaction::SharedCtx;
+use crate::interaction::device_data::{Message, ingest, split_body};
+
+/// Subscriber settings.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub topics: Vec<String>,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM CA certificates for `mqtts://` (the platform's roots are not used).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Most PUBLISH packets committed together.
+    pub batch: usize,
+}
+
+/// Checks the settings and builds the client options; errors stop the start.
+pub fn options(c: &MqttConfig) -> Result<MqttOptions, String> {
+    let (tls, rest) = if let Some(r) = c.url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = c.url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "--mqtt-url {:?}: use mqtt://host:port or mqtts://host:port",
+            c.url
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_string(),
+            p.parse::<u16>()
+                .map_err(|_| format!("--mqtt-url {:?}: bad port {p:?}", c.url))?,
+        ),
+        None => (rest.to_string(), if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() {
+        return Err(format!("--mqtt-url {:?}: no host", c.url));
+    }
+    if c.topics.is_empty() {
+        return Err("--mqtt-url needs at least one --mqtt-topic".into());
+    }
+    for t in &c.topics {
+        if t.is_empty() || t.contains('\0') {
+            return Err(format!("--mqtt-topic {t:?} is not a topic filter"));
+        }
+    }
+    let mut o = MqttOptions::new(c.client_id.clone(), host, port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(u) = &c.username {
+        o.set_credentials(u.clone(), c.password.clone().unwrap_or_default());
+    }
+    if tls {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        use tokio_rustls::rustls;
+        let ca = c
+            .tls_ca
+            .as_ref()
+            .ok_or("mqtts:// needs --mqtt-tls-ca (the CA that signed the broker's certificate)")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
+        {
+            roots
+                .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        o.set_transport(Transport::tls_with_config(config.into()));
+    }
+    Ok(o)
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    ctx: SharedCtx,
+    config: MqttConfig,
+    options: MqttOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (client, eventloop) = AsyncClient::new(options, 256);
+    let batch = config.batch.max(1);
+    let (tx, mut rx) = mpsc::channel::<Publish>(batch);
+    let network = tokio::spawn(network(
+        client.clone(),
+        eventloop,
+        config.topics.clone(),
+        tx,
+        shutdown.clone(),
+    ));
+    loop {
+        let first = tokio::select! {
+            p = rx.recv() => match p { Some(p) => p, None => break },
+            _ = shutdown.changed() => break,
+        };
+        let mut publishes = vec![first];
+        while publishes.len() < batch {
+            match rx.try_recv() {
+                Ok(p) => publishes.push(p),
+                Err(_) => break,
+            }
+        }
+        commit(&ctx, &publishes, &mut shutdown).await;
+        for p in &publishes {
+            if let Err(e) = client.ack(p).await {
+                tracing::warn!(error = %e, "MQTT ack not sent; the broker will redeliver");
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    network.abort();
+    tracing::info!("MQTT subscriber stopped");
+}
+
+/// Writes one batch, retrying while the database fails (nothing received is dropped:
+/// unacknowledged messages would only come back after a reconnect).
+async fn commit(ctx: &SharedCtx, publishes: &[Publish], shutdown: &mut watch::Receiver<bool>) {
+    let mut messages = Vec::new();
+    for p in publishes {
+        let source = format!("mqtt:{}", p.topic);
+        match split_body(&p.payload) {
+            Ok(ms) => messages.extend(ms.into_iter().map(|m| Message {
+                source: Some(source.clone()),
+                ..m
+            })),
+            Err(e) => messages.push(Message {
+                text: String::from_utf8_lossy(&p.payload).into_owned(),
+                json: Err(e
+                    .issues
+                    .first()
+                    .map(|i| i.diagnostics.clone())
+                    .unwrap_or_default()),
+                source: Some(source),
+            }),
+        }
+    }
+    let n = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+    let queue = ctx.devices.queue.clone();
+    let permit = queue
+        .acquire_many_owned(n.min(ctx.devices.queue_capacity as u32))
+        .await;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let batch: Vec<Message> = messages
+            .iter()
+            .map(|m| Message {
+                text: m.text.clone(),
+                json: m.json.clone(),
+                source: m.source.clone(),
+            })
+            .collect();
+        match ingest(ctx, batch, "mqtt").await {
+            Ok(o) => {
+                tracing::debug!(
+                    messages = o.accepted,
+                    rejected = o.rejected.len(),
+                    "MQTT batch committed"
+                );
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = ?e.issues.first().map(|i| &i.diagnostics), "MQTT batch not committed; retrying");
+                if *shutdown.borrow() {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    drop(permit);
+}
+
+/// Polls the connection: subscribes after every CONNACK, forwards PUBLISH packets (waiting
+/// when the writer is behind), reconnects with back-off after errors.
+async fn network(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    topics: Vec<String>,
+    tx: mpsc::Sender<Publish>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                backoff = Duration::from_millis(250);
+                tracing::info!(session_present = ack.session_present, "MQTT connected");
+                for t in &topics {
+                    if let Err(e) = client.subscribe(t.clone(), QoS::AtLeastOnce).await {
+                        tracing::warn!(topic = %t, error = %e, "MQTT subscribe failed");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                if tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}

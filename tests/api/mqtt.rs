@@ -1,0 +1,180 @@
+//! Device data over a real MQTT broker (Mosquitto in CI: IOMT_FHIR_TEST_MQTT_URL, which
+//! `.ci/run` sets and checks): published readings become searchable Observations, a
+//! duplicate publish is stored once, and readings published while the server is down
+//! arrive after it restarts (persistent session, acknowledged only after commit).
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, json, spawn_with};
+
+const MQTT_ENV: &str = "IOMT_FHIR_TEST_MQTT_URL";
+
+/// host and port of the test broker, or `None` (test skipped) when the variable is unset.
+fn broker() -> Option<(String, u16)> {
+    let url = match std::env::var(MQTT_ENV) {
+        Ok(u) => u,
+        Err(_) => {
+            eprintln!("skipped: {MQTT_ENV} is not set");
+            return None;
+        }
+    };
+    let rest = url.trim_start_matches("mqtt://").trim_end_matches('/');
+    let (h, p) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
+    Some((h.to_string(), p.parse().unwrap()))
+}
+
+/// Publishes each payload with QoS 1 and waits for every PUBACK.
+async fn publish(host: &str, port: u16, topic: &str, payloads: &[String]) {
+    let mut o = MqttOptions::new(format!("pub-{}", uuid::Uuid::new_v4()), host, port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(o, 64);
+    for p in payloads {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, p.clone().into_bytes())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while acked < payloads.len() {
+        let ev = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("PUBACKs in time")
+            .expect("broker reachable");
+        if let Event::Incoming(Incoming::PubAck(_)) = ev {
+            acked += 1;
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+/// Polls a search until its total is `want` (readings arrive asynchronously).
+async fn wait_total(app: &TestApp, query: &str, want: i64) {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        last = json(app.get(query).await).await;
+        if last["total"] == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{query}: expected total {want}, last answer {last}");
+}
+
+async fn start(database: &str, host: &str, port: u16, prefix: &str, client_id: &str) -> TestApp {
+    let (database, url) = (database.to_string(), format!("mqtt://{host}:{port}"));
+    let (topic, client_id) = (format!("{prefix}/+/telemetry"), client_id.to_string());
+    spawn_with(Backend::Sqlite, move |a| {
+        a.database = Some(database);
+        a.mqtt_url = Some(url);
+        a.mqtt_topic = vec![topic];
+        a.mqtt_client_id = Some(client_id);
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_readings_exactly_once_across_a_restart() {
+    let Some((host, port)) = broker() else { return };
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("iomt-test/{run}");
+    let client_id = format!("iomt-fhir-test-{run}");
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}/mqtt.db", dir.path().display());
+    let reading = |device: &str, minute: u32, spo2: u32| {
+        json!({"type": "pulse-oximeter", "deviceId": device, "time": format!("2024-03-06T10:{minute:02}:00Z"), "spo2": spo2}).to_string()
+    };
+    let topic = format!("{prefix}/PO-7/telemetry");
+
+    let app = start(&database, &host, port, &prefix, &client_id).await;
+    // The server subscribes after it starts; until then a publish reaches nobody, so the
+    // first reading is published until it comes through (repeats are harmless).
+    let mut arrived = false;
+    for _ in 0..50 {
+        publish(&host, port, &topic, &[reading("PO-7", 0, 95)]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = json(app.get("Observation?code=http://loinc.org|2708-6").await).await;
+        if b["total"] == 1 {
+            arrived = true;
+            break;
+        }
+    }
+    assert!(arrived, "no reading arrived over MQTT");
+    // The same reading twice more (a redelivery): still one Observation, one version.
+    publish(
+        &host,
+        port,
+        &topic,
+        &[reading("PO-7", 0, 95), reading("PO-7", 0, 95)],
+    )
+    .await;
+    publish(&host, port, &topic, &[reading("PO-7", 1, 96)]).await;
+    wait_total(&app, "Observation?code=http://loinc.org|2708-6", 2).await;
+    let first = json(
+        app.get("Observation?code=http://loinc.org|2708-6&date=2024-03-06T10:00:00Z")
+            .await,
+    )
+    .await;
+    assert_eq!(
+        first["entry"][0]["resource"]["meta"]["versionId"], "1",
+        "{first}"
+    );
+    // NDJSON in one PUBLISH, and one unmappable message: a dead letter naming the topic.
+    let batch = [
+        reading("PO-8", 2, 97),
+        "{\"type\": \"mystery\"}".to_string(),
+    ]
+    .join("\n");
+    publish(&host, port, &format!("{prefix}/PO-8/telemetry"), &[batch]).await;
+    wait_total(&app, "Observation?code=http://loinc.org|2708-6", 3).await;
+    let errors = json(app.get("$device-data/errors").await).await;
+    assert_eq!(
+        errors["messages"][0]["source"],
+        format!("mqtt:{prefix}/PO-8/telemetry")
+    );
+
+    // Down: readings published now wait in the broker's session for this client id.
+    let _ = app.stop().await;
+    publish(
+        &host,
+        port,
+        &topic,
+        &[reading("PO-7", 3, 94), reading("PO-7", 4, 93)],
+    )
+    .await;
+    let app = start(&database, &host, port, &prefix, &client_id).await;
+    wait_total(&app, "Observation?code=http://loinc.org|2708-6", 5).await;
+    // Nothing twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_total(&app, "Observation", 5).await;
+    let _ = app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_settings_are_checked_at_start() {
+    use iomt_fhir::config::{ServerArgs, Settings};
+    let args = |url: &str, topics: Vec<String>| ServerArgs {
+        mqtt_url: Some(url.into()),
+        mqtt_topic: topics,
+        ..ServerArgs::default()
+    };
+    let e = Settings::resolve(&args("tcp://x:1", vec!["a".into()]), None).unwrap_err();
+    assert!(e.contains("mqtt://"), "{e}");
+    let e = Settings::resolve(&args("mqtt://127.0.0.1:1883", vec![]), None).unwrap_err();
+    assert!(e.contains("--mqtt-topic"), "{e}");
+    let e = Settings::resolve(&args("mqtts://127.0.0.1:8883", vec!["a".into()]), None).unwrap_err();
+    assert!(e.contains("--mqtt-tls-ca"), "{e}");
+    let no_url = ServerArgs {
+        mqtt_topic: vec!["a".into()],
+        ..ServerArgs::default()
+    };
+    assert!(
+        Settings::resolve(&no_url, None)
+            .unwrap_err()
+            .contains("--mqtt-url")
+    );
+}
