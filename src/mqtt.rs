@@ -6,6 +6,8 @@
 //! back-off. Back-pressure: a bounded channel between the network task and the writer, plus
 //! the shared device queue; when they are full the network task stops reading.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Publish, QoS, Transport};
@@ -103,14 +105,21 @@ pub async fn run(
     options: MqttOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (client, eventloop) = AsyncClient::new(options, 256);
     let batch = config.batch.max(1);
-    let (tx, mut rx) = mpsc::channel::<Publish>(batch);
+    // The request channel holds every ack of a batch: acking must never wait for the
+    // network task, which may itself be waiting to hand over the next PUBLISH.
+    let (client, eventloop) = AsyncClient::new(options, 2 * batch + 64);
+    let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(batch);
+    // Which connection is current: a packet id only means something on the connection
+    // that delivered it, so packets from an earlier one are not acknowledged (the broker
+    // redelivers them on the new connection; the redelivery writes nothing new).
+    let connection = Arc::new(AtomicU64::new(0));
     let network = tokio::spawn(network(
         client.clone(),
         eventloop,
         config.topics.clone(),
         tx,
+        connection.clone(),
         shutdown.clone(),
     ));
     loop {
@@ -125,15 +134,21 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        commit(&ctx, &publishes, &mut shutdown).await;
-        for p in &publishes {
+        let packets: Vec<Publish> = publishes.iter().map(|(_, p)| p.clone()).collect();
+        commit(&ctx, &packets, &mut shutdown).await;
+        let current = connection.load(Ordering::SeqCst);
+        for (_, p) in publishes.iter().filter(|(c, _)| *c == current) {
             if let Err(e) = client.ack(p).await {
                 tracing::warn!(error = %e, "MQTT ack not sent; the broker will redeliver");
             }
         }
     }
-    let _ = client.disconnect().await;
+    // Unacknowledged messages stay with the broker's session and come back on the next
+    // connection. Nothing here may wait on the network task.
+    let _ = client.try_disconnect();
+    drop(rx);
     network.abort();
+    let _ = network.await;
     tracing::info!("MQTT subscriber stopped");
 }
 
@@ -196,37 +211,54 @@ async fn commit(ctx: &SharedCtx, publishes: &[Publish], shutdown: &mut watch::Re
     drop(permit);
 }
 
-/// Polls the connection: subscribes after every CONNACK, forwards PUBLISH packets (waiting
-/// when the writer is behind), reconnects with back-off after errors.
+/// Polls the connection: subscribes after every CONNACK, hands PUBLISH packets to the
+/// writer, reconnects with back-off after errors. It never stops polling, because the
+/// acknowledgements the writer queues only go out while the event loop is polled; when the
+/// writer is behind, packets wait here instead. Their number is bounded by the broker's
+/// window of unacknowledged messages (Mosquitto: `max_inflight_messages`): nothing is
+/// acknowledged before it is committed, so the broker cannot send beyond it.
 async fn network(
     client: AsyncClient,
     mut eventloop: EventLoop,
     topics: Vec<String>,
-    tx: mpsc::Sender<Publish>,
+    tx: mpsc::Sender<(u64, Publish)>,
+    connection: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(250);
+    let mut waiting: std::collections::VecDeque<(u64, Publish)> = std::collections::VecDeque::new();
     loop {
         if *shutdown.borrow() {
             return;
         }
+        while let Some(p) = waiting.pop_front() {
+            match tx.try_send(p) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(p)) => {
+                    waiting.push_front(p);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                connection.fetch_add(1, Ordering::SeqCst);
                 backoff = Duration::from_millis(250);
                 tracing::info!(session_present = ack.session_present, "MQTT connected");
                 for t in &topics {
-                    if let Err(e) = client.subscribe(t.clone(), QoS::AtLeastOnce).await {
+                    if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
                         tracing::warn!(topic = %t, error = %e, "MQTT subscribe failed");
                     }
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
-                if tx.send(p).await.is_err() {
-                    return;
-                }
+                waiting.push_back((connection.load(Ordering::SeqCst), p))
             }
             Ok(_) => {}
             Err(e) => {
+                // Packets received on the lost connection are redelivered on the next one.
+                waiting.clear();
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));

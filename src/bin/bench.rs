@@ -38,6 +38,10 @@ struct Options {
     patients: Option<usize>,
     /// Write the generated search data set to this directory and stop.
     generate_to: Option<PathBuf>,
+    /// Run only the device-feed scenarios (HTTP and MQTT), with this many readings each.
+    devices: Option<usize>,
+    /// Mosquitto's max_inflight_messages for the device bench's private broker.
+    mqtt_inflight: usize,
 }
 
 fn options() -> Result<Options, String> {
@@ -52,6 +56,8 @@ fn options() -> Result<Options, String> {
         observations: 1_000_000,
         patients: None,
         generate_to: None,
+        devices: None,
+        mqtt_inflight: 1000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -74,6 +80,14 @@ fn options() -> Result<Options, String> {
             }
             "--search" => o.search_only = true,
             "--generate" => o.generate_to = Some(PathBuf::from(value()?)),
+            "--devices" => {
+                o.devices = Some(value()?.parse().map_err(|e| format!("--devices: {e}"))?)
+            }
+            "--mqtt-inflight" => {
+                o.mqtt_inflight = value()?
+                    .parse()
+                    .map_err(|e| format!("--mqtt-inflight: {e}"))?
+            }
             "--observations" => {
                 o.observations = value()?
                     .parse()
@@ -513,6 +527,215 @@ async fn run_backend(o: &Options, backend: &str) -> Result<(), String> {
     );
     println!("\nserver peak memory (VmHWM): {:.0} MiB", server.peak_mib());
     drop(server);
+    drop_database(cleanup).await;
+    Ok(())
+}
+
+/// One device reading (a thermometer: one Observation per message), distinct per `i`.
+fn device_reading(i: usize) -> String {
+    let (secs, device) = (1_700_000_000 + i / 100, i % 100);
+    format!(
+        "{{\"type\":\"thermometer\",\"deviceId\":\"T-{device:03}\",\"time\":{secs},\"temperature\":{}}}",
+        36.0 + (i % 30) as f64 / 10.0
+    )
+}
+
+/// Polls `Observation?_summary=count` until it reaches `want`; returns when it did.
+async fn wait_count(
+    client: &reqwest::Client,
+    base: &str,
+    want: usize,
+    limit: Duration,
+) -> Result<Instant, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v: Value = client
+            .get(format!("{base}/Observation?_summary=count&_total=accurate"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let n = v["total"].as_u64().unwrap_or(0) as usize;
+        if n >= want {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {n} of {want} Observations after {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Device feeds: `n` readings over HTTP (8 clients, NDJSON batches of 100, each answered
+/// after commit), then `n` readings over MQTT (one reading per PUBLISH, QoS 1) from one
+/// publisher, timed from the first publish until all are searchable.
+async fn run_devices(o: &Options, backend: &str, n: usize) -> Result<(), String> {
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (database, cleanup) = fresh_database(o, backend, dir.path(), "bench_devices").await?;
+    let run = std::process::id();
+    // A private Mosquitto sized for bursts: by default a broker hands a subscriber 20
+    // unacknowledged messages at a time and drops what queues beyond 1,000.
+    let broker_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages {}\nmax_queued_messages 0\n",
+            o.mqtt_inflight
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start mosquitto: {e}"))?;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", broker_port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mqtt_url = format!("mqtt://127.0.0.1:{broker_port}");
+    let topic_filter = format!("bench-{run}/+/telemetry");
+    let server = Server::start_with(
+        &database,
+        &[
+            "--mqtt-url",
+            &mqtt_url,
+            "--mqtt-topic",
+            &topic_filter,
+            "--mqtt-client-id",
+            &format!("iomt-fhir-bench-{run}"),
+        ],
+    )?;
+    let client = reqwest::Client::new();
+    println!("\n### Device feeds, {backend} (durable commits)\n");
+    println!("| scenario | readings/s | p50 | p99 | notes |");
+    println!("|---|---|---|---|---|");
+    // HTTP: 8 clients, batches of 100.
+    let batch = 100;
+    let clients = 8;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (client, base) = (client.clone(), server.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = c * batch;
+            while i < n {
+                let body: Vec<String> = (i..(i + batch).min(n)).map(device_reading).collect();
+                let t = Instant::now();
+                let r = client
+                    .post(format!("{base}/$device-data"))
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.join("\n"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status().as_u16() != 202 {
+                    return Err(format!("status {}", r.status()));
+                }
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                i += clients * batch;
+            }
+            Ok::<Vec<f64>, String>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.map_err(|e| e.to_string())??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "| HTTP `$device-data`, 8 clients, NDJSON batches of {batch} | {:.0} | {:.1} ms | {:.1} ms | {n} readings in {secs:.1} s; latency = one batch until its 202 (after commit) |",
+        n as f64 / secs,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    wait_count(&client, &server.base, n, Duration::from_secs(5)).await?;
+    // MQTT: one publisher, QoS 1, one reading per message; first the subscription must be up.
+    let url = mqtt_url.trim_start_matches("mqtt://").to_string();
+    let (host, port) = url.rsplit_once(':').ok_or("--mqtt-url needs host:port")?;
+    let port: u16 = port.parse().map_err(|_| "bad MQTT port")?;
+    let mut opts = MqttOptions::new(format!("bench-pub-{run}"), host, port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(1000);
+    let (publisher, mut events) = AsyncClient::new(opts, 10_000);
+    let acks = tokio::spawn(async move {
+        let mut acked = 0usize;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Incoming::PubAck(_))) => acked += 1,
+                Ok(Event::Incoming(Incoming::Disconnect)) | Err(_) => return acked,
+                Ok(_) => {}
+            }
+        }
+    });
+    let probe = |k: usize| format!("bench-{run}/T-{:03}/telemetry", k % 100);
+    // Warm-up: publish reading n until it is searchable (the subscriber is up).
+    let mut up = false;
+    for _ in 0..100 {
+        publisher
+            .publish(
+                probe(n),
+                QoS::AtLeastOnce,
+                false,
+                device_reading(n).into_bytes(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if wait_count(&client, &server.base, n + 1, Duration::from_millis(300))
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+    }
+    if !up {
+        return Err("the server never received MQTT data".into());
+    }
+    let total = 2 * n + 1;
+    let started = Instant::now();
+    for i in (n + 1)..total {
+        publisher
+            .publish(
+                probe(i),
+                QoS::AtLeastOnce,
+                false,
+                device_reading(i).into_bytes(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let published = started.elapsed().as_secs_f64();
+    let done = wait_count(&client, &server.base, total, Duration::from_secs(600)).await?;
+    let secs = done.duration_since(started).as_secs_f64();
+    let rss = server.status_mib("RssAnon:");
+    println!(
+        "| MQTT, 1 publisher, QoS 1, 1 reading per message | {:.0} | | | {n} readings published in {published:.1} s, all searchable after {secs:.1} s; server RssAnon {rss:.0} MiB |",
+        n as f64 / secs
+    );
+    let _ = publisher.disconnect().await;
+    let _ = acks.await;
+    println!(
+        "\nserver peak memory (VmHWM): {:.0} MiB; broker max_inflight_messages {}",
+        server.peak_mib(),
+        o.mqtt_inflight
+    );
+    drop(server);
+    let _ = broker.kill();
+    let _ = broker.wait();
     drop_database(cleanup).await;
     Ok(())
 }
@@ -1297,6 +1520,15 @@ async fn main() {
             .unwrap_or_default(),
         o.seconds
     );
+    if let Some(n) = o.devices {
+        for b in o.backends.clone() {
+            if let Err(e) = run_devices(&o, &b, n).await {
+                eprintln!("bench (devices, {b}): {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if o.search_only {
         if let Err(e) = run_search(&o).await {
             eprintln!("bench (search): {e}");
