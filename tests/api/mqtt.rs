@@ -178,3 +178,133 @@ async fn mqtt_settings_are_checked_at_start() {
             .contains("--mqtt-url")
     );
 }
+
+/// The real binary, SIGKILLed while readings stream in, then restarted: every reading is
+/// there exactly once (what was committed but not yet acknowledged comes back from the
+/// broker and writes nothing new; what was not committed is redelivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_kill_mid_stream_loses_and_duplicates_nothing() {
+    let Some((host, port)) = broker() else { return };
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}/kill.db", dir.path().display());
+    let url = format!("mqtt://{host}:{port}");
+    let filter = format!("iomt-kill/{run}/+/telemetry");
+    let client_id = format!("iomt-fhir-kill-{run}");
+    let start = || {
+        let http = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_iomt-fhir"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{http}"),
+                "--database",
+                &database,
+            ])
+            .args([
+                "--mqtt-url",
+                &url,
+                "--mqtt-topic",
+                &filter,
+                "--mqtt-client-id",
+                &client_id,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (child, format!("http://127.0.0.1:{http}/fhir"))
+    };
+    let http = reqwest::Client::new();
+    let count = |base: String| {
+        let http = http.clone();
+        async move {
+            let v: serde_json::Value = http
+                .get(format!("{base}/Observation?_summary=count&_total=accurate"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["total"].as_i64().unwrap()
+        }
+    };
+    let reading = |i: usize| {
+        json!({"type": "thermometer", "deviceId": format!("K-{}", i % 10), "time": 1_700_000_000 + i, "temperature": 37.0}).to_string()
+    };
+    let topic = format!("iomt-kill/{run}/K/telemetry");
+
+    let (mut child, base) = start();
+    // The subscription is up once a first reading comes through (repeats are harmless).
+    let mut up = false;
+    for _ in 0..50 {
+        publish(&host, port, &topic, &[reading(0)]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if count(base.clone()).await == 1 {
+            up = true;
+            break;
+        }
+    }
+    assert!(up, "no reading arrived over MQTT");
+    // 600 more readings (Mosquitto's default queue holds 1,000 per client), killed midway.
+    let total = 601;
+    let (h, t) = (host.clone(), topic.clone());
+    let publisher = tokio::spawn(async move {
+        for chunk in (1..total).collect::<Vec<_>>().chunks(50) {
+            let payloads: Vec<String> = chunk.iter().map(|&i| reading(i)).collect();
+            publish(&h, port, &t, &payloads).await;
+        }
+    });
+    let mut seen = 0;
+    for _ in 0..500 {
+        seen = count(base.clone()).await;
+        if seen >= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    publisher.await.unwrap();
+    assert!(seen >= 100, "readings did not arrive before the kill");
+    eprintln!("killed with {seen} of {total} readings seen committed");
+
+    let (mut child, base) = start();
+    let mut last = 0;
+    for _ in 0..300 {
+        last = count(base.clone()).await;
+        if last == total as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        last, total as i64,
+        "readings lost (killed after {seen} had arrived)"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(base.clone()).await, total as i64);
+    // Redeliveries wrote no new versions: one version per Observation.
+    let v: serde_json::Value = http
+        .get(format!("{base}/Observation/_history?_count=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["total"], total, "{v}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
