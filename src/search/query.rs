@@ -206,7 +206,7 @@ enum Filter {
     /// codes of `a` (see `extract::composite`), matching `b`; one alternative per OR value.
     Composite {
         table: Table,
-        alts: Vec<(Vec<String>, Cond)>,
+        alts: Vec<(Vec<CompositeKey>, Cond)>,
     },
     /// `near=lat|long|distance|unit`: a position inside the bounding box of that circle.
     Near {
@@ -253,6 +253,14 @@ impl Filter {
     fn can_drive(&self) -> bool {
         self.rank() < 9
     }
+}
+
+/// A combined code of a composite's first component (see `extract::composite_token_key`).
+#[derive(Debug, Clone, PartialEq)]
+enum CompositeKey {
+    Exact(String),
+    /// Every combined code starting with this (a token code in any system).
+    Prefix(String),
 }
 
 /// One `_sort` key.
@@ -864,17 +872,24 @@ fn composite_filter(param: &crate::search::registry::SearchParam, value: &str) -
                     let Some(code) = t.code else {
                         return Err(FhirError::invalid(format!("{name}: {head:?} needs a code")));
                     };
-                    let system = t.system.unwrap_or_else(|| "*".to_string());
-                    keys.push(format!("{name}${system}|{code}"));
+                    let key = crate::search::extract::composite_token_key(
+                        name,
+                        &code,
+                        t.system.as_deref(),
+                    );
+                    keys.push(match t.system {
+                        None => CompositeKey::Prefix(key),
+                        Some(_) => CompositeKey::Exact(key),
+                    });
                 }
             }
             _ => {
                 for r in split_or(head).iter().map(|v| reference_value(v, None)) {
-                    keys.push(match r {
+                    keys.push(CompositeKey::Exact(match r {
                         RefValue::Url(u) => format!("{name}${u}"),
                         RefValue::Local(Some(t), id) => format!("{name}${t}/{id}"),
                         RefValue::Local(None, id) => format!("{name}$*/{id}"),
-                    });
+                    }));
                 }
             }
         }
@@ -1793,9 +1808,22 @@ fn filter_sql(
     }
 }
 
-fn composite_alts_sql(b: &mut SqlBuilder, alts: &[(Vec<String>, Cond)]) {
+fn composite_alts_sql(b: &mut SqlBuilder, alts: &[(Vec<CompositeKey>, Cond)]) {
     or_list(b, alts, |b, (keys, cond)| {
-        b.push("(code IN ").list(keys).push(" AND (");
+        b.push("((");
+        or_list(b, keys, |b, k| match k {
+            CompositeKey::Exact(k) => {
+                b.push("code = ").text(k.clone());
+            }
+            CompositeKey::Prefix(p) => {
+                b.push("(code >= ")
+                    .text(p.clone())
+                    .push(" AND code < ")
+                    .text(format!("{p}\u{10FFFF}"))
+                    .push(")");
+            }
+        });
+        b.push(") AND (");
         cond_sql(b, cond);
         b.push("))");
     });
