@@ -5,7 +5,31 @@ use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use iomt_fhir::app::{Application, context, shutdown_signal};
-use iomt_fhir::config::{Cli, Command, DevicesCommand, Hl7Command, Settings};
+use iomt_fhir::config::{Cli, Command, DevicesCommand, Hl7Command, ServerArgs, Settings};
+use iomt_fhir::error::FhirError;
+use iomt_fhir::interaction::SharedCtx;
+
+/// The context of a command that works on the database without serving (`import`, `hl7`,
+/// `devices`, `reindex`): the settings a server with these options would use.
+async fn offline_context(
+    server: &ServerArgs,
+    config: Option<&std::path::PathBuf>,
+) -> Result<SharedCtx, String> {
+    let settings = Settings::resolve(server, config)?;
+    let base = settings
+        .base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
+    context(&settings, base).await
+}
+
+/// What a command prints when it fails: the first issue's diagnostics.
+fn first_diagnostic(e: FhirError) -> String {
+    e.issues
+        .first()
+        .map(|i| i.diagnostics.clone())
+        .unwrap_or_default()
+}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -48,12 +72,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             paths,
             jobs,
         } => {
-            let settings = Settings::resolve(&server, cli.config.as_ref())?;
-            let base = settings
-                .base_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
-            let ctx = context(&settings, base).await?;
+            let ctx = offline_context(&server, cli.config.as_ref()).await?;
             let started = std::time::Instant::now();
             let summary = iomt_fhir::import::run(ctx.clone(), &paths, jobs).await?;
             if let Err(e) = ctx.store.analyze().await {
@@ -86,12 +105,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let server = match &hl7 {
                 Hl7Command::List { server, .. } | Hl7Command::Replay { server, .. } => server,
             };
-            let settings = Settings::resolve(server, cli.config.as_ref())?;
-            let base = settings
-                .base_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
-            let ctx = context(&settings, base).await?;
+            let ctx = offline_context(server, cli.config.as_ref()).await?;
             let result = match hl7 {
                 Hl7Command::List {
                     outcome,
@@ -134,12 +148,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 }
             };
             ctx.store.close().await;
-            result.map_err(|e| {
-                e.issues
-                    .first()
-                    .map(|i| i.diagnostics.clone())
-                    .unwrap_or_default()
-            })?;
+            result.map_err(first_diagnostic)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Devices(cmd) => {
@@ -148,12 +157,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     server
                 }
             };
-            let settings = Settings::resolve(server, cli.config.as_ref())?;
-            let base = settings
-                .base_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
-            let ctx = context(&settings, base).await?;
+            let ctx = offline_context(server, cli.config.as_ref()).await?;
             let result = match cmd {
                 DevicesCommand::Errors { limit, .. } => {
                     iomt_fhir::interaction::device_data::dead_letters(&ctx, false, 0, limit.max(1))
@@ -180,21 +184,11 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 }
             };
             ctx.store.close().await;
-            result.map_err(|e| {
-                e.issues
-                    .first()
-                    .map(|i| i.diagnostics.clone())
-                    .unwrap_or_default()
-            })?;
+            result.map_err(first_diagnostic)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Reindex { server, types } => {
-            let settings = Settings::resolve(&server, cli.config.as_ref())?;
-            let base = settings
-                .base_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}/fhir", settings.listen));
-            let ctx = context(&settings, base).await?;
+            let ctx = offline_context(&server, cli.config.as_ref()).await?;
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -212,12 +206,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 .await;
             bar.finish_and_clear();
             ctx.store.close().await;
-            let report = result.map_err(|e| {
-                e.issues
-                    .first()
-                    .map(|i| i.diagnostics.clone())
-                    .unwrap_or_default()
-            })?;
+            let report = result.map_err(first_diagnostic)?;
             for a in &report.activated {
                 println!("activated {a}");
             }
