@@ -137,6 +137,15 @@ impl FhirError {
         self.kind.status()
     }
 
+    /// Every issue's diagnostics, joined with `; ` (for logs, ACKs and dead letters).
+    pub fn diagnostics(&self) -> String {
+        self.issues
+            .iter()
+            .map(|i| i.diagnostics.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The OperationOutcome sent to the client. For `Internal` the diagnostics were logged
     /// where the error arose; the client sees a generic text without internals.
     pub fn to_operation_outcome(&self) -> Value {

@@ -209,13 +209,7 @@ fn as_transaction(resources: Vec<Value>) -> Value {
 async fn submit(ctx: &SharedCtx, bundle: Value, summary: &Summary) -> Result<(), String> {
     let mut req = FhirRequest::new(Method::Post, Vec::new(), Vec::new());
     req.body = RequestBody::Resource(bundle);
-    let response = handle(ctx, req).await.map_err(|e| {
-        e.issues
-            .iter()
-            .map(|i| i.diagnostics.clone())
-            .collect::<Vec<_>>()
-            .join("; ")
-    })?;
+    let response = handle(ctx, req).await.map_err(|e| e.diagnostics())?;
     let Body::Raw(text) = response.body else {
         return Ok(());
     };

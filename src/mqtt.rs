@@ -165,11 +165,7 @@ async fn commit(ctx: &SharedCtx, publishes: &[Publish], shutdown: &mut watch::Re
             })),
             Err(e) => messages.push(Message {
                 text: String::from_utf8_lossy(&p.payload).into_owned(),
-                json: Err(e
-                    .issues
-                    .first()
-                    .map(|i| i.diagnostics.clone())
-                    .unwrap_or_default()),
+                json: Err(e.diagnostics()),
                 source: Some(source),
             }),
         }
@@ -181,15 +177,7 @@ async fn commit(ctx: &SharedCtx, publishes: &[Publish], shutdown: &mut watch::Re
         .await;
     let mut wait = Duration::from_millis(200);
     loop {
-        let batch: Vec<Message> = messages
-            .iter()
-            .map(|m| Message {
-                text: m.text.clone(),
-                json: m.json.clone(),
-                source: m.source.clone(),
-            })
-            .collect();
-        match ingest(ctx, batch, "mqtt").await {
+        match ingest(ctx, messages.clone(), "mqtt").await {
             Ok(o) => {
                 tracing::debug!(
                     messages = o.accepted,
@@ -199,7 +187,7 @@ async fn commit(ctx: &SharedCtx, publishes: &[Publish], shutdown: &mut watch::Re
                 break;
             }
             Err(e) => {
-                tracing::warn!(error = ?e.issues.first().map(|i| &i.diagnostics), "MQTT batch not committed; retrying");
+                tracing::warn!(error = %e.diagnostics(), "MQTT batch not committed; retrying");
                 if *shutdown.borrow() {
                     break;
                 }

@@ -8,7 +8,7 @@
 //! new. Messages that cannot be mapped are kept in the same transaction as dead letters,
 //! with the payload and the reason, and can be replayed once a template is fixed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -86,6 +86,7 @@ fn device_id_for(system: &str, value: &str) -> String {
 }
 
 /// A message split from a request body: its text (kept for dead letters) and its JSON.
+#[derive(Clone)]
 pub struct Message {
     pub text: String,
     pub json: std::result::Result<Value, String>,
@@ -236,7 +237,7 @@ async fn ingest_with(
         moves: Vec::new(),
         dead: Vec::new(),
     };
-    let mut creating: BTreeMap<String, ()> = BTreeMap::new();
+    let mut creating: HashSet<String> = HashSet::new();
     for (i, readings) in normalised {
         let mut staged = Vec::new();
         let mut error = None;
@@ -290,8 +291,7 @@ async fn ingest_with(
                     if let Some(zone) = moved {
                         plan.moves.push((device_id.clone(), zone));
                     }
-                    if device_body.is_none() && !creating.contains_key(device_id) {
-                        creating.insert(device_id.clone(), ());
+                    if device_body.is_none() && creating.insert(device_id.clone()) {
                         let device = json!({
                             "resourceType": "Device",
                             "id": device_id,
@@ -348,16 +348,8 @@ fn prepare(
     mut r: Value,
     id: &str,
 ) -> std::result::Result<Prepared, String> {
-    write::check(ctx, ty, &mut r, Some(id)).map_err(|e| issues(&e))?;
-    write::prepare_with_id(ctx, r, id).map_err(|e| issues(&e))
-}
-
-fn issues(e: &FhirError) -> String {
-    e.issues
-        .iter()
-        .map(|i| i.diagnostics.as_str())
-        .collect::<Vec<_>>()
-        .join("; ")
+    write::check(ctx, ty, &mut r, Some(id)).map_err(|e| e.diagnostics())?;
+    write::prepare_with_id(ctx, r, id).map_err(|e| e.diagnostics())
 }
 
 type Writes = Vec<(&'static str, String, Prepared)>;
@@ -622,15 +614,7 @@ pub async fn replay(ctx: &SharedCtx, id: Option<i64>) -> Result<(usize, Outcome)
 
 /// `GET [base]/$device-data/errors?after=<id>&_count=50&replayed=true`.
 pub async fn http_errors(ctx: &SharedCtx, req: &FhirRequest) -> Result<FhirResponse> {
-    let after = req
-        .param("after")
-        .map_or(Ok(0), str::parse)
-        .map_err(|_| FhirError::invalid("after must be a message id"))?;
-    let count = req
-        .param("_count")
-        .map_or(Ok(ctx.limits.default_count as i64), str::parse)
-        .map_err(|_| FhirError::invalid("_count must be a number"))?
-        .clamp(1, ctx.limits.max_count as i64);
+    let (after, count) = req.listing_window(&ctx.limits)?;
     let all = match req.param("replayed") {
         None | Some("false") => false,
         Some("true") => true,

@@ -289,12 +289,7 @@ pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
             {
                 return previous_answer(previous, &msg);
             }
-            let text = e
-                .issues
-                .iter()
-                .map(|i| i.diagnostics.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
+            let text = e.diagnostics();
             let err = AckError::new(ack::APPLICATION_INTERNAL_ERROR, text.clone());
             reject(
                 ctx,
@@ -650,15 +645,7 @@ pub async fn http_list(ctx: &SharedCtx, req: &FhirRequest) -> Result<FhirRespons
     {
         return Err(FhirError::invalid("outcome must be AA, AE or AR"));
     }
-    let after = req
-        .param("after")
-        .map_or(Ok(0), str::parse)
-        .map_err(|_| FhirError::invalid("after must be a message id"))?;
-    let count = req
-        .param("_count")
-        .map_or(Ok(ctx.limits.default_count as i64), str::parse)
-        .map_err(|_| FhirError::invalid("_count must be a number"))?
-        .clamp(1, ctx.limits.max_count as i64);
+    let (after, count) = req.listing_window(&ctx.limits)?;
     let messages = list(ctx, outcome.as_deref(), after, count).await?;
     Ok(FhirResponse::json(200, json!({ "messages": messages })))
 }

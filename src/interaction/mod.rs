@@ -166,6 +166,21 @@ impl FhirRequest {
             .map(|(_, v)| v.as_str())
     }
 
+    /// `after=<id>&_count=<n>` of the stored-message listings (`$hl7v2-messages`,
+    /// `$device-data/errors`): the id to list after, and the page size within the limits.
+    pub fn listing_window(&self, limits: &Limits) -> Result<(i64, i64)> {
+        let after = self
+            .param("after")
+            .map_or(Ok(0), str::parse)
+            .map_err(|_| FhirError::invalid("after must be a message id"))?;
+        let count = self
+            .param("_count")
+            .map_or(Ok(limits.default_count as i64), str::parse)
+            .map_err(|_| FhirError::invalid("_count must be a number"))?
+            .clamp(1, limits.max_count as i64);
+        Ok((after, count))
+    }
+
     pub fn take_resource(&mut self) -> Result<Value> {
         match std::mem::replace(&mut self.body, RequestBody::None) {
             RequestBody::Resource(v) => Ok(v),
