@@ -13,6 +13,8 @@ use crate::store::{Store, StoreConfig};
 
 pub struct Application {
     listener: TcpListener,
+    /// HTTPS (`--tls-cert`).
+    tls: Option<tokio_rustls::TlsAcceptor>,
     ctx: SharedCtx,
     port: u16,
     mllp: Option<(TcpListener, crate::mllp::MllpConfig)>,
@@ -54,6 +56,7 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         conditional_delete: settings.conditional_delete,
         search_indexing: settings.search_indexing,
         registry: std::sync::RwLock::new(Arc::new(defs.registry.clone())),
+        auth: crate::auth::Auth::new(settings.auth),
     });
     let custom = crate::interaction::reindex::load_active(&ctx)
         .await
@@ -66,14 +69,20 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application, String> {
+        settings.check_exposure()?;
+        let tls = match &settings.tls {
+            Some(files) => Some(crate::tls::acceptor(files)?),
+            None => None,
+        };
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let base = settings
             .base_url
             .clone()
-            .unwrap_or_else(|| format!("http://{addr}/fhir"));
+            .unwrap_or_else(|| format!("{scheme}://{addr}/fhir"));
         let ctx = context(&settings, base).await?;
         // Planner statistics may be missing or stale (e.g. autovacuum off): refresh them in
         // the background rather than delay the start.
@@ -108,6 +117,7 @@ impl Application {
             .and_then(|(l, _)| l.local_addr().ok())
             .map(|a| a.port());
         let report = &ctx.defs.search_report;
+        tracing::info!(auth = ?settings.auth, tls = settings.tls.is_some(), "access");
         tracing::info!(
             resource_types = ctx.defs.resource_types.len(),
             search_parameters = report.total,
@@ -117,6 +127,7 @@ impl Application {
         );
         Ok(Application {
             listener,
+            tls,
             port: addr.port(),
             ctx,
             mllp,
@@ -132,6 +143,11 @@ impl Application {
     /// The MLLP listener's port, when `--mllp-listen` was given.
     pub fn mllp_port(&self) -> Option<u16> {
         self.mllp_port
+    }
+
+    /// The shared context (tests register OAuth clients through it).
+    pub fn context(&self) -> SharedCtx {
+        self.ctx.clone()
     }
 
     pub fn base_url(&self) -> &str {
@@ -168,13 +184,25 @@ impl Application {
             }
             None => None,
         };
-        let result = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = stop_tx.send(true);
-            })
-            .await
-            .map_err(|e| format!("server error: {e}"));
+        let stop = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        let result = match self.tls {
+            Some(acceptor) => {
+                let listener = crate::tls::HttpsListener::new(self.listener, acceptor)
+                    .map_err(|e| format!("HTTPS listener: {e}"))?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+            None => {
+                axum::serve(self.listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+        }
+        .map_err(|e| format!("server error: {e}"));
         if let Some(m) = mllp {
             let _ = m.await;
         }

@@ -46,6 +46,9 @@ pub enum Command {
     /// Device feed dead letters: list them, or map them again after a template fix.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// OAuth clients of the SMART authorization server (`--auth smart`).
+    #[command(subcommand)]
+    Clients(ClientsCommand),
     /// Put the stored SearchParameter resources in force and rebuild the search indexes
     /// (after adding or changing SearchParameters, or upgrading the server).
     Reindex {
@@ -54,6 +57,48 @@ pub enum Command {
         /// Only resources of these types (comma-separated) [default: every type].
         #[arg(long = "type", value_delimiter = ',')]
         types: Vec<String>,
+    },
+}
+
+/// `iomt-fhir clients ...`: register, list and remove OAuth clients.
+#[derive(Subcommand, Debug)]
+pub enum ClientsCommand {
+    /// Register a client.
+    Add {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The client id (1-128 of A-Z a-z 0-9 - . _ ~).
+        #[arg(long = "client-id")]
+        client_id: String,
+        #[arg(long, value_enum)]
+        kind: crate::auth::clients::Kind,
+        /// confidential-asymmetric: a file holding the client's JWK Set (public keys).
+        #[arg(long)]
+        jwks: Option<PathBuf>,
+        /// confidential-symmetric: the client secret (stored as its SHA-256).
+        #[arg(long, env = "IOMT_FHIR_CLIENT_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// Scopes the client may be granted, e.g. 'system/*.rs' (repeat, or space-separate).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Exact redirect URIs (authorization code flow; repeat).
+        #[arg(long = "redirect-uri")]
+        redirect_uris: Vec<String>,
+        /// Browser origins allowed to call the token endpoint and the API (repeat).
+        #[arg(long = "origin")]
+        origins: Vec<String>,
+    },
+    /// List the registered clients (JSON lines).
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Remove a client and revoke its tokens.
+    Remove {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long = "client-id")]
+        client_id: String,
     },
 }
 
@@ -195,6 +240,16 @@ pub struct ServerArgs {
     /// Conditional delete matching several resources: single (412) or multiple [default: single].
     #[arg(long, env = "IOMT_FHIR_CONDITIONAL_DELETE", value_enum)]
     pub conditional_delete: Option<ConditionalDeleteMode>,
+    /// off: no authorization (allowed only on a loopback --listen address); smart: SMART on
+    /// FHIR, a Bearer token on every request [default: off].
+    #[arg(long, env = "IOMT_FHIR_AUTH", value_enum)]
+    pub auth: Option<crate::auth::Mode>,
+    /// PEM certificate chain: serve HTTPS (needs --tls-key).
+    #[arg(long, env = "IOMT_FHIR_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "IOMT_FHIR_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Extract search index values on write; `false` only to measure what indexing costs
     /// (searches then find nothing written meanwhile) [default: true].
     #[arg(long, env = "IOMT_FHIR_SEARCH_INDEXING")]
@@ -226,9 +281,36 @@ pub struct Settings {
     pub devices_auto_create: bool,
     pub device_queue: usize,
     pub mqtt: Option<crate::mqtt::MqttConfig>,
+    pub auth: crate::auth::Mode,
+    /// HTTPS for the REST API.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Settings {
+    /// Serving without authorization is for a loopback address only: anything reachable
+    /// from the network needs `--auth smart`. SMART needs TLS, directly (`--tls-cert`) or in
+    /// front of the server (an `https://` `--base-url`), except on loopback.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        let loopback = self.listen.ip().is_loopback();
+        if self.auth == crate::auth::Mode::Off && !loopback {
+            return Err(format!(
+                "refusing to serve without authorization on {}: --auth off is allowed only on a loopback address (127.0.0.1, ::1); use --auth smart",
+                self.listen
+            ));
+        }
+        let https_base = self
+            .base_url
+            .as_deref()
+            .is_some_and(|b| b.starts_with("https://"));
+        if self.auth == crate::auth::Mode::Smart && !loopback && self.tls.is_none() && !https_base {
+            return Err(format!(
+                "--auth smart on {} needs TLS: give --tls-cert and --tls-key, or an https:// --base-url when a proxy terminates TLS",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+
     /// Merges flags/environment over the config file over defaults, and checks them.
     pub fn resolve(args: &ServerArgs, config_file: Option<&PathBuf>) -> Result<Settings, String> {
         let file: ServerArgs = match config_file {
@@ -337,7 +419,21 @@ impl Settings {
                 Some(c)
             }
         };
+        let tls = match (
+            args.tls_cert.clone().or(file.tls_cert.clone()),
+            args.tls_key.clone().or(file.tls_key.clone()),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: None,
+            }),
+            _ => return Err("HTTPS needs both --tls-cert and --tls-key".to_string()),
+        };
         Ok(Settings {
+            auth: args.auth.or(file.auth).unwrap_or_default(),
+            tls,
             mqtt,
             device_mappings: args.device_mappings.clone().or(file.device_mappings),
             devices_auto_create: args

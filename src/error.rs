@@ -31,6 +31,10 @@ pub enum ErrorKind {
     NotSupported,
     /// Database unavailable or overloaded.
     Unavailable,
+    /// No valid access token (`--auth smart`): 401 with `WWW-Authenticate: Bearer`.
+    Unauthorized,
+    /// A valid token whose scopes do not allow the interaction.
+    Forbidden,
     /// A bug. Details are logged, never sent.
     Internal,
 }
@@ -50,6 +54,8 @@ impl ErrorKind {
             ErrorKind::Unprocessable => 422,
             ErrorKind::NotSupported => 400,
             ErrorKind::Unavailable => 503,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
             ErrorKind::Internal => 500,
         }
     }
@@ -69,6 +75,8 @@ impl ErrorKind {
             ErrorKind::Unprocessable => "processing",
             ErrorKind::NotSupported => "not-supported",
             ErrorKind::Unavailable => "transient",
+            ErrorKind::Unauthorized => "login",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::Internal => "exception",
         }
     }

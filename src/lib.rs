@@ -18,6 +18,7 @@
 //! - [`error`]: error kinds and OperationOutcomes, one table.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod definitions;
 pub mod devices;

@@ -5,7 +5,9 @@ use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use iomt_fhir::app::{Application, context, shutdown_signal};
-use iomt_fhir::config::{Cli, Command, DevicesCommand, Hl7Command, ServerArgs, Settings};
+use iomt_fhir::config::{
+    Cli, ClientsCommand, Command, DevicesCommand, Hl7Command, ServerArgs, Settings,
+};
 use iomt_fhir::error::FhirError;
 use iomt_fhir::interaction::SharedCtx;
 
@@ -187,6 +189,18 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             result.map_err(first_diagnostic)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Clients(cmd) => {
+            let server = match &cmd {
+                ClientsCommand::Add { server, .. }
+                | ClientsCommand::List { server }
+                | ClientsCommand::Remove { server, .. } => server,
+            };
+            let ctx = offline_context(server, cli.config.as_ref()).await?;
+            let result = clients(&ctx, cmd).await;
+            ctx.store.close().await;
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reindex { server, types } => {
             let ctx = offline_context(&server, cli.config.as_ref()).await?;
             let bar = indicatif::ProgressBar::new(0);
@@ -225,4 +239,63 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+/// `iomt-fhir clients add|list|remove`.
+async fn clients(ctx: &SharedCtx, cmd: ClientsCommand) -> Result<(), String> {
+    use iomt_fhir::auth::{clients, scope};
+    match cmd {
+        ClientsCommand::Add {
+            client_id,
+            kind,
+            jwks,
+            secret,
+            scopes,
+            redirect_uris,
+            origins,
+            ..
+        } => {
+            let jwks = match jwks {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    Some(
+                        serde_json::from_str(&text)
+                            .map_err(|e| format!("{}: not JSON: {e}", path.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let scopes = scope::parse_list(&scopes.join(" "))?;
+            let client = clients::Client {
+                id: client_id.clone(),
+                kind,
+                secret_hash: secret.as_deref().map(iomt_fhir::auth::token_hash),
+                jwks,
+                scopes,
+                redirect_uris,
+                origins,
+            };
+            clients::add(&ctx.store, client)
+                .await
+                .map_err(first_diagnostic)?;
+            println!("registered client {client_id}");
+        }
+        ClientsCommand::List { .. } => {
+            for c in clients::list(&ctx.store).await.map_err(first_diagnostic)? {
+                println!("{}", c.to_json());
+            }
+        }
+        ClientsCommand::Remove { client_id, .. } => {
+            if clients::remove(&ctx.store, &client_id)
+                .await
+                .map_err(first_diagnostic)?
+            {
+                println!("removed client {client_id}; its tokens are revoked");
+            } else {
+                return Err(format!("no client {client_id:?}"));
+            }
+        }
+    }
+    Ok(())
 }

@@ -138,7 +138,7 @@ pub fn statement(ctx: &Ctx) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut statement = json!({
         "resourceType": "CapabilityStatement",
         "id": "iomt-fhir",
         "name": "IomtFhir",
@@ -167,7 +167,28 @@ pub fn statement(ctx: &Ctx) -> Value {
             }],
             "compartment": compartments
         }]
-    })
+    });
+    if ctx.auth.enabled() {
+        // SMART App Launch 2.0 conformance.html: some clients find the OAuth endpoints only
+        // here, in the oauth-uris extension.
+        let e = |name: &str| crate::auth::oauth::endpoint(ctx, name);
+        statement["rest"][0]["security"] = json!({
+            "cors": true,
+            "service": [{
+                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}],
+                "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)"
+            }],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [
+                    {"url": "token", "valueUri": e("token")},
+                    {"url": "introspect", "valueUri": e("introspect")},
+                    {"url": "revoke", "valueUri": e("revoke")}
+                ]
+            }]
+        });
+    }
+    statement
 }
 
 /// The searchParam list of `ty` (`Resource` for a system-level search without `_type`):

@@ -2,6 +2,7 @@
 //! and a Bundle entry both become a [`FhirRequest`], are routed to one [`Interaction`] and
 //! produce one [`FhirResponse`]. Only `crate::rest` knows axum.
 
+pub mod authorized;
 pub mod bundle_text;
 pub mod capabilities;
 pub mod create;
@@ -44,6 +45,8 @@ pub struct Ctx {
     pub registry: std::sync::RwLock<Arc<crate::search::registry::Registry>>,
     /// Device feed templates and settings (`$device-data`, MQTT).
     pub devices: device_data::DeviceFeeds,
+    /// Authorization (`--auth`), registered clients' tokens.
+    pub auth: crate::auth::Auth,
 }
 
 impl Ctx {
@@ -140,6 +143,9 @@ pub struct FhirRequest {
     /// The client accepts FHIR JSON (for operations that can also answer in another format).
     pub wants_fhir_json: bool,
     pub body: RequestBody,
+    /// The access token's grant (`--auth smart`); `None` when authorization is off or the
+    /// request comes from inside the server (HL7 v2, device feeds, import).
+    pub grant: Option<Arc<crate::auth::access::Grant>>,
 }
 
 impl FhirRequest {
@@ -156,6 +162,7 @@ impl FhirRequest {
             prefer_lenient: false,
             wants_fhir_json: false,
             body: RequestBody::None,
+            grant: None,
         }
     }
 
@@ -527,7 +534,7 @@ pub fn parse_etag(s: &str) -> Option<i64> {
 
 /// Handles one request. Reads run on a pooled connection; each write runs as one job
 /// (one database transaction) through the store.
-pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirResponse> {
+pub async fn handle(ctx: &SharedCtx, req: FhirRequest) -> Result<FhirResponse> {
     let interaction = route(ctx.defs, req.method, &req.segments)?;
     use Interaction as I;
     // The terminology the HL7 v2 mapping runs on is served, not edited, over the API.
@@ -539,6 +546,19 @@ pub async fn handle(ctx: &SharedCtx, mut req: FhirRequest) -> Result<FhirRespons
             format!("{t}/{id} is read-only: it comes from the server's terminology/ folder"),
         ));
     }
+    if let Some(grant) = req.grant.clone() {
+        return authorized::handle(ctx, grant, interaction, req).await;
+    }
+    dispatch(ctx, interaction, req).await
+}
+
+/// Runs a routed interaction (after any authorization).
+pub async fn dispatch(
+    ctx: &SharedCtx,
+    interaction: Interaction,
+    mut req: FhirRequest,
+) -> Result<FhirResponse> {
+    use Interaction as I;
     match interaction {
         I::Capabilities => Ok(FhirResponse::json(200, capabilities::statement(ctx))),
         I::Bundle => transaction::bundle(ctx, &mut req).await,

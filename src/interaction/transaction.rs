@@ -105,10 +105,52 @@ pub async fn bundle(ctx: &SharedCtx, req: &mut FhirRequest) -> Result<FhirRespon
         }
     }
     if kind == "batch" {
+        // Each entry is its own interaction, authorized as one.
+        for e in entries.iter_mut().flatten() {
+            e.req.grant = req.grant.clone();
+        }
         return batch(ctx, entries, req.prefer_return).await;
     }
     let entries: Vec<Entry> = entries.into_iter().collect::<Result<_>>()?;
+    if let Some(grant) = &req.grant {
+        for e in &entries {
+            authorize_transaction_entry(grant, e).map_err(|err| entry_error(e.index, err))?;
+        }
+    }
     transaction(ctx, entries, req.prefer_return).await
+}
+
+/// A transaction runs its entries in one database transaction, past the per-request checks:
+/// under a token, every entry must pass the scope check and its type must be open to the
+/// token without restriction (a restricted token uses a batch, whose entries are checked
+/// one by one).
+fn authorize_transaction_entry(grant: &crate::auth::access::Grant, e: &Entry) -> Result<()> {
+    use crate::auth::scope::Perms;
+    use Interaction as I;
+    crate::auth::access::check(grant, &e.interaction, &e.req.query)?;
+    let (ty, perms) = match &e.interaction {
+        I::Create(t) => (t, Perms::C),
+        I::Update(t, _) | I::Patch(t, _) | I::ConditionalUpdate(t) | I::ConditionalPatch(t) => {
+            (t, Perms::U)
+        }
+        I::Delete(t, _) | I::ConditionalDelete(t) => (t, Perms::D),
+        I::Read(t, _) | I::Vread(t, _, _) | I::HistoryInstance(t, _) => (t, Perms::R),
+        I::SearchType(t) | I::HistoryType(t) => (t, Perms::S),
+        other => {
+            return Err(FhirError::new(
+                crate::error::ErrorKind::Forbidden,
+                format!("{other:?} is not allowed inside a transaction under an access token"),
+            ));
+        }
+    };
+    if grant.unrestricted(ty, perms) {
+        Ok(())
+    } else {
+        Err(FhirError::new(
+            crate::error::ErrorKind::Forbidden,
+            format!("a transaction needs unrestricted scopes on {ty}; send a batch instead"),
+        ))
+    }
 }
 
 fn parse_entry(ctx: &Ctx, index: usize, e: Value) -> Result<Entry> {

@@ -4,6 +4,7 @@
 //! conditional and `Prefer` headers, body limits and panic containment live here and
 //! nowhere else. This is the only module that knows axum.
 
+mod auth;
 mod format;
 
 use axum::Router;
@@ -11,7 +12,7 @@ use axum::body::Body as AxumBody;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::{ErrorKind, FhirError};
@@ -30,6 +31,13 @@ pub fn router(ctx: SharedCtx) -> Router {
         .route("/fhir/", any(fhir))
         .route("/fhir/{*rest}", any(fhir))
         .route("/health", any(health))
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(auth::smart_configuration),
+        )
+        .route("/auth/token", post(auth::token))
+        .route("/auth/introspect", post(auth::introspect))
+        .route("/auth/revoke", post(auth::revoke))
         .fallback(not_found)
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(ctx)
@@ -74,8 +82,20 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
     };
     let head = parts.method == axum::http::Method::HEAD;
     let result = async {
+        // The token is checked before the body is read; only the CapabilityStatement is
+        // open without one (clients discover the OAuth endpoints there).
+        let grant = if ctx.auth.enabled() && !is_metadata(parts.uri.path()) {
+            let header = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            Some(ctx.auth.authenticate(&ctx.store, header).await?)
+        } else {
+            None
+        };
         let mut req = build_request(&ctx, &parts, query, body).await?;
         req.wants_fhir_json = wants_fhir_json;
+        req.grant = grant;
         interaction::handle(&ctx, req).await
     }
     .await;
@@ -87,6 +107,11 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
         *response.body_mut() = AxumBody::empty();
     }
     response
+}
+
+fn is_metadata(path: &str) -> bool {
+    path.strip_prefix(FHIR_PREFIX)
+        .is_some_and(|p| p.trim_matches('/') == "metadata")
 }
 
 async fn build_request(
@@ -278,6 +303,12 @@ fn render_error(e: &FhirError, n: &Negotiation) -> Response {
         text,
     )
         .into_response();
+    if e.kind == ErrorKind::Unauthorized {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"iomt-fhir\", error=\"invalid_token\""),
+        );
+    }
     if e.kind == ErrorKind::Unavailable {
         response
             .headers_mut()

@@ -10,7 +10,7 @@
 //! and special parameters, Range and SampledData values, and Timing's `repeat` schedule.
 
 use crate::search::fhirpath::{self, Node};
-use crate::search::registry::{ParamType, Registry};
+use crate::search::registry::{ParamType, Registry, SearchParam};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -159,6 +159,26 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
         }
     }
     entries
+}
+
+/// The values one (non-composite) parameter takes on `resource`: what access checks
+/// evaluate against a resource in memory (a scope's `?param=value`, compartment membership).
+pub fn extract_param(param: &SearchParam, resource: &Value) -> Vec<IndexValue> {
+    let mut values = Vec::new();
+    let (Some(expression), Some(resource_type)) = (
+        &param.expression,
+        resource.get("resourceType").and_then(Value::as_str),
+    ) else {
+        return values;
+    };
+    let focus = Node {
+        value: resource,
+        fhir_type: None,
+    };
+    for node in expression.evaluate_in(focus, resource, Some(resource_type)) {
+        index_node(param.kind, node, &mut values);
+    }
+    values
 }
 
 /// `Location.near` (location.html#positional): the position's latitude and longitude as

@@ -36,6 +36,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0005_device_message.sql"),
         include_str!("../../migrations/postgres/0005_device_message.sql"),
     ),
+    (
+        6,
+        "auth",
+        include_str!("../../migrations/sqlite/0006_auth.sql"),
+        include_str!("../../migrations/postgres/0006_auth.sql"),
+    ),
 ];
 
 pub async fn run(db: &mut Db) -> Result<()> {

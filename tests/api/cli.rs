@@ -86,13 +86,26 @@ fn bad_configuration_fails_with_one_line() {
         vec!["serve", "--database", "mysql://x"],
         vec!["serve", "--base-url", "ftp://x"],
         vec!["serve", "--max-count", "0"],
+        // Reachable from the network without authorization: refused.
+        vec!["serve", "--listen", "0.0.0.0:0"],
+        // SMART without TLS off loopback: refused.
+        vec!["serve", "--listen", "0.0.0.0:0", "--auth", "smart"],
+        vec!["serve", "--tls-cert", "x.pem"],
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
-        assert!(err.starts_with("iomt-fhir: "), "{err}");
+        assert!(
+            err.starts_with("iomt-fhir: ") || err.starts_with("error: "),
+            "{err}"
+        );
     }
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--auth smart"));
     // a config file with an unknown key
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");

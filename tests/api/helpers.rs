@@ -23,6 +23,7 @@ pub struct TestApp {
     pub mllp_port: Option<u16>,
     pub client: reqwest::Client,
     pub database: String,
+    pub ctx: iomt_fhir::interaction::SharedCtx,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<Result<(), String>>>,
     _dir: tempfile::TempDir,
@@ -97,6 +98,13 @@ pub async fn json(r: reqwest::Response) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
+/// A file under `tests/fixtures/`.
+pub fn fixture(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
 /// A fresh PostgreSQL schema per test, selected through `search_path`.
 async fn postgres_url(base: &str) -> String {
     use sqlx::Connection;
@@ -139,19 +147,25 @@ pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut ServerArgs)) -
     let app = Application::build(settings).await.expect("server starts");
     let base = app.base_url().to_string();
     let mllp_port = app.mllp_port();
+    let ctx = app.context();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {
         let _ = rx.await;
     }));
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("client");
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+    if base.starts_with("https://") {
+        let ca = std::fs::read(fixture("tls/ca.pem")).expect("test CA");
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA PEM"));
+    }
+    let client = builder.build().expect("client");
     Some(TestApp {
         base,
         mllp_port,
         client,
         database,
+        ctx,
         shutdown: Some(tx),
         server: Some(server),
         _dir: dir,

@@ -14,4 +14,5 @@ mod errors;
 mod hl7;
 mod mqtt;
 mod search;
+mod smart;
 mod transactions;

@@ -1,0 +1,330 @@
+//! What a token may do: the interaction-level check (403 before anything is read), the
+//! request rewrite that keeps restricted searches exact (a patient scope becomes a compartment
+//! search, a v2 `?param=value` restriction becomes a search parameter), and the per-resource
+//! test every response passes through (`permits`), so that nothing outside the scopes leaves
+//! the server even where a rewrite does not reach (`_include`, `_revinclude`, history).
+//! Pure code over a [`Grant`]; the caller does the I/O.
+
+use serde_json::Value;
+
+use crate::auth::scope::{Context, Perms, ResourceScope};
+use crate::error::{ErrorKind, FhirError, Result};
+use crate::interaction::{Ctx, Interaction};
+use crate::search::extract::{IndexValue, extract_param, fold};
+use crate::search::registry::ParamType;
+use crate::time::Micros;
+
+/// What an access token grants, as the server stored it when issuing it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub client_id: String,
+    /// The resource scopes granted (the others, like `openid`, are in `scope_text` only).
+    pub scopes: Vec<ResourceScope>,
+    pub scope_text: String,
+    /// Launch context.
+    pub patient: Option<String>,
+    pub encounter: Option<String>,
+    /// `Practitioner/1`, `Patient/2`, ... of the signed-in user.
+    pub fhir_user: Option<String>,
+    pub issued_at: Micros,
+    pub expires_at: Micros,
+}
+
+fn forbidden(what: impl Into<String>) -> FhirError {
+    FhirError::new(ErrorKind::Forbidden, what)
+}
+
+impl Grant {
+    /// The patient whose compartment a scope is limited to: the launch patient for
+    /// `patient/` scopes, the user's own record for `user/` scopes of a patient user.
+    fn compartment_of(&self, s: &ResourceScope) -> Option<&str> {
+        match s.context {
+            Context::Patient => self.patient.as_deref(),
+            Context::User => self
+                .fhir_user
+                .as_deref()
+                .and_then(|u| u.strip_prefix("Patient/")),
+            Context::System => None,
+        }
+    }
+
+    /// Scopes giving `perms` on `ty` (any one of them suffices). A `patient/` scope without a
+    /// patient in context gives nothing.
+    fn scopes_for<'a>(
+        &'a self,
+        ty: &'a str,
+        perms: Perms,
+    ) -> impl Iterator<Item = &'a ResourceScope> + 'a {
+        self.scopes.iter().filter(move |s| {
+            s.covers_type(ty)
+                && s.perms.intersects(perms)
+                && (s.context != Context::Patient || self.patient.is_some())
+        })
+    }
+
+    /// Some scope gives one of `perms` on `ty`.
+    pub fn may(&self, ty: &str, perms: Perms) -> bool {
+        self.scopes_for(ty, perms).next().is_some()
+    }
+
+    /// Some scope gives one of `perms` on `ty` for every resource of that type.
+    pub fn unrestricted(&self, ty: &str, perms: Perms) -> bool {
+        self.scopes_for(ty, perms)
+            .any(|s| s.params.is_empty() && self.compartment_of(s).is_none())
+    }
+
+    /// Reads of every type are unrestricted: responses need no per-resource check.
+    pub fn reads_everything(&self) -> bool {
+        self.scopes.iter().any(|s| {
+            s.resource_type.is_none()
+                && s.perms.contains(Perms::R.union(Perms::S))
+                && s.params.is_empty()
+                && self.compartment_of(s).is_none()
+        })
+    }
+
+    /// Whether `resource` may be handled with one of `perms` under some scope.
+    pub fn permits(&self, ctx: &Ctx, perms: Perms, resource: &Value) -> bool {
+        let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
+            return false;
+        };
+        self.scopes_for(ty, perms).any(|s| {
+            self.compartment_of(s)
+                .is_none_or(|p| in_patient_compartment(ctx, ty, resource, p))
+                && s.params
+                    .iter()
+                    .all(|(k, v)| matches_param(ctx, ty, resource, k, v))
+        })
+    }
+
+    /// The token is for an ingest or administration endpoint: it needs `perms` on every
+    /// resource type, from a `system/` scope without restrictions.
+    fn require_system_wide(&self, perms: Perms, what: &str) -> Result<()> {
+        let ok = self.scopes.iter().any(|s| {
+            s.context == Context::System
+                && s.resource_type.is_none()
+                && s.params.is_empty()
+                && s.perms.contains(perms)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(forbidden(format!(
+                "{what} needs the scope system/*.{perms} (this token has: {})",
+                self.scope_text
+            )))
+        }
+    }
+
+    fn require(&self, ty: &str, perms: Perms, what: &str) -> Result<()> {
+        if self.may(ty, perms) {
+            Ok(())
+        } else {
+            Err(forbidden(format!(
+                "{what} on {ty} needs a scope with {perms} on {ty} (this token has: {})",
+                self.scope_text
+            )))
+        }
+    }
+}
+
+/// The resource is in the compartment of `Patient/patient` (compartmentdefinition-patient).
+/// Types outside the Patient compartment (Medication, Organization, Practitioner, ...) hold
+/// no one patient's data and pass; the Patient itself passes only as `patient`.
+pub fn in_patient_compartment(ctx: &Ctx, ty: &str, resource: &Value, patient: &str) -> bool {
+    if ty == "Patient" {
+        return resource.get("id").and_then(Value::as_str) == Some(patient);
+    }
+    let Some(params) = ctx.defs.compartments.get("Patient").and_then(|m| m.get(ty)) else {
+        return true;
+    };
+    let registry = ctx.registry();
+    params.iter().any(|code| {
+        registry.get(ty, code).is_some_and(|p| {
+            extract_param(p, resource).iter().any(|v| {
+                matches!(v, IndexValue::Reference { target_type: Some(t), target_id: Some(id), .. }
+                    if t == "Patient" && id == patient)
+            })
+        })
+    })
+}
+
+/// `resource` matches the search restriction `code=value` of a v2 scope. Token, string,
+/// reference and uri parameters without modifiers are understood (values OR-ed with `,`);
+/// anything else matches nothing, so an unusual restriction denies rather than leaks.
+pub fn matches_param(ctx: &Ctx, ty: &str, resource: &Value, code: &str, value: &str) -> bool {
+    if code == "_id" {
+        let id = resource.get("id").and_then(Value::as_str);
+        return value.split(',').any(|v| Some(v) == id);
+    }
+    let registry = ctx.registry();
+    let Some(param) = registry.get(ty, code) else {
+        return false;
+    };
+    let values = extract_param(param, resource);
+    value.split(',').any(|want| {
+        values.iter().any(|have| match (param.kind, have) {
+            (ParamType::Token, IndexValue::Token { system, code, .. }) => {
+                let (ws, wc) = match want.split_once('|') {
+                    Some((s, c)) => (Some(s), c),
+                    None => (None, want),
+                };
+                code.as_deref() == Some(wc)
+                    && match ws {
+                        None => true,
+                        Some("") => system.is_none(),
+                        Some(s) => system.as_deref() == Some(s),
+                    }
+            }
+            (ParamType::String, IndexValue::String { normalized, .. }) => {
+                normalized.starts_with(&fold(want))
+            }
+            (
+                ParamType::Reference,
+                IndexValue::Reference {
+                    target_type,
+                    target_id,
+                    url,
+                },
+            ) => {
+                url == want
+                    || match want.split_once('/') {
+                        Some((t, id)) => {
+                            target_type.as_deref() == Some(t) && target_id.as_deref() == Some(id)
+                        }
+                        None => target_id.as_deref() == Some(want),
+                    }
+            }
+            (ParamType::Uri, IndexValue::Uri(u)) => u == want,
+            _ => false,
+        })
+    })
+}
+
+/// The permissions an interaction needs on its type. Operations that write many types
+/// (HL7 v2, device data) or administer the server need wide `system/` scopes.
+pub fn check(grant: &Grant, interaction: &Interaction, params: &[(String, String)]) -> Result<()> {
+    use Interaction as I;
+    let rs = Perms::R.union(Perms::S);
+    let cu = Perms::C.union(Perms::U);
+    match interaction {
+        I::Capabilities => Ok(()),
+        I::Bundle => Ok(()), // each entry is checked as its own interaction
+        I::DeviceData | I::Hl7v2 => grant.require_system_wide(cu, "ingesting data"),
+        I::DeviceDataReplay | I::Hl7v2Replay => grant.require_system_wide(cu, "a replay"),
+        I::DeviceDataErrors | I::DeviceDataTemplates | I::Hl7v2Messages => {
+            grant.require_system_wide(rs, "reading stored feed messages")
+        }
+        I::Reindex => grant.require_system_wide(Perms::ALL, "$reindex"),
+        I::HistorySystem => grant.require_system_wide(rs, "system history"),
+        I::SearchSystem => {
+            let types = types_of(params);
+            if types.is_empty() {
+                return grant.require_system_wide(Perms::S, "a system-level search without _type");
+            }
+            for t in types {
+                grant.require(t, Perms::S, "search")?;
+            }
+            check_search_params(grant, params)
+        }
+        I::SearchType(t) => {
+            grant.require(t, Perms::S, "search")?;
+            check_search_params(grant, params)
+        }
+        I::SearchCompartment(_, _, t) => {
+            if t != "*" {
+                grant.require(t, Perms::S, "search")?;
+            }
+            check_search_params(grant, params)
+        }
+        I::HistoryType(t) => grant.require(t, Perms::S, "history"),
+        I::Everything(_) => grant.require("Patient", Perms::R, "$everything"),
+        I::Read(t, _) | I::Vread(t, _, _) | I::HistoryInstance(t, _) => {
+            grant.require(t, Perms::R, "read")
+        }
+        I::ValidateType(t) => grant.require(t, Perms::ALL, "$validate"),
+        I::ValidateInstance(t, _) => grant.require(t, Perms::R, "$validate"),
+        I::Create(t) => grant.require(t, Perms::C, "create"),
+        I::Update(t, _) => grant.require(t, Perms::U, "update"),
+        I::Patch(t, _) => grant.require(t, Perms::U, "patch"),
+        I::Delete(t, _) => grant.require(t, Perms::D, "delete"),
+        I::ConditionalUpdate(t) | I::ConditionalPatch(t) | I::ConditionalDelete(t) => {
+            let perms = match interaction {
+                I::ConditionalDelete(_) => Perms::D,
+                _ => Perms::U,
+            };
+            // The condition is a search: it must not reach outside the scopes either.
+            if !grant.unrestricted(t, perms) || !grant.unrestricted(t, Perms::S) {
+                return Err(forbidden(format!(
+                    "conditional writes on {t} need unrestricted scopes for {perms} and s on {t}"
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn types_of(params: &[(String, String)]) -> Vec<&str> {
+    params
+        .iter()
+        .filter(|(k, _)| k == "_type")
+        .flat_map(|(_, v)| v.split(','))
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// `_has:T:...` reaches into resources of type `T`, and a chain `a:T.b` into `T`: both need
+/// search permission there, or a search could test for data it may not see.
+fn check_search_params(grant: &Grant, params: &[(String, String)]) -> Result<()> {
+    for (k, _) in params {
+        let mut rest = k.as_str();
+        while let Some(r) = rest.strip_prefix("_has:") {
+            let Some((ty, r)) = r.split_once(':') else {
+                break;
+            };
+            grant.require(ty, Perms::S, "_has")?;
+            rest = r.split_once(':').map_or("", |(_, r)| r);
+        }
+        for link in k.split('.').rev().skip(1) {
+            // `subject:Patient` before a dot names the chained type.
+            if let Some((_, ty)) = link.rsplit_once(':')
+                && ty.starts_with(|c: char| c.is_ascii_uppercase())
+            {
+                grant.require(ty, Perms::S, "a chained search")?;
+            } else if k.contains('.') && !grant.reads_everything() {
+                return Err(forbidden(format!(
+                    "chained parameter {k}: name the target type (param:Type.name) so its scope can be checked"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How a search for `ty` must be narrowed for this grant to stay exact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Narrowing {
+    /// Some scope sees every resource of the type.
+    None,
+    /// One restricted scope applies: its patient compartment and its parameters.
+    Exact {
+        patient: Option<String>,
+        params: Vec<(String, String)>,
+    },
+    /// Several restricted scopes apply: results are filtered one by one, and totals dropped.
+    Filter,
+}
+
+pub fn narrowing(grant: &Grant, ty: &str) -> Narrowing {
+    if grant.unrestricted(ty, Perms::S) {
+        return Narrowing::None;
+    }
+    let mut scopes = grant.scopes_for(ty, Perms::S);
+    match (scopes.next(), scopes.next()) {
+        (Some(s), None) => Narrowing::Exact {
+            patient: grant.compartment_of(s).map(str::to_string),
+            params: s.params.clone(),
+        },
+        _ => Narrowing::Filter,
+    }
+}

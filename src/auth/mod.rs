@@ -1,0 +1,182 @@
+//! SMART on FHIR authorization (`--auth smart`): registered clients, the OAuth 2.0 token,
+//! introspection and revocation endpoints for SMART Backend Services (`client_credentials`
+//! with a `private_key_jwt` assertion), SMART v1/v2 scopes, and their enforcement on every
+//! interaction (`access`). Access tokens are opaque random strings; the server keeps only
+//! their SHA-256, so a database dump yields no usable token. Several server processes
+//! sharing one PostgreSQL accept each other's tokens (the table is shared); a process caches
+//! a token it has seen for [`REVALIDATE`] and re-reads it after that, so a revocation made
+//! elsewhere takes effect within that time (at once in the process that revoked it).
+
+pub mod access;
+pub mod clients;
+pub mod jwt;
+pub mod oauth;
+pub mod scope;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::rand::SecureRandom;
+
+use crate::error::{ErrorKind, FhirError, Result};
+use crate::store::{Arg, Store, Ty};
+use access::Grant;
+
+/// How long a process trusts a cached token before reading it again.
+pub const REVALIDATE: Duration = Duration::from_secs(5);
+/// Cached tokens at most; the cache is emptied when it would grow beyond.
+const CACHE_MAX: usize = 100_000;
+
+/// `--auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// No authorization: every request may do everything (loopback only).
+    #[default]
+    Off,
+    /// SMART on FHIR: a Bearer token on every request but discovery and `metadata`.
+    Smart,
+}
+
+/// Authorization state shared by all requests.
+pub struct Auth {
+    pub mode: Mode,
+    cache: Mutex<HashMap<String, (Arc<Grant>, Instant)>>,
+    /// Token issuances since start, to prune expired rows now and then.
+    pub(crate) issued: std::sync::atomic::AtomicU64,
+}
+
+impl Auth {
+    pub fn new(mode: Mode) -> Auth {
+        Auth {
+            mode,
+            cache: Mutex::new(HashMap::new()),
+            issued: Default::default(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.mode == Mode::Smart
+    }
+
+    /// The grant of an `Authorization: Bearer ...` header value; 401 for a missing,
+    /// unknown, expired or revoked token (the reason goes to the client, the token does not).
+    pub async fn authenticate(&self, store: &Store, header: Option<&str>) -> Result<Arc<Grant>> {
+        let token = header
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                unauthorized("this server requires an access token (Authorization: Bearer ...)")
+            })?;
+        let hash = token_hash(token);
+        let now = crate::time::now_micros();
+        if let Some(grant) = self.cached(&hash, now) {
+            return Ok(grant);
+        }
+        match lookup(store, &hash, "access", now).await? {
+            Some(grant) => {
+                let grant = Arc::new(grant);
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(hash, (grant.clone(), Instant::now()));
+                Ok(grant)
+            }
+            None => Err(unauthorized(
+                "the access token is not valid (unknown, expired or revoked)",
+            )),
+        }
+    }
+
+    fn cached(&self, hash: &str, now: crate::time::Micros) -> Option<Arc<Grant>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let (grant, seen) = cache.get(hash)?;
+        if grant.expires_at <= now || seen.elapsed() > REVALIDATE {
+            cache.remove(hash);
+            return None;
+        }
+        Some(grant.clone())
+    }
+
+    /// Drops a token from this process's cache (after revoking it).
+    pub fn forget(&self, hash: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(hash);
+    }
+}
+
+pub fn unauthorized(d: impl Into<String>) -> FhirError {
+    FhirError::new(ErrorKind::Unauthorized, d)
+}
+
+/// SHA-256 of a token, in hex: the key tokens are stored under.
+pub fn token_hash(token: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new token: 256 random bits, base64url.
+pub fn new_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| FhirError::internal("no randomness for a token"))?;
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// A live token of `kind` by hash: not expired, not revoked.
+pub async fn lookup(
+    store: &Store,
+    hash: &str,
+    kind: &str,
+    now: crate::time::Micros,
+) -> Result<Option<Grant>> {
+    let mut db = store.reader().await?;
+    let row = db
+        .fetch_optional(
+            "SELECT client_id, scope, patient, encounter, fhir_user, issued_at, expires_at FROM auth_token WHERE hash = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > $3",
+            &[Arg::Text(hash.to_string()), Arg::Text(kind.to_string()), Arg::Int(now)],
+            &[Ty::Text, Ty::Text, Ty::OptText, Ty::OptText, Ty::OptText, Ty::Int, Ty::Int],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let mut it = row.into_iter();
+    let mut next = || it.next().unwrap_or(crate::store::Val::Null);
+    let client_id = next().text().unwrap_or_default();
+    let scope_text = next().text().unwrap_or_default();
+    let patient = next().text();
+    let encounter = next().text();
+    let fhir_user = next().text();
+    let issued_at = next().int();
+    let expires_at = next().int();
+    let scopes = scope::parse_list(&scope_text)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|s| match s {
+            scope::Scope::Resource(r) => Some(r),
+            scope::Scope::Other(_) => None,
+        })
+        .collect();
+    Ok(Some(Grant {
+        client_id,
+        scopes,
+        scope_text,
+        patient,
+        encounter,
+        fhir_user,
+        issued_at,
+        expires_at,
+    }))
+}
