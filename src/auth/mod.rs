@@ -14,7 +14,7 @@ pub mod oauth;
 pub mod scope;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -44,7 +44,9 @@ pub enum Mode {
 /// Authorization state shared by all requests.
 pub struct Auth {
     pub mode: Mode,
-    cache: Mutex<HashMap<String, (Arc<Grant>, Instant)>>,
+    /// Keyed by the token itself (memory only; the database has hashes): a request that
+    /// hits the cache computes no digest.
+    cache: RwLock<HashMap<String, (Arc<Grant>, Instant)>>,
     /// Token issuances since start, to prune expired rows now and then.
     pub(crate) issued: std::sync::atomic::AtomicU64,
 }
@@ -53,7 +55,7 @@ impl Auth {
     pub fn new(mode: Mode) -> Auth {
         Auth {
             mode,
-            cache: Mutex::new(HashMap::new()),
+            cache: RwLock::new(HashMap::new()),
             issued: Default::default(),
         }
     }
@@ -75,19 +77,18 @@ impl Auth {
             .ok_or_else(|| {
                 unauthorized("this server requires an access token (Authorization: Bearer ...)")
             })?;
-        let hash = token_hash(token);
         let now = crate::time::now_micros();
-        if let Some(grant) = self.cached(&hash, now) {
+        if let Some(grant) = self.cached(token, now) {
             return Ok(grant);
         }
-        match lookup(store, &hash, "access", now).await? {
+        match lookup(store, &token_hash(token), "access", now).await? {
             Some(grant) => {
                 let grant = Arc::new(grant);
-                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= CACHE_MAX {
                     cache.clear();
                 }
-                cache.insert(hash, (grant.clone(), Instant::now()));
+                cache.insert(token.to_string(), (grant.clone(), Instant::now()));
                 Ok(grant)
             }
             None => Err(unauthorized(
@@ -96,22 +97,27 @@ impl Auth {
         }
     }
 
-    fn cached(&self, hash: &str, now: crate::time::Micros) -> Option<Arc<Grant>> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let (grant, seen) = cache.get(hash)?;
-        if grant.expires_at <= now || seen.elapsed() > REVALIDATE {
-            cache.remove(hash);
-            return None;
+    fn cached(&self, token: &str, now: crate::time::Micros) -> Option<Arc<Grant>> {
+        {
+            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            let (grant, seen) = cache.get(token)?;
+            if grant.expires_at > now && seen.elapsed() <= REVALIDATE {
+                return Some(grant.clone());
+            }
         }
-        Some(grant.clone())
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token);
+        None
     }
 
     /// Drops a token from this process's cache (after revoking it).
-    pub fn forget(&self, hash: &str) {
+    pub fn forget(&self, token: &str) {
         self.cache
-            .lock()
+            .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(hash);
+            .remove(token);
     }
 }
 

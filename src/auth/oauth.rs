@@ -371,7 +371,7 @@ pub async fn revoke(
         })
         .await
         .map_err(server_error)?;
-    ctx.auth.forget(&hash);
+    ctx.auth.forget(token);
     Ok(json!({}))
 }
 

@@ -12,6 +12,9 @@
 //! generates Synthea-like Patients and Observations as NDJSON, loads them with
 //! `iomt-fhir import` (with and without search indexing), then measures searches with `wrk`
 //! and paging through `next` links with reqwest.
+//! `target/release/bench --smart [--backend ...]`: reads and searches at 32 clients with
+//! `--auth off` and with `--auth smart` (a wide and a restricted token), and the token
+//! endpoint (client_credentials with pre-signed ES384 and RS384 assertions, 16 clients).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,6 +47,8 @@ struct Options {
     mqtt_inflight: usize,
     /// Device bench: only the MQTT burst.
     devices_mqtt_only: bool,
+    /// Run only the SMART scenarios (authorization overhead, token endpoint).
+    smart_only: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -61,6 +66,7 @@ fn options() -> Result<Options, String> {
         devices: None,
         mqtt_inflight: 1000,
         devices_mqtt_only: false,
+        smart_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -82,6 +88,7 @@ fn options() -> Result<Options, String> {
                     .map_err(|e| format!("--hl7-messages: {e}"))?
             }
             "--search" => o.search_only = true,
+            "--smart" => o.smart_only = true,
             "--generate" => o.generate_to = Some(PathBuf::from(value()?)),
             "--devices" => {
                 o.devices = Some(value()?.parse().map_err(|e| format!("--devices: {e}"))?)
@@ -1570,6 +1577,15 @@ async fn main() {
         }
         return;
     }
+    if o.smart_only {
+        for b in o.backends.clone() {
+            if let Err(e) = run_smart(&o, &b).await {
+                eprintln!("bench (smart, {b}): {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if o.search_only {
         if let Err(e) = run_search(&o).await {
             eprintln!("bench (search): {e}");
@@ -1583,4 +1599,204 @@ async fn main() {
             std::process::exit(1);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// SMART: what authorization costs, and the token endpoint.
+
+const SEARCH_SCRIPT: &str = r#"
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/fhir/Observation?code=http://loinc.org|8867-4&_count=10&_offset=" .. math.random(0, 90))
+end
+"#;
+
+fn with_token(script: &str, token: Option<&str>) -> String {
+    match token {
+        Some(t) => format!("wrk.headers[\"Authorization\"] = \"Bearer {t}\"\n{script}"),
+        None => script.to_string(),
+    }
+}
+
+async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
+    use iomt_fhir::auth::jwt::sign::Key;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (database, cleanup) = fresh_database(o, backend, dir.path(), "smart").await?;
+    let client = reqwest::Client::new();
+    {
+        let server = Server::start(&database)?;
+        seed_reads(&client, &server.base).await?;
+    }
+    let es = Key::generate_es384()?;
+    let rsa_pem = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt/rs384-client.pk8.pem"),
+    )
+    .map_err(|e| e.to_string())?;
+    let rsa_der = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(
+                rsa_pem
+                    .lines()
+                    .filter(|l| !l.starts_with("-----"))
+                    .collect::<String>(),
+            )
+            .map_err(|e| e.to_string())?
+    };
+    let rs = Key::rs384_from_pkcs8(&rsa_der)?;
+    for (id, key) in [("bench-es", &es), ("bench-rs", &rs)] {
+        let jwks = dir.path().join(format!("{id}.json"));
+        std::fs::write(&jwks, json!({"keys": [key.jwk("k1")]}).to_string())
+            .map_err(|e| e.to_string())?;
+        let out = Command::new(server_bin()?)
+            .args([
+                "clients",
+                "add",
+                "--client-id",
+                id,
+                "--kind",
+                "confidential-asymmetric",
+            ])
+            .args([
+                "--scope",
+                "system/*.rs system/Observation.rs?code=http://loinc.org|8867-4",
+            ])
+            .arg("--jwks")
+            .arg(&jwks)
+            .args(["--database", &database])
+            .env("RUST_LOG", "warn")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "clients add: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    println!("\n### {backend}: authorization overhead (HTTP on loopback, 32 clients)\n");
+    println!("| scenario | throughput | p50 | p99 | non-2xx |");
+    println!("|---|---|---|---|---|");
+    let mut results = Vec::new();
+    {
+        let server = Server::start_with(&database, &["--auth", "off"])?;
+        let url = format!("{}/Observation", server.base);
+        for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
+            let r = wrk(script, &url, 32, o.seconds)?;
+            row(&format!("{label}, --auth off"), &r, "requests");
+            results.push((label, r.rps));
+        }
+    }
+    let server = Server::start_with(&database, &["--auth", "smart"])?;
+    let origin = server.base.trim_end_matches("/fhir").to_string();
+    let token_url = format!("{origin}/auth/token");
+    let mut jti = 0u64;
+    let mut assertion = |key: &Key, id: &str| {
+        jti += 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        key.sign(
+            "k1",
+            &json!({"iss": id, "sub": id, "aud": token_url, "exp": now + 280, "jti": format!("{id}-{jti}")}),
+            &json!({}),
+        )
+    };
+    let mut tokens = Vec::new();
+    for scope in [
+        "system/*.rs",
+        "system/Observation.rs?code=http://loinc.org|8867-4",
+    ] {
+        let a = assertion(&es, "bench-es");
+        let r: Value = client
+            .post(&token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", a.as_str()),
+                ("scope", scope),
+            ])
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let t = r["access_token"].as_str().ok_or(format!("no token: {r}"))?;
+        tokens.push((scope, t.to_string()));
+    }
+    let url = format!("{}/Observation", server.base);
+    for (scope, token) in &tokens {
+        for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
+            let r = wrk(&with_token(script, Some(token)), &url, 32, o.seconds)?;
+            let off = results
+                .iter()
+                .find(|(l, _)| *l == label)
+                .map_or(f64::NAN, |x| x.1);
+            row(
+                &format!(
+                    "{label}, --auth smart, {scope} ({:+.1}% vs off)",
+                    (r.rps / off - 1.0) * 100.0
+                ),
+                &r,
+                "requests",
+            );
+        }
+    }
+    println!("\n### {backend}: token endpoint (client_credentials, 16 clients)\n");
+    println!("| assertion | tokens | seconds | tokens/s | failures |");
+    println!("|---|---|---|---|---|");
+    for (label, key, id, n) in [
+        ("ES384", &es, "bench-es", 5000usize),
+        ("RS384", &rs, "bench-rs", 5000),
+    ] {
+        let assertions: Vec<String> = (0..n).map(|_| assertion(key, id)).collect();
+        let queue = std::sync::Arc::new(std::sync::Mutex::new(assertions));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (queue, client, token_url) = (queue.clone(), client.clone(), token_url.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut failures = 0usize;
+                loop {
+                    let Some(a) = queue.lock().ok().and_then(|mut q| q.pop()) else {
+                        return failures;
+                    };
+                    let ok = client
+                        .post(&token_url)
+                        .form(&[
+                            ("grant_type", "client_credentials"),
+                            (
+                                "client_assertion_type",
+                                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                            ),
+                            ("client_assertion", a.as_str()),
+                            ("scope", "system/*.rs"),
+                        ])
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if !ok {
+                        failures += 1;
+                    }
+                }
+            }));
+        }
+        let mut failures = 0;
+        for t in tasks {
+            failures += t.await.unwrap_or(0);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "| {label} | {n} | {secs:.2} | {:.0} | {failures} |",
+            n as f64 / secs
+        );
+    }
+    println!("\nserver peak memory (VmHWM): {:.0} MiB", server.peak_mib());
+    drop(server);
+    drop_database(cleanup).await;
+    Ok(())
 }

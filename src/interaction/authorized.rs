@@ -49,7 +49,11 @@ pub async fn handle(
         I::SearchType(t) => match access::narrowing(&grant, &t) {
             Narrowing::None => I::SearchType(t),
             Narrowing::Exact { patient, params } => {
-                req.query.extend(params);
+                for p in params {
+                    if !req.query.contains(&p) {
+                        req.query.push(p);
+                    }
+                }
                 let member = ctx
                     .defs
                     .compartments
@@ -136,8 +140,15 @@ pub async fn handle(
         }
         other => other,
     };
-    if grant.reads_everything() {
-        return crate::interaction::dispatch(ctx, interaction.clone(), req).await;
+    // A search narrowed exactly, without includes, returns only what the token may see:
+    // nothing to filter.
+    let includes = params
+        .iter()
+        .any(|(k, _)| k.starts_with("_include") || k.starts_with("_revinclude"));
+    let narrowed =
+        exact && !includes && matches!(interaction, I::SearchType(_) | I::SearchCompartment(..));
+    if grant.reads_everything() || narrowed {
+        return crate::interaction::dispatch(ctx, interaction, req).await;
     }
     let result = crate::interaction::dispatch(ctx, interaction.clone(), req).await;
     match (&interaction, result) {
