@@ -84,6 +84,12 @@ impl Application {
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{addr}/fhir"));
         let ctx = context(&settings, base).await?;
+        if ctx.auth.enabled() {
+            ctx.auth
+                .init(&ctx.store)
+                .await
+                .map_err(|e| format!("authorization keys: {}", e.diagnostics()))?;
+        }
         // Planner statistics may be missing or stale (e.g. autovacuum off): refresh them in
         // the background rather than delay the start.
         let for_stats = ctx.clone();

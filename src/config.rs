@@ -49,6 +49,18 @@ pub enum Command {
     /// OAuth clients of the SMART authorization server (`--auth smart`).
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// Local accounts that sign in to authorize SMART apps (`--auth smart`).
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Mint an EHR launch handle with a patient (and encounter) in context; prints it.
+    Launch {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        patient: Option<String>,
+        #[arg(long)]
+        encounter: Option<String>,
+    },
     /// Put the stored SearchParameter resources in force and rebuild the search indexes
     /// (after adding or changing SearchParameters, or upgrading the server).
     Reindex {
@@ -99,6 +111,24 @@ pub enum ClientsCommand {
         server: ServerArgs,
         #[arg(long = "client-id")]
         client_id: String,
+    },
+}
+
+/// `iomt-fhir users ...`.
+#[derive(Subcommand, Debug)]
+pub enum UsersCommand {
+    /// Add a user (or replace its password and fhirUser).
+    Add {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        username: String,
+        /// At least 8 characters; better given through the environment.
+        #[arg(long, env = "IOMT_FHIR_USER_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// The user's FHIR record: Practitioner/ID, Patient/ID, RelatedPerson/ID or Person/ID.
+        #[arg(long = "fhir-user")]
+        fhir_user: String,
     },
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use iomt_fhir::app::{Application, context, shutdown_signal};
 use iomt_fhir::config::{
-    Cli, ClientsCommand, Command, DevicesCommand, Hl7Command, ServerArgs, Settings,
+    Cli, ClientsCommand, Command, DevicesCommand, Hl7Command, ServerArgs, Settings, UsersCommand,
 };
 use iomt_fhir::error::FhirError;
 use iomt_fhir::interaction::SharedCtx;
@@ -199,6 +199,36 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let result = clients(&ctx, cmd).await;
             ctx.store.close().await;
             result?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users(UsersCommand::Add {
+            server,
+            username,
+            password,
+            fhir_user,
+        }) => {
+            let ctx = offline_context(&server, cli.config.as_ref()).await?;
+            let result =
+                iomt_fhir::auth::users::add(&ctx.store, &username, &password, &fhir_user).await;
+            ctx.store.close().await;
+            result.map_err(first_diagnostic)?;
+            println!("user {username} ({fhir_user}) can sign in");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Launch {
+            server,
+            patient,
+            encounter,
+        } => {
+            let ctx = offline_context(&server, cli.config.as_ref()).await?;
+            let result = iomt_fhir::auth::authorize::mint_launch(
+                &ctx,
+                patient.as_deref(),
+                encounter.as_deref(),
+            )
+            .await;
+            ctx.store.close().await;
+            println!("{}", result.map_err(first_diagnostic)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Reindex { server, types } => {

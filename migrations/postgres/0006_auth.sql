@@ -12,7 +12,7 @@ CREATE TABLE auth_client (
 );
 CREATE TABLE auth_token (
     hash       TEXT COLLATE "C" PRIMARY KEY,         -- SHA-256 hex of the token
-    kind       TEXT    NOT NULL,         -- access | refresh
+    kind       TEXT    NOT NULL,         -- access | refresh | code | launch
     client_id  TEXT    NOT NULL,
     scope      TEXT    NOT NULL,
     patient    TEXT,
@@ -20,7 +20,10 @@ CREATE TABLE auth_token (
     fhir_user  TEXT,
     issued_at  BIGINT NOT NULL,         -- microseconds since the Unix epoch, UTC
     expires_at BIGINT NOT NULL,
-    revoked_at BIGINT
+    revoked_at BIGINT,
+    redirect_uri   TEXT,                 -- code: the redirect_uri it was issued for
+    code_challenge TEXT,                 -- code: the PKCE S256 challenge
+    need_banner    BIGINT                 -- 1 when the app should show a patient banner
 );
 CREATE INDEX auth_token_expiry ON auth_token (expires_at);
 CREATE TABLE auth_jti (
@@ -30,3 +33,16 @@ CREATE TABLE auth_jti (
     PRIMARY KEY (client_id, jti)
 );
 CREATE INDEX auth_jti_expiry ON auth_jti (expires_at);
+-- Local accounts for the authorization code flow (practitioners and patients, linked to
+-- their FHIR record through fhir_user).
+CREATE TABLE auth_user (
+    username      TEXT COLLATE "C" PRIMARY KEY,
+    password_hash TEXT    NOT NULL,      -- pbkdf2-sha256$iterations$salt$hash (base64url)
+    fhir_user     TEXT    NOT NULL,      -- Practitioner/1, Patient/2, ...
+    created_at    BIGINT NOT NULL
+);
+-- Server secrets made on first start (the HMAC key for sessions and login forms).
+CREATE TABLE auth_secret (
+    name  TEXT COLLATE "C" PRIMARY KEY,
+    value TEXT NOT NULL
+);

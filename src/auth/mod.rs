@@ -8,10 +8,13 @@
 //! elsewhere takes effect within that time (at once in the process that revoked it).
 
 pub mod access;
+pub mod authorize;
 pub mod clients;
 pub mod jwt;
 pub mod oauth;
 pub mod scope;
+pub mod seal;
+pub mod users;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -49,6 +52,8 @@ pub struct Auth {
     cache: RwLock<HashMap<String, (Arc<Grant>, Instant)>>,
     /// Token issuances since start, to prune expired rows now and then.
     pub(crate) issued: std::sync::atomic::AtomicU64,
+    /// The key for sealed forms and session cookies (loaded by [`Auth::init`]).
+    sealer: std::sync::OnceLock<seal::Sealer>,
 }
 
 impl Auth {
@@ -57,7 +62,21 @@ impl Auth {
             mode,
             cache: RwLock::new(HashMap::new()),
             issued: Default::default(),
+            sealer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Loads (or makes, on first start) the server's sealing key.
+    pub async fn init(&self, store: &Store) -> Result<()> {
+        if self.sealer.get().is_none() {
+            let s = seal::Sealer::load(store).await?;
+            let _ = self.sealer.set(s);
+        }
+        Ok(())
+    }
+
+    pub fn sealer(&self) -> Option<&seal::Sealer> {
+        self.sealer.get()
     }
 
     pub fn enabled(&self) -> bool {

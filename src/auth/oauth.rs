@@ -78,8 +78,12 @@ fn form<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// `POST /auth/token`.
-pub async fn token(ctx: &Ctx, params: &[(String, String)]) -> Result<Value, OAuthError> {
+/// `POST /auth/token`; `basic` is the HTTP Basic client id and secret, if sent.
+pub async fn token(
+    ctx: &Ctx,
+    params: &[(String, String)],
+    basic: Option<&(String, String)>,
+) -> Result<Value, OAuthError> {
     for (k, _) in params {
         if params.iter().filter(|(x, _)| x == k).count() > 1 {
             return Err(invalid_request(format!("parameter {k} is repeated")));
@@ -87,13 +91,8 @@ pub async fn token(ctx: &Ctx, params: &[(String, String)]) -> Result<Value, OAut
     }
     match form(params, "grant_type") {
         Some("client_credentials") => client_credentials(ctx, params).await,
-        Some(g @ ("authorization_code" | "refresh_token")) => Err(OAuthError::new(
-            400,
-            "unsupported_grant_type",
-            format!(
-                "grant_type {g} is not offered yet; this server supports SMART Backend Services (client_credentials)"
-            ),
-        )),
+        Some("authorization_code") => authorization_code(ctx, params, basic).await,
+        Some("refresh_token") => refresh_token(ctx, params, basic).await,
         Some(g) => Err(OAuthError::new(
             400,
             "unsupported_grant_type",
@@ -103,9 +102,56 @@ pub async fn token(ctx: &Ctx, params: &[(String, String)]) -> Result<Value, OAut
     }
 }
 
-/// SMART Backend Services (backend-services.html): the client proves itself with a JWT
-/// signed by a key it registered.
-async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Value, OAuthError> {
+/// A client that proved who it is, and the assertion id to record as used (if it signed
+/// one).
+struct Authenticated {
+    client: clients::Client,
+    jti: Option<(String, Micros)>,
+}
+
+/// Client authentication at the token endpoint: a `private_key_jwt` assertion
+/// (confidential-asymmetric), HTTP Basic with the secret (confidential-symmetric), or just
+/// `client_id` (public clients only).
+async fn authenticate_client(
+    ctx: &Ctx,
+    params: &[(String, String)],
+    basic: Option<&(String, String)>,
+) -> Result<Authenticated, OAuthError> {
+    if form(params, "client_assertion").is_some() || form(params, "client_assertion_type").is_some()
+    {
+        return assertion_client(ctx, params).await;
+    }
+    if let Some((id, secret)) = basic {
+        let client = clients::get(&ctx.store, id)
+            .await
+            .map_err(server_error)?
+            .filter(|c| c.kind == Kind::ConfidentialSymmetric)
+            .ok_or_else(|| invalid_client("unknown client or wrong secret"))?;
+        if client.secret_hash.as_deref() != Some(token_hash(secret).as_str()) {
+            return Err(invalid_client("unknown client or wrong secret"));
+        }
+        return Ok(Authenticated { client, jti: None });
+    }
+    let id = form(params, "client_id")
+        .ok_or_else(|| invalid_client("client authentication is required"))?;
+    let client = clients::get(&ctx.store, id)
+        .await
+        .map_err(server_error)?
+        .ok_or_else(|| invalid_client(format!("client {id:?} is not registered")))?;
+    if client.kind != Kind::Public {
+        return Err(invalid_client(format!(
+            "client {id:?} is {} and must authenticate",
+            client.kind.as_str()
+        )));
+    }
+    Ok(Authenticated { client, jti: None })
+}
+
+/// A `private_key_jwt` client assertion (backend-services.html#authenticating-to-the-token-endpoint).
+async fn assertion_client(
+    ctx: &Ctx,
+    params: &[(String, String)],
+) -> Result<Authenticated, OAuthError> {
     if form(params, "client_assertion_type") != Some(JWT_BEARER) {
         return Err(invalid_client(format!(
             "client_assertion_type must be {JWT_BEARER}"
@@ -114,11 +160,6 @@ async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Va
     let assertion = form(params, "client_assertion")
         .filter(|a| !a.is_empty())
         .ok_or_else(|| invalid_client("client_assertion is required"))?;
-    let asked = form(params, "scope")
-        .filter(|s| !s.trim().is_empty())
-        .ok_or_else(|| OAuthError::new(400, "invalid_scope", "scope is required"))?;
-    let asked = scope::parse_list(asked).map_err(|e| OAuthError::new(400, "invalid_scope", e))?;
-
     let unverified = jwt::decode_unverified(assertion).map_err(|e| invalid_client(e.0))?;
     let claim = |name: &str| unverified.claims.get(name).and_then(Value::as_str);
     let iss = claim("iss").ok_or_else(|| invalid_client("the assertion has no iss"))?;
@@ -140,7 +181,7 @@ async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Va
         .ok_or_else(|| invalid_client(format!("client {iss:?} is not registered")))?;
     if client.kind != Kind::ConfidentialAsymmetric {
         return Err(invalid_client(format!(
-            "client {iss:?} is {}; backend services need a confidential-asymmetric client",
+            "client {iss:?} is {}; a client assertion needs a confidential-asymmetric client",
             client.kind.as_str()
         )));
     }
@@ -166,8 +207,7 @@ async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Va
             "the assertion's aud must be {token_url}"
         )));
     }
-    let now = crate::time::now_micros();
-    let now_s = now / 1_000_000;
+    let now_s = crate::time::now_micros() / 1_000_000;
     let exp = claims
         .get("exp")
         .and_then(Value::as_i64)
@@ -193,7 +233,83 @@ async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Va
         .filter(|j| !j.is_empty() && j.len() <= 256)
         .ok_or_else(|| invalid_client("the assertion needs a jti (at most 256 characters)"))?
         .to_string();
+    Ok(Authenticated {
+        client,
+        jti: Some((jti, (exp + SKEW_SECS) * 1_000_000)),
+    })
+}
 
+/// Records the assertion's jti (false: it was used before) and, if fresh, writes the rows,
+/// all in one transaction; now and then prunes what has expired.
+async fn record(
+    ctx: &Ctx,
+    client_id: &str,
+    jti: Option<(String, Micros)>,
+    rows: Vec<IssuedToken>,
+    revoke: Option<String>,
+) -> Result<bool, OAuthError> {
+    let prune = ctx
+        .auth
+        .issued
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .is_multiple_of(1000);
+    let now = crate::time::now_micros();
+    let client_id = client_id.to_string();
+    ctx.store
+        .write(move |db| {
+            Box::pin(async move {
+                if let Some((jti, expires)) = jti {
+                    let fresh = db
+                        .execute(
+                            "INSERT INTO auth_jti (client_id, jti, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                            &[Arg::Text(client_id.clone()), Arg::Text(jti), Arg::Int(expires)],
+                        )
+                        .await?
+                        == 1;
+                    if !fresh {
+                        return Ok(false);
+                    }
+                }
+                if let Some(hash) = revoke {
+                    // Refresh token rotation: the old one may be used once.
+                    let n = db
+                        .execute(
+                            "UPDATE auth_token SET revoked_at = $1 WHERE hash = $2 AND revoked_at IS NULL",
+                            &[Arg::Int(now), Arg::Text(hash)],
+                        )
+                        .await?;
+                    if n != 1 {
+                        return Ok(false);
+                    }
+                }
+                for row in rows {
+                    row.insert(db).await?;
+                }
+                if prune {
+                    db.execute("DELETE FROM auth_jti WHERE expires_at < $1", &[Arg::Int(now)])
+                        .await?;
+                    db.execute(
+                        "DELETE FROM auth_token WHERE expires_at < $1",
+                        &[Arg::Int(now - 86_400 * 1_000_000)],
+                    )
+                    .await?;
+                }
+                Ok(true)
+            })
+        })
+        .await
+        .map_err(server_error)
+}
+
+/// SMART Backend Services (backend-services.html): the client proves itself with a JWT
+/// signed by a key it registered.
+async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Value, OAuthError> {
+    let auth = assertion_client(ctx, params).await?;
+    let asked = form(params, "scope")
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| OAuthError::new(400, "invalid_scope", "scope is required"))?;
+    let asked = scope::parse_list(asked).map_err(|e| OAuthError::new(400, "invalid_scope", e))?;
+    let client = auth.client;
     // Only system/ scopes make sense without a user; the rest is narrowed to the
     // registration.
     let asked: Vec<Scope> = asked
@@ -213,53 +329,14 @@ async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Va
     }
     let scope_text = scope::to_text(&granted);
     let token = new_token().map_err(server_error)?;
-    let row = IssuedToken {
-        hash: token_hash(&token),
-        kind: "access",
-        client_id: client.id.clone(),
-        scope: scope_text.clone(),
-        patient: None,
-        encounter: None,
-        fhir_user: None,
-        issued_at: now,
-        expires_at: now + BACKEND_TOKEN_SECS * 1_000_000,
-    };
-    let prune = ctx
-        .auth
-        .issued
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        .is_multiple_of(1000);
-    let jti_expires = (exp + SKEW_SECS) * 1_000_000;
-    let client_id = client.id.clone();
-    let fresh = ctx
-        .store
-        .write(move |db| {
-            Box::pin(async move {
-                let fresh = db
-                    .execute(
-                        "INSERT INTO auth_jti (client_id, jti, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                        &[Arg::Text(client_id), Arg::Text(jti), Arg::Int(jti_expires)],
-                    )
-                    .await?
-                    == 1;
-                if fresh {
-                    row.insert(db).await?;
-                }
-                if prune {
-                    db.execute("DELETE FROM auth_jti WHERE expires_at < $1", &[Arg::Int(now)])
-                        .await?;
-                    db.execute(
-                        "DELETE FROM auth_token WHERE expires_at < $1",
-                        &[Arg::Int(now - 86_400 * 1_000_000)],
-                    )
-                    .await?;
-                }
-                Ok(fresh)
-            })
-        })
-        .await
-        .map_err(server_error)?;
-    if !fresh {
+    let row = IssuedToken::new(
+        "access",
+        &token,
+        &client.id,
+        &scope_text,
+        BACKEND_TOKEN_SECS,
+    );
+    if !record(ctx, &client.id, auth.jti, vec![row], None).await? {
         return Err(invalid_client("the assertion's jti was already used"));
     }
     Ok(json!({
@@ -268,6 +345,220 @@ async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Va
         "expires_in": BACKEND_TOKEN_SECS,
         "scope": scope_text,
     }))
+}
+
+fn invalid_grant(d: impl Into<String>) -> OAuthError {
+    OAuthError::new(400, "invalid_grant", d)
+}
+
+/// A stored code or refresh token, read whole.
+struct Stored {
+    client_id: String,
+    scope: String,
+    patient: Option<String>,
+    encounter: Option<String>,
+    fhir_user: Option<String>,
+    expires_at: Micros,
+    redirect_uri: Option<String>,
+    code_challenge: Option<String>,
+    need_banner: bool,
+}
+
+async fn stored(ctx: &Ctx, hash: &str, kind: &str) -> Result<Option<Stored>, OAuthError> {
+    let mut db = ctx.store.reader().await.map_err(server_error)?;
+    use crate::store::Ty;
+    let row = db
+        .fetch_optional(
+            "SELECT client_id, scope, patient, encounter, fhir_user, expires_at, redirect_uri, code_challenge, COALESCE(need_banner, 0) FROM auth_token WHERE hash = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > $3",
+            &[Arg::Text(hash.to_string()), Arg::Text(kind.to_string()), Arg::Int(crate::time::now_micros())],
+            &[Ty::Text, Ty::Text, Ty::OptText, Ty::OptText, Ty::OptText, Ty::Int, Ty::OptText, Ty::OptText, Ty::Int],
+        )
+        .await
+        .map_err(server_error)?;
+    Ok(row.map(|r| {
+        let mut it = r.into_iter();
+        let mut next = || it.next().unwrap_or(crate::store::Val::Null);
+        Stored {
+            client_id: next().text().unwrap_or_default(),
+            scope: next().text().unwrap_or_default(),
+            patient: next().text(),
+            encounter: next().text(),
+            fhir_user: next().text(),
+            expires_at: next().int(),
+            redirect_uri: next().text(),
+            code_challenge: next().text(),
+            need_banner: next().int() == 1,
+        }
+    }))
+}
+
+/// Access token lifetime for apps (SMART: at most an hour).
+pub const APP_TOKEN_SECS: i64 = 3600;
+/// Refresh token lifetimes: `offline_access` outlives the session, `online_access` does not.
+const OFFLINE_SECS: i64 = 90 * 86_400;
+const ONLINE_SECS: i64 = 8 * 3600;
+
+/// The token response of the authorization code and refresh grants: a new access token,
+/// and a (rotated) refresh token when the scopes ask for one.
+async fn app_tokens(
+    ctx: &Ctx,
+    auth: Authenticated,
+    scope_text: &str,
+    context: &Stored,
+    revoke: Option<String>,
+) -> Result<Value, OAuthError> {
+    let access = new_token().map_err(server_error)?;
+    let mut row = IssuedToken::new(
+        "access",
+        &access,
+        &auth.client.id,
+        scope_text,
+        APP_TOKEN_SECS,
+    );
+    row.patient = context.patient.clone();
+    row.encounter = context.encounter.clone();
+    row.fhir_user = context.fhir_user.clone();
+    let mut rows = vec![row];
+    let words: Vec<&str> = scope_text.split(' ').collect();
+    let refresh_life = if words.contains(&"offline_access") {
+        Some(OFFLINE_SECS)
+    } else if words.contains(&"online_access") {
+        Some(ONLINE_SECS)
+    } else {
+        None
+    };
+    let mut refresh = None;
+    if let Some(life) = refresh_life {
+        let t = new_token().map_err(server_error)?;
+        let mut r = IssuedToken::new("refresh", &t, &auth.client.id, scope_text, life);
+        r.patient = context.patient.clone();
+        r.encounter = context.encounter.clone();
+        r.fhir_user = context.fhir_user.clone();
+        r.need_banner = context.need_banner;
+        rows.push(r);
+        refresh = Some(t);
+    }
+    if !record(ctx, &auth.client.id, auth.jti, rows, revoke).await? {
+        return Err(invalid_grant("the grant was already used"));
+    }
+    let mut out = json!({
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": APP_TOKEN_SECS,
+        "scope": scope_text,
+        "need_patient_banner": context.need_banner,
+        "smart_style_url": endpoint(ctx, "smart-style.json"),
+    });
+    if let Some(p) = &context.patient {
+        out["patient"] = json!(p);
+    }
+    if let Some(e) = &context.encounter {
+        out["encounter"] = json!(e);
+    }
+    if let Some(r) = refresh {
+        out["refresh_token"] = json!(r);
+    }
+    Ok(out)
+}
+
+/// base64url(SHA-256(verifier)) (RFC 7636 S256).
+fn s256(verifier: &str) -> String {
+    use base64::Engine;
+    let d = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d.as_ref())
+}
+
+/// `grant_type=authorization_code` with PKCE.
+async fn authorization_code(
+    ctx: &Ctx,
+    params: &[(String, String)],
+    basic: Option<&(String, String)>,
+) -> Result<Value, OAuthError> {
+    let auth = authenticate_client(ctx, params, basic).await?;
+    let code = form(params, "code").ok_or_else(|| invalid_request("code is required"))?;
+    let hash = token_hash(code);
+    let grant = stored(ctx, &hash, "code")
+        .await?
+        .ok_or_else(|| invalid_grant("the code is unknown, expired or already used"))?;
+    // A code is spent by any attempt to redeem it, right or wrong.
+    let spent = {
+        let h = hash.clone();
+        ctx.store
+            .write(move |db| {
+                Box::pin(async move {
+                    db.execute(
+                        "UPDATE auth_token SET revoked_at = $1 WHERE hash = $2 AND revoked_at IS NULL",
+                        &[Arg::Int(crate::time::now_micros()), Arg::Text(h)],
+                    )
+                    .await
+                })
+            })
+            .await
+            .map_err(server_error)?
+    };
+    if spent != 1 {
+        return Err(invalid_grant("the code was already used"));
+    }
+    if grant.client_id != auth.client.id {
+        return Err(invalid_grant("the code was issued to another client"));
+    }
+    if form(params, "redirect_uri") != grant.redirect_uri.as_deref() {
+        return Err(invalid_grant(
+            "redirect_uri differs from the authorization request",
+        ));
+    }
+    let verifier = form(params, "code_verifier").unwrap_or("");
+    let verifier_ok = (43..=128).contains(&verifier.len())
+        && verifier
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+    let challenge = grant.code_challenge.as_deref().unwrap_or("");
+    if !verifier_ok || verifier == challenge || s256(verifier) != challenge {
+        return Err(invalid_grant(
+            "code_verifier does not match the code_challenge (PKCE S256)",
+        ));
+    }
+    let scope_text = grant.scope.clone();
+    app_tokens(ctx, auth, &scope_text, &grant, None).await
+}
+
+/// `grant_type=refresh_token`: scopes may shrink, never grow; the refresh token rotates.
+async fn refresh_token(
+    ctx: &Ctx,
+    params: &[(String, String)],
+    basic: Option<&(String, String)>,
+) -> Result<Value, OAuthError> {
+    let auth = authenticate_client(ctx, params, basic).await?;
+    let token = form(params, "refresh_token")
+        .ok_or_else(|| invalid_request("refresh_token is required"))?;
+    let hash = token_hash(token);
+    let grant = stored(ctx, &hash, "refresh")
+        .await?
+        .filter(|g| g.client_id == auth.client.id)
+        .ok_or_else(|| {
+            invalid_grant("the refresh token is unknown, expired, revoked or another client's")
+        })?;
+    let scope_text = match form(params, "scope").filter(|s| !s.trim().is_empty()) {
+        None => grant.scope.clone(),
+        Some(asked) => {
+            let had: Vec<&str> = grant.scope.split(' ').collect();
+            let asked =
+                scope::parse_list(asked).map_err(|e| OAuthError::new(400, "invalid_scope", e))?;
+            if let Some(extra) = asked.iter().find(|s| !had.contains(&s.text())) {
+                return Err(OAuthError::new(
+                    400,
+                    "invalid_scope",
+                    format!(
+                        "{} was not granted; a refresh cannot widen the scopes",
+                        extra.text()
+                    ),
+                ));
+            }
+            scope::to_text(&asked)
+        }
+    };
+    let _ = grant.expires_at;
+    app_tokens(ctx, auth, &scope_text, &grant, Some(hash)).await
 }
 
 /// A token row to store.
@@ -281,12 +572,41 @@ pub struct IssuedToken {
     pub fhir_user: Option<String>,
     pub issued_at: Micros,
     pub expires_at: Micros,
+    /// Authorization codes: the redirect_uri and PKCE challenge they were issued for.
+    pub redirect_uri: Option<String>,
+    pub code_challenge: Option<String>,
+    pub need_banner: bool,
 }
 
 impl IssuedToken {
+    /// A token row for `client_id` with `scope`, no launch context yet.
+    pub fn new(
+        kind: &'static str,
+        token: &str,
+        client_id: &str,
+        scope: &str,
+        lifetime_secs: i64,
+    ) -> Self {
+        let now = crate::time::now_micros();
+        IssuedToken {
+            hash: token_hash(token),
+            kind,
+            client_id: client_id.to_string(),
+            scope: scope.to_string(),
+            patient: None,
+            encounter: None,
+            fhir_user: None,
+            issued_at: now,
+            expires_at: now + lifetime_secs * 1_000_000,
+            redirect_uri: None,
+            code_challenge: None,
+            need_banner: false,
+        }
+    }
+
     pub async fn insert(self, db: &mut crate::store::Db) -> crate::error::Result<()> {
         db.execute(
-            "INSERT INTO auth_token (hash, kind, client_id, scope, patient, encounter, fhir_user, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO auth_token (hash, kind, client_id, scope, patient, encounter, fhir_user, issued_at, expires_at, redirect_uri, code_challenge, need_banner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             &[
                 Arg::Text(self.hash),
                 Arg::Text(self.kind.to_string()),
@@ -297,6 +617,9 @@ impl IssuedToken {
                 Arg::OptText(self.fhir_user),
                 Arg::Int(self.issued_at),
                 Arg::Int(self.expires_at),
+                Arg::OptText(self.redirect_uri),
+                Arg::OptText(self.code_challenge),
+                Arg::Int(i64::from(self.need_banner)),
             ],
         )
         .await?;
@@ -383,12 +706,25 @@ pub fn smart_configuration(ctx: &Ctx) -> Value {
         "token_endpoint": endpoint(ctx, "token"),
         "introspection_endpoint": endpoint(ctx, "introspect"),
         "revocation_endpoint": endpoint(ctx, "revoke"),
-        "grant_types_supported": ["client_credentials"],
-        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "authorization_endpoint": endpoint(ctx, "authorize"),
+        "grant_types_supported": ["authorization_code", "client_credentials", "refresh_token"],
+        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-        "scopes_supported": ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.write", "system/*.*"],
-        "response_types_supported": [],
+        "scopes_supported": [
+            "launch", "launch/patient", "launch/encounter", "offline_access", "online_access",
+            "patient/*.cruds", "patient/*.rs", "patient/*.read", "patient/*.write",
+            "user/*.cruds", "user/*.rs", "user/*.read", "user/*.write",
+            "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"
+        ],
+        "response_types_supported": ["code"],
         "code_challenge_methods_supported": ["S256"],
-        "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        "capabilities": [
+            "launch-ehr", "launch-standalone", "authorize-post",
+            "client-public", "client-confidential-symmetric", "client-confidential-asymmetric",
+            "context-ehr-patient", "context-ehr-encounter", "context-standalone-patient",
+            "context-banner", "context-style",
+            "permission-offline", "permission-online", "permission-patient", "permission-user",
+            "permission-v1", "permission-v2"
+        ],
     })
 }

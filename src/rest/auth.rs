@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::auth::authorize;
 use crate::auth::oauth::{self, OAuthError};
 use crate::interaction::SharedCtx;
 
@@ -80,11 +81,12 @@ pub async fn token(State(ctx): State<SharedCtx>, request: Request) -> Response {
     if !ctx.auth.enabled() {
         return disabled();
     }
+    let basic = basic_credentials(request.headers());
     let params = match form(request).await {
         Ok(p) => p,
         Err(e) => return oauth_error(&e),
     };
-    match oauth::token(&ctx, &params).await {
+    match oauth::token(&ctx, &params, basic.as_ref()).await {
         Ok(body) => json_response(200, &body),
         Err(e) => oauth_error(&e),
     }
@@ -157,5 +159,164 @@ pub async fn smart_configuration(State(ctx): State<SharedCtx>) -> Response {
         HeaderValue::from_static("*"),
     );
     r.headers_mut().remove(header::PRAGMA);
+    r
+}
+
+/// `Authorization: Basic base64(id:secret)` (RFC 6749 section 2.3.1: both form-encoded).
+fn basic_credentials(headers: &axum::http::HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    let unescape = |s: &str| {
+        form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    Some((unescape(id), unescape(secret)))
+}
+
+fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn outcome(o: authorize::Outcome, secure: bool) -> Response {
+    let html_response = |status: u16, html: String| {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut r = (status, html).into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // The forms must not be framed by another site (clickjacking on consent).
+        h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+        h.insert(
+            "content-security-policy",
+            HeaderValue::from_static(
+                "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+            ),
+        );
+        r
+    };
+    match o {
+        authorize::Outcome::Page { status, html } => html_response(status, html),
+        authorize::Outcome::Redirect(url) => {
+            let mut r = StatusCode::FOUND.into_response();
+            if let Ok(v) = HeaderValue::from_str(&url) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        authorize::Outcome::SignedIn { cookie, html } => {
+            let mut r = html_response(200, html);
+            let attrs = if secure { "; Secure" } else { "" };
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                "{}={cookie}; Path=/auth; HttpOnly; SameSite=Lax; Max-Age={}{attrs}",
+                authorize::SESSION_COOKIE,
+                authorize::SESSION_SECS
+            )) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+    }
+}
+
+/// `GET|POST /auth/authorize` (authorize-post: the same parameters as a form).
+pub async fn authorize(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    let session = cookie(request.headers(), authorize::SESSION_COOKIE);
+    let params = if request.method() == axum::http::Method::POST {
+        match form(request).await {
+            Ok(p) => p,
+            Err(e) => return oauth_error(&e),
+        }
+    } else {
+        request
+            .uri()
+            .query()
+            .map(crate::interaction::parse_query)
+            .unwrap_or_default()
+    };
+    let secure = ctx.base.starts_with("https://");
+    outcome(
+        authorize::authorize(&ctx, &params, session.as_deref()).await,
+        secure,
+    )
+}
+
+/// `POST /auth/login`.
+pub async fn login(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    let params = match form(request).await {
+        Ok(p) => p,
+        Err(e) => return oauth_error(&e),
+    };
+    let secure = ctx.base.starts_with("https://");
+    outcome(authorize::login(&ctx, &params).await, secure)
+}
+
+/// `POST /auth/consent`.
+pub async fn consent(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    let session = cookie(request.headers(), authorize::SESSION_COOKIE);
+    let params = match form(request).await {
+        Ok(p) => p,
+        Err(e) => return oauth_error(&e),
+    };
+    let secure = ctx.base.starts_with("https://");
+    outcome(
+        authorize::consent(&ctx, &params, session.as_deref()).await,
+        secure,
+    )
+}
+
+/// `GET /auth/smart-style.json`: the `smart_style_url` of token responses.
+pub async fn smart_style() -> Response {
+    let mut r = json_response(
+        200,
+        &json!({
+            "color_background": "#edeae3",
+            "color_error": "#9e2d2d",
+            "color_highlight": "#69b5ce",
+            "color_modal_backdrop": "",
+            "color_success": "#498e49",
+            "color_text": "#303030",
+            "dim_border_radius": "6px",
+            "dim_font_size": "13px",
+            "dim_spacing_size": "20px",
+            "font_family_body": "Georgia, Times, 'Times New Roman', serif",
+            "font_family_heading": "\"HelveticaNeue-Light\", Helvetica, Arial, sans-serif"
+        }),
+    );
+    r.headers_mut().remove(header::PRAGMA);
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=3600"),
+    );
     r
 }

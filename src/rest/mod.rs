@@ -36,6 +36,13 @@ pub fn router(ctx: SharedCtx) -> Router {
             get(auth::smart_configuration),
         )
         .route("/auth/token", post(auth::token))
+        .route(
+            "/auth/authorize",
+            get(auth::authorize).post(auth::authorize),
+        )
+        .route("/auth/login", post(auth::login))
+        .route("/auth/consent", post(auth::consent))
+        .route("/auth/smart-style.json", get(auth::smart_style))
         .route("/auth/introspect", post(auth::introspect))
         .route("/auth/revoke", post(auth::revoke))
         .fallback(not_found)

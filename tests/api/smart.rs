@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use iomt_fhir::auth::clients::{Client, Kind};
 use iomt_fhir::auth::jwt::sign::Key;
 use iomt_fhir::auth::oauth::IssuedToken;
-use iomt_fhir::auth::{scope, token_hash};
+use iomt_fhir::auth::scope;
 use serde_json::{Value, json};
 
 use crate::helpers::{Backend, TestApp, fixture, json as body_json, spawn_with};
@@ -466,17 +466,8 @@ async fn introspect(app: &TestApp, caller: &str, token: &str) -> (u16, Value) {
 /// enforcement they meet is the same.)
 async fn context_token(app: &TestApp, scope: &str, patient: Option<&str>) -> String {
     let token = iomt_fhir::auth::new_token().unwrap();
-    let row = IssuedToken {
-        hash: token_hash(&token),
-        kind: "access",
-        client_id: "app".into(),
-        scope: scope.into(),
-        patient: patient.map(str::to_string),
-        encounter: None,
-        fhir_user: None,
-        issued_at: iomt_fhir::time::now_micros(),
-        expires_at: iomt_fhir::time::now_micros() + 3_600_000_000,
-    };
+    let mut row = IssuedToken::new("access", &token, "app", scope, 3600);
+    row.patient = patient.map(str::to_string);
     app.ctx
         .store
         .write(move |db| Box::pin(async move { row.insert(db).await }))
@@ -1042,4 +1033,505 @@ async fn real_binary_clients_and_token() {
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+// ---------------------------------------------------------------------------------------
+// Authorization code flow (SMART App Launch), driven like a browser plus an app.
+
+const REDIRECT: &str = "https://app.example/callback";
+
+fn browser() -> reqwest::Client {
+    let ca = std::fs::read(fixture("tls/ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn origin(app: &TestApp) -> String {
+    app.base.trim_end_matches("/fhir").to_string()
+}
+
+fn hidden_request(html: &str) -> String {
+    let at = html
+        .find("name=\"request\" value=\"")
+        .expect("a sealed request in the form")
+        + "name=\"request\" value=\"".len();
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+/// A PKCE pair: (verifier, S256 challenge).
+fn pkce(seed: &str) -> (String, String) {
+    use base64::Engine;
+    let verifier = format!("{seed:-<50}");
+    let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+    (
+        verifier,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()),
+    )
+}
+
+fn query_of(location: &str) -> Vec<(String, String)> {
+    let q = location.split_once('?').map_or("", |(_, q)| q);
+    iomt_fhir::interaction::parse_query(q)
+}
+
+fn q<'a>(pairs: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    pairs.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str())
+}
+
+/// What the browser ends with: the redirect to the app, or a page.
+enum Ended {
+    Redirect(Vec<(String, String)>),
+    Page(u16, String),
+}
+
+/// Authorize → sign in → consent. `params` override the defaults.
+async fn browse(
+    app: &TestApp,
+    overrides: &[(&str, &str)],
+    user: (&str, &str),
+    patient: Option<&str>,
+    decision: &str,
+) -> Ended {
+    let (_, challenge) = pkce("v");
+    let base = app.base.clone();
+    let mut params: Vec<(String, String)> = [
+        ("response_type", "code"),
+        ("client_id", "web-app"),
+        ("redirect_uri", REDIRECT),
+        ("scope", "launch/patient patient/*.rs offline_access"),
+        ("state", "s-123"),
+        ("aud", base.as_str()),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in overrides {
+        params.retain(|(x, _)| x != k);
+        if !v.is_empty() || *k == "code_challenge" {
+            params.push((k.to_string(), v.to_string()));
+        }
+    }
+    let b = browser();
+    let r = b
+        .get(format!("{}/auth/authorize", origin(app)))
+        .query(&params)
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 302 {
+        return Ended::Redirect(query_of(r.headers()["location"].to_str().unwrap()));
+    }
+    let status = r.status().as_u16();
+    let html = r.text().await.unwrap();
+    if status != 200 {
+        return Ended::Page(status, html);
+    }
+    let r = b
+        .post(format!("{}/auth/login", origin(app)))
+        .form(&[
+            ("request", hidden_request(&html).as_str()),
+            ("username", user.0),
+            ("password", user.1),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .map(|c| c.to_str().unwrap().split(';').next().unwrap().to_string());
+    let html = r.text().await.unwrap();
+    let Some(cookie) = cookie else {
+        return Ended::Page(status, html);
+    };
+    assert!(html.contains("Allow access?"), "{html}");
+    let mut form = vec![
+        ("request", hidden_request(&html)),
+        ("decision", decision.to_string()),
+    ];
+    if let Some(p) = patient {
+        form.push(("patient", p.to_string()));
+    }
+    let r = b
+        .post(format!("{}/auth/consent", origin(app)))
+        .header("cookie", cookie)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302, "consent");
+    Ended::Redirect(query_of(r.headers()["location"].to_str().unwrap()))
+}
+
+async fn redeem(app: &TestApp, code: &str, verifier: &str) -> (u16, Value) {
+    let (status, body, headers) = token_request(
+        app,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier),
+            ("client_id", "web-app"),
+        ],
+    )
+    .await;
+    if status == 200 {
+        assert_eq!(headers["cache-control"], "no-store");
+    }
+    (status, body)
+}
+
+async fn code_of(ended: Ended) -> String {
+    match ended {
+        Ended::Redirect(q) => {
+            assert_eq!(self::q(&q, "state"), Some("s-123"), "{q:?}");
+            self::q(&q, "code")
+                .unwrap_or_else(|| panic!("no code: {q:?}"))
+                .to_string()
+        }
+        Ended::Page(s, html) => panic!("{s}: {html}"),
+    }
+}
+
+async fn authorization_code_flow(app: &TestApp) {
+    let client = Client {
+        id: "web-app".into(),
+        kind: Kind::Public,
+        secret_hash: None,
+        jwks: None,
+        scopes: scope::parse_list(
+            "launch launch/patient patient/*.rs user/*.rs offline_access online_access",
+        )
+        .unwrap(),
+        redirect_uris: vec![REDIRECT.into()],
+        origins: vec![],
+    };
+    iomt_fhir::auth::clients::add(&app.ctx.store, client)
+        .await
+        .unwrap();
+    iomt_fhir::auth::users::add(
+        &app.ctx.store,
+        "dr.house",
+        "correct-horse",
+        "Practitioner/house",
+    )
+    .await
+    .unwrap();
+    iomt_fhir::auth::users::add(&app.ctx.store, "bob", "bob-password", "Patient/b")
+        .await
+        .unwrap();
+    let es = Key::generate_es384().unwrap();
+    register(app, "loader2", &es, "system/*.cruds").await;
+    let admin = backend_token(app, "loader2", &es, "system/*.cruds").await;
+    for p in ["a", "b"] {
+        send(
+            app,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("Patient/{p}"),
+            &json!({"resourceType": "Patient", "id": p, "name": [{"family": p}]}),
+        )
+        .await;
+        send(
+            app,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("Observation/{p}-1"),
+            &observation(&format!("{p}-1"), p, "vital-signs"),
+        )
+        .await;
+    }
+    let (verifier, _) = pkce("v");
+
+    // Standalone launch: the practitioner picks patient a.
+    let code =
+        code_of(browse(app, &[], ("dr.house", "correct-horse"), Some("a"), "allow").await).await;
+    let (status, t) = redeem(app, &code, &verifier).await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["patient"], "a");
+    assert_eq!(t["need_patient_banner"], true);
+    assert_eq!(t["scope"], "launch/patient patient/*.rs offline_access");
+    assert!(t["expires_in"].as_i64().unwrap() <= 3600);
+    assert!(
+        t["smart_style_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
+    let access = t["access_token"].as_str().unwrap().to_string();
+    let refresh = t["refresh_token"].as_str().unwrap().to_string();
+    let (s, b) = get(app, Some(&access), "Observation").await;
+    assert_eq!((s, ids(&b)), (200, vec!["Observation/a-1".to_string()]));
+    assert_eq!(get(app, Some(&access), "Observation/b-1").await.0, 404);
+    // A code works once.
+    assert_eq!(
+        redeem(app, &code, &verifier).await.1["error"],
+        "invalid_grant"
+    );
+    let r = browser()
+        .get(format!("{}/auth/smart-style.json", origin(app)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Refresh: same scopes, fewer, never more; the refresh token rotates.
+    let refresh_with = |token: String, scope: Option<&'static str>| {
+        async move {
+            let mut form = vec![
+                ("grant_type", "refresh_token".to_string()),
+                ("refresh_token", token),
+                ("client_id", "web-app".to_string()),
+            ];
+            if let Some(s) = scope {
+                form.push(("scope", s.to_string()));
+            }
+            let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let (s, b, _) = token_request(app, &form).await;
+            (s, b)
+        }
+    };
+    let (s, r1) = refresh_with(refresh.clone(), None).await;
+    assert_eq!(s, 200, "{r1}");
+    assert_eq!(r1["patient"], "a");
+    assert_eq!(r1["scope"], "launch/patient patient/*.rs offline_access");
+    let refresh2 = r1["refresh_token"].as_str().unwrap().to_string();
+    assert_ne!(refresh2, refresh);
+    assert_eq!(
+        refresh_with(refresh.clone(), None).await.1["error"],
+        "invalid_grant",
+        "rotation"
+    );
+    let (s, r2) = refresh_with(refresh2.clone(), Some("patient/*.rs offline_access")).await;
+    assert_eq!(
+        (s, r2["scope"].as_str()),
+        (200, Some("patient/*.rs offline_access")),
+        "{r2}"
+    );
+    let refresh3 = r2["refresh_token"].as_str().unwrap().to_string();
+    let (s, r3) = refresh_with(refresh3, Some("patient/*.rs user/*.rs offline_access")).await;
+    assert_eq!(
+        (s, r3["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "never widened"
+    );
+    assert_eq!(
+        refresh_with("bogus".into(), None).await.1["error"],
+        "invalid_grant"
+    );
+
+    // EHR launch: the handle carries the patient; no banner needed.
+    let handle = iomt_fhir::auth::authorize::mint_launch(&app.ctx, Some("b"), None)
+        .await
+        .unwrap();
+    let code = code_of(
+        browse(
+            app,
+            &[("launch", &handle), ("scope", "launch patient/*.rs")],
+            ("dr.house", "correct-horse"),
+            None,
+            "allow",
+        )
+        .await,
+    )
+    .await;
+    let (s, t) = redeem(app, &code, &verifier).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(
+        (t["patient"].as_str(), t["need_patient_banner"].as_bool()),
+        (Some("b"), Some(false))
+    );
+    assert!(
+        t.get("refresh_token").is_none(),
+        "no offline_access, no refresh token"
+    );
+    match browse(
+        app,
+        &[
+            ("launch", "forged-handle"),
+            ("scope", "launch patient/*.rs"),
+        ],
+        ("dr.house", "correct-horse"),
+        None,
+        "allow",
+    )
+    .await
+    {
+        Ended::Redirect(q) => assert_eq!(self::q(&q, "error"), Some("invalid_request")),
+        Ended::Page(s, h) => panic!("{s}: {h}"),
+    }
+
+    // A patient user is their own context.
+    let code = code_of(browse(app, &[], ("bob", "bob-password"), None, "allow").await).await;
+    assert_eq!(redeem(app, &code, &verifier).await.1["patient"], "b");
+
+    // Denied, wrong password.
+    match browse(app, &[], ("dr.house", "correct-horse"), Some("a"), "deny").await {
+        Ended::Redirect(q) => {
+            assert_eq!(
+                (self::q(&q, "error"), self::q(&q, "state")),
+                (Some("access_denied"), Some("s-123"))
+            );
+            assert!(self::q(&q, "code").is_none());
+        }
+        Ended::Page(s, h) => panic!("{s}: {h}"),
+    }
+    match browse(app, &[], ("dr.house", "wrong-password"), Some("a"), "allow").await {
+        Ended::Page(s, html) => assert_eq!(s, 401, "{html}"),
+        Ended::Redirect(q) => panic!("{q:?}"),
+    }
+
+    // Bad requests: no code ever. Unknown client or redirect_uri: a page, no redirect.
+    let (_, plain) = pkce("plain");
+    for (what, overrides, error) in [
+        (
+            "no challenge",
+            vec![("code_challenge", "")],
+            "invalid_request",
+        ),
+        (
+            "blank challenge",
+            vec![("code_challenge", "   ")],
+            "invalid_request",
+        ),
+        (
+            "plain method",
+            vec![("code_challenge_method", "plain")],
+            "invalid_request",
+        ),
+        (
+            "no method",
+            vec![("code_challenge_method", "")],
+            "invalid_request",
+        ),
+        (
+            "wrong aud",
+            vec![("aud", "https://elsewhere/fhir")],
+            "invalid_request",
+        ),
+        ("no aud", vec![("aud", "")], "invalid_request"),
+        ("no state", vec![("state", "")], "invalid_request"),
+        (
+            "token response type",
+            vec![("response_type", "token")],
+            "unsupported_response_type",
+        ),
+        (
+            "scope not allowed",
+            vec![("scope", "system/*.rs")],
+            "invalid_scope",
+        ),
+    ] {
+        match browse(
+            app,
+            &overrides,
+            ("dr.house", "correct-horse"),
+            Some("a"),
+            "allow",
+        )
+        .await
+        {
+            Ended::Redirect(q) => {
+                assert_eq!(self::q(&q, "error"), Some(error), "{what}: {q:?}");
+                assert!(self::q(&q, "code").is_none(), "{what}");
+            }
+            Ended::Page(s, h) => panic!("{what}: {s} {h}"),
+        }
+    }
+    let _ = plain;
+    for (what, overrides) in [
+        ("unknown client", vec![("client_id", "nobody")]),
+        (
+            "redirect_uri not registered",
+            vec![("redirect_uri", "https://attacker.example/cb")],
+        ),
+        (
+            "redirect_uri prefix",
+            vec![("redirect_uri", "https://app.example/callback/more")],
+        ),
+    ] {
+        match browse(
+            app,
+            &overrides,
+            ("dr.house", "correct-horse"),
+            Some("a"),
+            "allow",
+        )
+        .await
+        {
+            Ended::Page(s, _) => assert_eq!(s, 400, "{what}"),
+            Ended::Redirect(q) => panic!("{what} redirected: {q:?}"),
+        }
+    }
+    // PKCE at the token endpoint: a wrong verifier, the challenge itself as verifier.
+    let code =
+        code_of(browse(app, &[], ("dr.house", "correct-horse"), Some("a"), "allow").await).await;
+    assert_eq!(
+        redeem(app, &code, &pkce("other").0).await.1["error"],
+        "invalid_grant"
+    );
+    assert_eq!(
+        redeem(app, &code, &verifier).await.1["error"],
+        "invalid_grant",
+        "spent by the failed attempt"
+    );
+    let (_, challenge) = pkce("v");
+    let same = challenge.clone();
+    let code = code_of(
+        browse(
+            app,
+            &[("code_challenge", &same)],
+            ("dr.house", "correct-horse"),
+            Some("a"),
+            "allow",
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        redeem(app, &code, &challenge).await.1["error"],
+        "invalid_grant",
+        "verifier = challenge"
+    );
+    let code =
+        code_of(browse(app, &[], ("dr.house", "correct-horse"), Some("a"), "allow").await).await;
+    let (s, b, _) = token_request(
+        app,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", "https://app.example/other"),
+            ("code_verifier", &verifier),
+            ("client_id", "web-app"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "redirect_uri differs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_code_flow_sqlite() {
+    let app = spawn(Backend::Sqlite).await.unwrap();
+    authorization_code_flow(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_code_flow_postgres() {
+    let Some(app) = spawn(Backend::Postgres).await else {
+        return;
+    };
+    authorization_code_flow(&app).await;
+    app.stop().await;
 }
