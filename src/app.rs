@@ -57,6 +57,7 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         search_indexing: settings.search_indexing,
         registry: std::sync::RwLock::new(Arc::new(defs.registry.clone())),
         auth: crate::auth::Auth::new(settings.auth),
+        audit: Default::default(),
     });
     let custom = crate::interaction::reindex::load_active(&ctx)
         .await
@@ -190,6 +191,19 @@ impl Application {
             }
             None => None,
         };
+        // The audit writer stops after the HTTP server, so in-flight requests' events land.
+        let (audit_stop, audit_stop_rx) = tokio::sync::watch::channel(false);
+        let audit = if self.ctx.auth.enabled() {
+            self.ctx.audit.take_receiver().map(|rx| {
+                tokio::spawn(crate::interaction::audit::run(
+                    self.ctx.clone(),
+                    rx,
+                    audit_stop_rx,
+                ))
+            })
+        } else {
+            None
+        };
         let stop = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -198,14 +212,20 @@ impl Application {
             Some(acceptor) => {
                 let listener = crate::tls::HttpsListener::new(self.listener, acceptor)
                     .map_err(|e| format!("HTTPS listener: {e}"))?;
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<crate::tls::PeerAddr>(),
+                )
+                .with_graceful_shutdown(stop)
+                .await
             }
             None => {
-                axum::serve(self.listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
+                axum::serve(
+                    self.listener,
+                    app.into_make_service_with_connect_info::<crate::tls::PeerAddr>(),
+                )
+                .with_graceful_shutdown(stop)
+                .await
             }
         }
         .map_err(|e| format!("server error: {e}"));
@@ -214,6 +234,10 @@ impl Application {
         }
         if let Some(m) = mqtt {
             let _ = m.await;
+        }
+        let _ = audit_stop.send(true);
+        if let Some(a) = audit {
+            let _ = a.await;
         }
         result?;
         self.ctx.store.close().await;

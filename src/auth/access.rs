@@ -30,6 +30,10 @@ pub struct Grant {
     pub expires_at: Micros,
 }
 
+/// The audit trail is for administrators: `patient/*` and `user/*` wildcards do not reach
+/// it; a scope must name AuditEvent, or be a `system/*` scope.
+const AUDIT: &str = "AuditEvent";
+
 fn forbidden(what: impl Into<String>) -> FhirError {
     FhirError::new(ErrorKind::Forbidden, what)
 }
@@ -57,6 +61,7 @@ impl Grant {
     ) -> impl Iterator<Item = &'a ResourceScope> + 'a {
         self.scopes.iter().filter(move |s| {
             s.covers_type(ty)
+                && (ty != AUDIT || s.resource_type.is_some() || s.context == Context::System)
                 && s.perms.intersects(perms)
                 && (s.context != Context::Patient || self.patient.is_some())
         })
@@ -73,10 +78,12 @@ impl Grant {
             .any(|s| s.params.is_empty() && self.compartment_of(s).is_none())
     }
 
-    /// Reads of every type are unrestricted: responses need no per-resource check.
+    /// Reads of every type are unrestricted (a `system/*` read scope): responses need no
+    /// per-resource check.
     pub fn reads_everything(&self) -> bool {
         self.scopes.iter().any(|s| {
             s.resource_type.is_none()
+                && s.context == Context::System
                 && s.perms.contains(Perms::R.union(Perms::S))
                 && s.params.is_empty()
                 && self.compartment_of(s).is_none()

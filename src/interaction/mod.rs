@@ -2,6 +2,7 @@
 //! and a Bundle entry both become a [`FhirRequest`], are routed to one [`Interaction`] and
 //! produce one [`FhirResponse`]. Only `crate::rest` knows axum.
 
+pub mod audit;
 pub mod authorized;
 pub mod bundle_text;
 pub mod capabilities;
@@ -47,6 +48,8 @@ pub struct Ctx {
     pub devices: device_data::DeviceFeeds,
     /// Authorization (`--auth`), registered clients' tokens.
     pub auth: crate::auth::Auth,
+    /// The AuditEvent queue (`--auth smart`).
+    pub audit: audit::Audit,
 }
 
 impl Ctx {
@@ -546,10 +549,35 @@ pub async fn handle(ctx: &SharedCtx, req: FhirRequest) -> Result<FhirResponse> {
             format!("{t}/{id} is read-only: it comes from the server's terminology/ folder"),
         ));
     }
+    if ctx.auth.enabled() {
+        server_written(&interaction)?;
+    }
     if let Some(grant) = req.grant.clone() {
         return authorized::handle(ctx, grant, interaction, req).await;
     }
     dispatch(ctx, interaction, req).await
+}
+
+/// Under `--auth smart` the audit trail is the server's: no API write may touch it.
+pub fn server_written(interaction: &Interaction) -> Result<()> {
+    use Interaction as I;
+    match interaction {
+        I::Create(t)
+        | I::Update(t, _)
+        | I::Patch(t, _)
+        | I::Delete(t, _)
+        | I::ConditionalUpdate(t)
+        | I::ConditionalPatch(t)
+        | I::ConditionalDelete(t)
+            if t == "AuditEvent" =>
+        {
+            Err(FhirError::new(
+                ErrorKind::MethodNotAllowed,
+                "AuditEvents are written by the server only",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Runs a routed interaction (after any authorization).

@@ -191,6 +191,9 @@ fn parse_entry(ctx: &Ctx, index: usize, e: Value) -> Result<Entry> {
         (_, None) => RequestBody::None,
     };
     let interaction = route(ctx.defs, method, &req.segments).map_err(|e| entry_error(index, e))?;
+    if ctx.auth.enabled() {
+        crate::interaction::server_written(&interaction).map_err(|e| entry_error(index, e))?;
+    }
     let full_url = e.get("fullUrl").and_then(Value::as_str).map(str::to_string);
     Ok(Entry {
         index,

@@ -88,21 +88,26 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
         Err(e) => return render_error(&e, &Negotiation::default()),
     };
     let head = parts.method == axum::http::Method::HEAD;
+    // The token is checked before the body is read; only the CapabilityStatement is open
+    // without one (clients discover the OAuth endpoints there).
+    let audited = ctx.auth.enabled() && !is_metadata(parts.uri.path());
+    let grant = if audited {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        Some(ctx.auth.authenticate(&ctx.store, header).await)
+    } else {
+        None
+    };
+    let granted = grant.as_ref().and_then(|g| g.as_ref().ok()).cloned();
     let result = async {
-        // The token is checked before the body is read; only the CapabilityStatement is
-        // open without one (clients discover the OAuth endpoints there).
-        let grant = if ctx.auth.enabled() && !is_metadata(parts.uri.path()) {
-            let header = parts
-                .headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            Some(ctx.auth.authenticate(&ctx.store, header).await?)
-        } else {
-            None
-        };
+        if let Some(Err(e)) = grant {
+            return Err(e);
+        }
         let mut req = build_request(&ctx, &parts, query, body).await?;
         req.wants_fhir_json = wants_fhir_json;
-        req.grant = grant;
+        req.grant = granted.clone();
         interaction::handle(&ctx, req).await
     }
     .await;
@@ -112,6 +117,27 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
     };
     if head {
         *response.body_mut() = AxumBody::empty();
+    }
+    if audited {
+        let address = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<crate::tls::PeerAddr>>()
+            .map(|c| c.0.0.ip().to_string());
+        let g = granted.as_deref();
+        let event = interaction::audit::event(
+            &ctx,
+            &interaction::audit::Request {
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                status: response.status().as_u16(),
+                client: g.map(|g| g.client_id.as_str()),
+                fhir_user: g.and_then(|g| g.fhir_user.as_deref()),
+                patient: g.and_then(|g| g.patient.as_deref()),
+                address,
+            },
+        );
+        ctx.audit.record(event).await;
     }
     response
 }

@@ -883,7 +883,83 @@ macro_rules! smart_tests {
     };
 }
 
-smart_tests!(discovery_and_backend_services, scope_matrix);
+async fn audit_trail(app: &TestApp) {
+    let es = Key::generate_es384().unwrap();
+    register(app, "auditor", &es, "system/*.cruds").await;
+    let admin = backend_token(app, "auditor", &es, "system/*.cruds").await;
+    let narrow = backend_token(app, "auditor", &es, "system/Observation.rs").await;
+    send(
+        app,
+        &admin,
+        reqwest::Method::PUT,
+        "Patient/p1",
+        &json!({"resourceType": "Patient", "id": "p1"}),
+    )
+    .await;
+    assert_eq!(get(app, Some(&admin), "Patient/p1").await.0, 200);
+    assert_eq!(get(app, Some(&narrow), "Patient/p1").await.0, 403);
+    assert_eq!(get(app, None, "Patient/p1").await.0, 401);
+    // The trail is the server's.
+    let (s, _) = send(
+        app,
+        &admin,
+        reqwest::Method::POST,
+        "AuditEvent",
+        &json!({"resourceType": "AuditEvent"}),
+    )
+    .await;
+    assert_eq!(s, 405);
+    // Events are written in the background; wait for them.
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        let (s, b) = get(app, Some(&admin), "AuditEvent?entity=Patient/p1&_count=100").await;
+        assert_eq!(s, 200, "{b}");
+        events = b["entry"].as_array().cloned().unwrap_or_default();
+        if events.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let outcomes: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            let r = &e["resource"];
+            (
+                r["subtype"][0]["code"].as_str().unwrap_or("").to_string(),
+                r["outcome"].as_str().unwrap_or("").to_string(),
+                r["agent"][0]["who"]["identifier"]["value"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("update", "0", "auditor"),
+        ("read", "0", "auditor"),
+        ("read", "4", "auditor"),
+        ("read", "4", "-"),
+    ] {
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| (o.0.as_str(), o.1.as_str(), o.2.as_str()) == want),
+            "{want:?} not in {outcomes:?}"
+        );
+    }
+    let denied = events
+        .iter()
+        .find(|e| e["resource"]["agent"][0]["who"]["display"] == "unauthenticated caller")
+        .unwrap();
+    assert_eq!(
+        denied["resource"]["agent"][0]["network"]["address"],
+        "127.0.0.1"
+    );
+    // Searching needs AuditEvent scopes like any type.
+    assert_eq!(get(app, Some(&narrow), "AuditEvent").await.0, 403);
+}
+
+smart_tests!(discovery_and_backend_services, scope_matrix, audit_trail);
 
 /// The real binary: `iomt-fhir clients add` registers a backend client, `serve --auth smart`
 /// over HTTPS issues it a token, and the token reads data.
@@ -1283,20 +1359,18 @@ async fn authorization_code_flow(app: &TestApp) {
     assert_eq!(r.status(), 200);
 
     // Refresh: same scopes, fewer, never more; the refresh token rotates.
-    let refresh_with = |token: String, scope: Option<&'static str>| {
-        async move {
-            let mut form = vec![
-                ("grant_type", "refresh_token".to_string()),
-                ("refresh_token", token),
-                ("client_id", "web-app".to_string()),
-            ];
-            if let Some(s) = scope {
-                form.push(("scope", s.to_string()));
-            }
-            let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let (s, b, _) = token_request(app, &form).await;
-            (s, b)
+    let refresh_with = |token: String, scope: Option<&'static str>| async move {
+        let mut form = vec![
+            ("grant_type", "refresh_token".to_string()),
+            ("refresh_token", token),
+            ("client_id", "web-app".to_string()),
+        ];
+        if let Some(s) = scope {
+            form.push(("scope", s.to_string()));
         }
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (s, b, _) = token_request(app, &form).await;
+        (s, b)
     };
     let (s, r1) = refresh_with(refresh.clone(), None).await;
     assert_eq!(s, 200, "{r1}");
