@@ -5,22 +5,34 @@
 //! batches through the normal write path (so AuditEvents are searchable like any resource),
 //! and a full queue makes requests wait rather than lose events. Under `--auth smart` the
 //! API cannot create, change or delete AuditEvents.
+//!
+//! A request queues a compact [`Record`], not JSON. When the writer is behind, successful
+//! reads (read, vread, search, history) that share client, user, patient, address and
+//! interaction are coalesced into one event listing each resource or query as an entity
+//! (at most [`ENTITIES`]) with the first and last time as `period`; denials and writes always
+//! get an event of their own. Under light load every request has its own event.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::interaction::{Ctx, Interaction, SharedCtx, create, new_id, write};
+use crate::auth::access::Grant;
+use crate::interaction::{Ctx, Interaction, Method, SharedCtx, create, new_id, write};
+use crate::time::Micros;
 
 /// Events waiting to be written, at most.
 const QUEUE: usize = 100_000;
-/// Events per write job, at most.
-const BATCH: usize = 1000;
+/// Records taken from the queue at once, at most.
+const BATCH: usize = 5000;
+/// Entities in one coalesced event, at most.
+pub const ENTITIES: usize = 100;
 
 pub struct Audit {
-    tx: mpsc::Sender<Value>,
-    rx: Mutex<Option<mpsc::Receiver<Value>>>,
+    tx: mpsc::Sender<Record>,
+    rx: Mutex<Option<mpsc::Receiver<Record>>>,
 }
 
 impl Default for Audit {
@@ -35,14 +47,14 @@ impl Default for Audit {
 
 impl Audit {
     /// Queues an event; waits only when the queue is full.
-    pub async fn record(&self, event: Value) {
-        if let Err(mpsc::error::TrySendError::Full(e)) = self.tx.try_send(event) {
+    pub async fn record(&self, record: Record) {
+        if let Err(mpsc::error::TrySendError::Full(e)) = self.tx.try_send(record) {
             let _ = self.tx.send(e).await;
         }
     }
 
     /// The receiving end, once (for [`run`]).
-    pub fn take_receiver(&self) -> Option<mpsc::Receiver<Value>> {
+    pub fn take_receiver(&self) -> Option<mpsc::Receiver<Record>> {
         self.rx.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -50,7 +62,7 @@ impl Audit {
 /// Writes queued events until `stop`, then what is still queued.
 pub async fn run(
     ctx: SharedCtx,
-    mut rx: mpsc::Receiver<Value>,
+    mut rx: mpsc::Receiver<Record>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -83,7 +95,8 @@ pub async fn run(
     }
 }
 
-async fn write_batch(ctx: &SharedCtx, events: Vec<Value>) {
+async fn write_batch(ctx: &SharedCtx, records: Vec<Record>) {
+    let events = events(ctx, records);
     let mut prepared = Vec::with_capacity(events.len());
     for e in events {
         let id = new_id();
@@ -111,16 +124,16 @@ async fn write_batch(ctx: &SharedCtx, events: Vec<Value>) {
 }
 
 /// What the transport knows about one request.
-pub struct Request<'a> {
-    pub method: &'a str,
-    /// Path below the server root (`/fhir/Patient/1`, `/auth/token`).
-    pub path: &'a str,
-    pub query: Option<&'a str>,
+pub struct Record {
+    pub at: Micros,
+    pub method: Method,
+    /// Path below the server root (`/fhir/Patient/1`).
+    pub path: String,
+    pub query: Option<String>,
     pub status: u16,
-    pub client: Option<&'a str>,
-    pub fhir_user: Option<&'a str>,
-    pub patient: Option<&'a str>,
-    pub address: Option<String>,
+    /// `None`: no valid token (a 401).
+    pub grant: Option<Arc<Grant>>,
+    pub address: Option<IpAddr>,
 }
 
 /// The restful-interaction code of a routed interaction.
@@ -144,18 +157,127 @@ fn subtype(i: &Interaction) -> &'static str {
     }
 }
 
-/// The AuditEvent of one request.
-pub fn event(ctx: &Ctx, r: &Request<'_>) -> Value {
-    let fhir_path = r.path.strip_prefix(crate::rest::FHIR_PREFIX);
-    let method = crate::interaction::Method::parse(r.method);
-    let routed = fhir_path.and_then(|p| {
-        crate::interaction::route(ctx.defs, method, &crate::interaction::split_path(p)).ok()
+/// A record, understood: its interaction code and the entities it touched.
+struct Seen {
+    code: &'static str,
+    entities: Vec<Value>,
+}
+
+fn understand(ctx: &Ctx, r: &Record) -> Seen {
+    let routed = r.path.strip_prefix(crate::rest::FHIR_PREFIX).and_then(|p| {
+        crate::interaction::route(ctx.defs, r.method, &crate::interaction::split_path(p)).ok()
     });
-    let code = match (&routed, fhir_path) {
-        (Some(i), _) => subtype(i),
-        (None, None) => "operation",
-        (None, Some(_)) => "read",
-    };
+    let code = routed.as_ref().map_or("operation", subtype);
+    let mut entities = Vec::new();
+    if let Some(
+        Interaction::Read(t, id)
+        | Interaction::Vread(t, id, _)
+        | Interaction::Update(t, id)
+        | Interaction::Patch(t, id)
+        | Interaction::Delete(t, id)
+        | Interaction::HistoryInstance(t, id),
+    ) = &routed
+    {
+        entities.push(json!({"what": {"reference": format!("{t}/{id}")}}));
+    }
+    if let Some(q) = r.query.as_deref().filter(|q| !q.is_empty()) {
+        use base64::Engine;
+        entities.push(json!({
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "24", "display": "Query"},
+            "query": base64::engine::general_purpose::STANDARD.encode(q),
+        }));
+    }
+    Seen { code, entities }
+}
+
+/// Turns queued records into AuditEvents, coalescing successful reads.
+fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
+    type Key = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<IpAddr>,
+        &'static str,
+    );
+    let mut out = Vec::new();
+    let mut groups: HashMap<Key, (usize, Micros, Micros, Vec<Value>, usize)> = HashMap::new();
+    let mut firsts: Vec<Record> = Vec::new();
+    for r in records {
+        let seen = understand(ctx, &r);
+        let reading = matches!(
+            seen.code,
+            "read"
+                | "vread"
+                | "search-type"
+                | "search-system"
+                | "history-instance"
+                | "history-type"
+                | "history-system"
+        );
+        if !reading || r.status >= 400 || r.grant.is_none() {
+            out.push(event(ctx, &r, seen.code, seen.entities, None, 1));
+            continue;
+        }
+        let g = r.grant.as_deref();
+        let key: Key = (
+            g.map(|g| g.client_id.clone()),
+            g.and_then(|g| g.fhir_user.clone()),
+            g.and_then(|g| g.patient.clone()),
+            r.address,
+            seen.code,
+        );
+        let full = groups
+            .get(&key)
+            .is_some_and(|e| e.3.len() + seen.entities.len() > ENTITIES);
+        if full && let Some((i, first, last, entities, n)) = groups.remove(&key) {
+            out.push(event(
+                ctx,
+                &firsts[i],
+                key.4,
+                entities,
+                Some((first, last)),
+                n,
+            ));
+        }
+        match groups.get_mut(&key) {
+            Some(e) => {
+                e.2 = r.at;
+                for x in seen.entities {
+                    if !e.3.contains(&x) {
+                        e.3.push(x);
+                    }
+                }
+                e.4 += 1;
+            }
+            None => {
+                groups.insert(key, (firsts.len(), r.at, r.at, seen.entities, 1));
+                firsts.push(r);
+            }
+        }
+    }
+    for (key, (i, first, last, entities, n)) in groups {
+        out.push(event(
+            ctx,
+            &firsts[i],
+            key.4,
+            entities,
+            Some((first, last)),
+            n,
+        ));
+    }
+    out
+}
+
+/// One AuditEvent for `r` (and `count - 1` like it, coalesced, between `period`).
+fn event(
+    ctx: &Ctx,
+    r: &Record,
+    code: &'static str,
+    mut entities: Vec<Value>,
+    period: Option<(Micros, Micros)>,
+    count: usize,
+) -> Value {
     let action = match code {
         "create" => "C",
         "update" | "patch" => "U",
@@ -168,79 +290,70 @@ pub fn event(ctx: &Ctx, r: &Request<'_>) -> Value {
         400..=499 => "4",
         _ => "8",
     };
-    let network = |a: &Option<String>| match a {
-        Some(a) => json!({"address": a, "type": "2"}),
-        None => Value::Null,
-    };
-    let mut agents = Vec::new();
-    match r.client {
-        Some(client) => agents.push(json!({
+    let network = r
+        .address
+        .map(|a| json!({"address": a.to_string(), "type": "2"}));
+    let g = r.grant.as_deref();
+    let mut client = match g {
+        Some(g) => json!({
             "type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110150", "display": "Application"}]},
-            "who": {"identifier": {"system": format!("{}/auth/clients", crate::auth::oauth::origin(ctx)), "value": client}},
-            "requestor": r.fhir_user.is_none(),
-            "network": network(&r.address),
-        })),
-        None => agents.push(json!({
-            "who": {"display": "unauthenticated caller"},
-            "requestor": true,
-            "network": network(&r.address),
-        })),
+            "who": {"identifier": {"system": format!("{}/auth/clients", crate::auth::oauth::origin(ctx)), "value": g.client_id}},
+            "requestor": g.fhir_user.is_none(),
+        }),
+        None => json!({"who": {"display": "unauthenticated caller"}, "requestor": true}),
+    };
+    if let Some(n) = network {
+        client["network"] = n;
     }
-    if let Some(user) = r.fhir_user {
+    let mut agents = vec![client];
+    if let Some(user) = g.and_then(|g| g.fhir_user.as_deref()) {
         agents.push(json!({
             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient"}]},
             "who": {"reference": user},
             "requestor": true,
         }));
     }
-    for a in &mut agents {
-        if a["network"].is_null()
-            && let Some(o) = a.as_object_mut()
-        {
-            o.shift_remove("network");
-        }
-    }
-    let mut entities = Vec::new();
-    if let Some(p) = r.patient {
-        entities.push(json!({
+    if let Some(p) = g.and_then(|g| g.patient.as_deref()) {
+        entities.insert(0, json!({
             "what": {"reference": format!("Patient/{p}")},
             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"},
             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"}
         }));
     }
-    if let Some(
-        Interaction::Read(t, id)
-        | Interaction::Vread(t, id, _)
-        | Interaction::Update(t, id)
-        | Interaction::Patch(t, id)
-        | Interaction::Delete(t, id)
-        | Interaction::HistoryInstance(t, id),
-    ) = &routed
-    {
-        entities.push(json!({"what": {"reference": format!("{t}/{id}")}}));
-    }
-    if let Some(q) = r.query.filter(|q| !q.is_empty()) {
-        use base64::Engine;
-        entities.push(json!({
-            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
-            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "24", "display": "Query"},
-            "query": base64::engine::general_purpose::STANDARD.encode(q),
-        }));
-    }
+    let description = if count > 1 {
+        format!("{count} {code} requests, all answered without error")
+    } else {
+        format!(
+            "{:?} {}{} -> {}",
+            r.method,
+            r.path,
+            r.query
+                .as_deref()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default(),
+            r.status
+        )
+    };
     let mut event = json!({
         "resourceType": "AuditEvent",
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "Restful Operation"},
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": code}],
         "action": action,
-        "recorded": crate::time::format_instant(crate::time::now_micros()),
+        "recorded": crate::time::format_instant(r.at),
         "outcome": outcome,
-        "outcomeDesc": format!("{} {}{} -> {}", r.method, r.path, r.query.map(|q| format!("?{q}")).unwrap_or_default(), r.status),
+        "outcomeDesc": description,
         "agent": agents,
         "source": {
             "observer": {"display": "iomt-fhir"},
             "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server"}]
         },
     });
+    if let Some((first, last)) = period {
+        event["period"] = json!({
+            "start": crate::time::format_instant(first),
+            "end": crate::time::format_instant(last),
+        });
+    }
     if !entities.is_empty() {
         event["entity"] = Value::Array(entities);
     }

@@ -122,22 +122,18 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
         let address = parts
             .extensions
             .get::<axum::extract::ConnectInfo<crate::tls::PeerAddr>>()
-            .map(|c| c.0.0.ip().to_string());
-        let g = granted.as_deref();
-        let event = interaction::audit::event(
-            &ctx,
-            &interaction::audit::Request {
-                method: parts.method.as_str(),
-                path: parts.uri.path(),
-                query: parts.uri.query(),
+            .map(|c| c.0.0.ip());
+        ctx.audit
+            .record(interaction::audit::Record {
+                at: crate::time::now_micros(),
+                method: Method::parse(parts.method.as_str()),
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().map(str::to_string),
                 status: response.status().as_u16(),
-                client: g.map(|g| g.client_id.as_str()),
-                fhir_user: g.and_then(|g| g.fhir_user.as_deref()),
-                patient: g.and_then(|g| g.patient.as_deref()),
+                grant: granted,
                 address,
-            },
-        );
-        ctx.audit.record(event).await;
+            })
+            .await;
     }
     response
 }
