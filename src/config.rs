@@ -274,6 +274,10 @@ pub struct ServerArgs {
     /// FHIR, a Bearer token on every request [default: off].
     #[arg(long, env = "IOMT_FHIR_AUTH", value_enum)]
     pub auth: Option<crate::auth::Mode>,
+    /// With --auth smart, also audit reads and searches that succeeded (writes and every
+    /// denied request are always audited) [default: true].
+    #[arg(long, env = "IOMT_FHIR_AUDIT_READS")]
+    pub audit_reads: Option<bool>,
     /// PEM certificate chain: serve HTTPS (needs --tls-key).
     #[arg(long, env = "IOMT_FHIR_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -312,6 +316,7 @@ pub struct Settings {
     pub device_queue: usize,
     pub mqtt: Option<crate::mqtt::MqttConfig>,
     pub auth: crate::auth::Mode,
+    pub audit_reads: bool,
     /// HTTPS for the REST API.
     pub tls: Option<crate::tls::TlsFiles>,
 }
@@ -463,6 +468,7 @@ impl Settings {
         };
         Ok(Settings {
             auth: args.auth.or(file.auth).unwrap_or_default(),
+            audit_reads: args.audit_reads.or(file.audit_reads).unwrap_or(true),
             tls,
             mqtt,
             device_mappings: args.device_mappings.clone().or(file.device_mappings),

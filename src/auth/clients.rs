@@ -213,3 +213,27 @@ pub async fn remove(store: &Store, id: &str) -> Result<bool> {
         })
         .await
 }
+
+/// Whether some registered client lists `origin` (`clients add --origin`). The list is read
+/// again at most every [`ORIGINS_TTL`], so a client added by another process counts soon.
+pub async fn origin_registered(ctx: &crate::interaction::Ctx, origin: &str) -> bool {
+    let cache = &ctx.auth.origins;
+    {
+        let c = cache.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, set)) = &*c
+            && at.elapsed() < ORIGINS_TTL
+        {
+            return set.contains(origin);
+        }
+    }
+    let set: std::collections::HashSet<String> = match list(&ctx.store).await {
+        Ok(clients) => clients.into_iter().flat_map(|c| c.origins).collect(),
+        Err(_) => return false,
+    };
+    let found = set.contains(origin);
+    *cache.write().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), set));
+    found
+}
+
+/// How long the registered origins are trusted before being read again.
+pub const ORIGINS_TTL: std::time::Duration = std::time::Duration::from_secs(10);

@@ -47,6 +47,8 @@ pub enum Mode {
 /// Authorization state shared by all requests.
 pub struct Auth {
     pub mode: Mode,
+    /// Audit successful reads too (`--audit-reads`).
+    pub audit_reads: bool,
     /// Keyed by the token itself (memory only; the database has hashes): a request that
     /// hits the cache computes no digest.
     cache: RwLock<HashMap<String, (Arc<Grant>, Instant)>>,
@@ -54,15 +56,19 @@ pub struct Auth {
     pub(crate) issued: std::sync::atomic::AtomicU64,
     /// The key for sealed forms and session cookies (loaded by [`Auth::init`]).
     sealer: std::sync::OnceLock<seal::Sealer>,
+    /// Registered CORS origins, with when they were read (see `clients::origin_registered`).
+    pub(crate) origins: RwLock<Option<(Instant, std::collections::HashSet<String>)>>,
 }
 
 impl Auth {
-    pub fn new(mode: Mode) -> Auth {
+    pub fn new(mode: Mode, audit_reads: bool) -> Auth {
         Auth {
             mode,
+            audit_reads,
             cache: RwLock::new(HashMap::new()),
             issued: Default::default(),
             sealer: std::sync::OnceLock::new(),
+            origins: RwLock::new(None),
         }
     }
 

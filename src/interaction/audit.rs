@@ -24,9 +24,10 @@ use crate::interaction::{Ctx, Interaction, Method, SharedCtx, create, new_id, wr
 use crate::time::Micros;
 
 /// Events waiting to be written, at most.
-const QUEUE: usize = 100_000;
-/// Records taken from the queue at once, at most.
-const BATCH: usize = 5000;
+const QUEUE: usize = 200_000;
+/// Records taken from the queue at once, at most (one write a second must keep up with
+/// the fastest reads).
+const BATCH: usize = 100_000;
 /// Entities in one coalesced event, at most.
 pub const ENTITIES: usize = 100;
 
@@ -59,20 +60,34 @@ impl Audit {
     }
 }
 
+/// Time between two audit writes at most once per this interval: every commit makes the
+/// SQLite readers drop their page caches, so a steady trickle of small audit commits slows
+/// every read; one commit a second does not.
+const INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Writes queued events until `stop`, then what is still queued.
 pub async fn run(
     ctx: SharedCtx,
     mut rx: mpsc::Receiver<Record>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut last = tokio::time::Instant::now() - INTERVAL;
+    let mut stopping = false;
     loop {
         let first = tokio::select! {
             e = rx.recv() => e,
-            _ = stop.changed() => None,
+            _ = stop.changed(), if !stopping => None,
         };
         let Some(first) = first else {
             break;
         };
+        if !stopping {
+            tokio::select! {
+                _ = tokio::time::sleep_until(last + INTERVAL) => {}
+                _ = stop.changed() => stopping = true,
+            }
+        }
+        last = tokio::time::Instant::now();
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {
@@ -81,6 +96,9 @@ pub async fn run(
             }
         }
         write_batch(&ctx, batch).await;
+        if stopping {
+            break;
+        }
     }
     // Shutting down: nothing queued is dropped.
     let mut rest = Vec::new();

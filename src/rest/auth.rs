@@ -154,10 +154,6 @@ pub async fn smart_configuration(State(ctx): State<SharedCtx>) -> Response {
         return disabled();
     }
     let mut r = json_response(200, &oauth::smart_configuration(&ctx));
-    r.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
     r.headers_mut().remove(header::PRAGMA);
     r
 }

@@ -5,6 +5,7 @@
 //! nowhere else. This is the only module that knows axum.
 
 mod auth;
+mod cors;
 mod format;
 
 use axum::Router;
@@ -46,6 +47,10 @@ pub fn router(ctx: SharedCtx) -> Router {
         .route("/auth/introspect", post(auth::introspect))
         .route("/auth/revoke", post(auth::revoke))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            cors::layer,
+        ))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(ctx)
 }
@@ -118,7 +123,11 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
     if head {
         *response.body_mut() = AxumBody::empty();
     }
-    if audited {
+    let read = matches!(
+        parts.method,
+        axum::http::Method::GET | axum::http::Method::HEAD
+    ) || parts.uri.path().ends_with("/_search");
+    if audited && (ctx.auth.audit_reads || !read || response.status().as_u16() >= 400) {
         let address = parts
             .extensions
             .get::<axum::extract::ConnectInfo<crate::tls::PeerAddr>>()

@@ -959,7 +959,81 @@ async fn audit_trail(app: &TestApp) {
     assert_eq!(get(app, Some(&narrow), "AuditEvent").await.0, 403);
 }
 
-smart_tests!(discovery_and_backend_services, scope_matrix, audit_trail);
+/// CORS: discovery open to any origin; the API and token endpoint only to registered ones.
+async fn cors(app: &TestApp) {
+    let es = Key::generate_es384().unwrap();
+    let client = Client {
+        id: "browser-app".into(),
+        kind: Kind::ConfidentialAsymmetric,
+        secret_hash: None,
+        jwks: Some(json!({"keys": [es.jwk("key-1")]})),
+        scopes: scope::parse_list("system/*.rs").unwrap(),
+        redirect_uris: vec![],
+        origins: vec!["https://app.example".into()],
+    };
+    iomt_fhir::auth::clients::add(&app.ctx.store, client)
+        .await
+        .unwrap();
+    let token = backend_token(app, "browser-app", &es, "system/*.rs").await;
+    let r = app
+        .client
+        .get(app.url(".well-known/smart-configuration"))
+        .header("origin", "https://anyone.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    for (origin, allowed) in [
+        ("https://app.example", true),
+        ("https://evil.example", false),
+    ] {
+        let r = app
+            .client
+            .request(reqwest::Method::OPTIONS, app.url("Patient"))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .send()
+            .await
+            .unwrap();
+        if allowed {
+            assert_eq!(r.status(), 204);
+            assert_eq!(r.headers()["access-control-allow-origin"], origin);
+            assert!(
+                r.headers()["access-control-allow-headers"]
+                    .to_str()
+                    .unwrap()
+                    .contains("Authorization")
+            );
+        } else {
+            assert_eq!(r.status(), 403);
+            assert!(r.headers().get("access-control-allow-origin").is_none());
+        }
+        let r = app
+            .client
+            .get(app.url("Patient"))
+            .bearer_auth(&token)
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap().to_string()),
+            allowed.then(|| origin.to_string()),
+            "{origin}"
+        );
+    }
+}
+
+smart_tests!(
+    discovery_and_backend_services,
+    scope_matrix,
+    audit_trail,
+    cors
+);
 
 /// The real binary: `iomt-fhir clients add` registers a backend client, `serve --auth smart`
 /// over HTTPS issues it a token, and the token reads data.
