@@ -52,6 +52,9 @@ pub enum Command {
     /// Local accounts that sign in to authorize SMART apps (`--auth smart`).
     #[command(subcommand)]
     Users(UsersCommand),
+    /// The id_token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Mint an EHR launch handle with a patient (and encounter) in context; prints it.
     Launch {
         #[command(flatten)]
@@ -111,6 +114,17 @@ pub enum ClientsCommand {
         server: ServerArgs,
         #[arg(long = "client-id")]
         client_id: String,
+    },
+}
+
+/// `iomt-fhir keys ...`.
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Make a new signing key; it signs from the next start on, and the previous one stays
+    /// in the JWK Set until the rotation after.
+    Rotate {
+        #[command(flatten)]
+        server: ServerArgs,
     },
 }
 

@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use iomt_fhir::app::{Application, context, shutdown_signal};
 use iomt_fhir::config::{
-    Cli, ClientsCommand, Command, DevicesCommand, Hl7Command, ServerArgs, Settings, UsersCommand,
+    Cli, ClientsCommand, Command, DevicesCommand, Hl7Command, KeysCommand, ServerArgs, Settings,
+    UsersCommand,
 };
 use iomt_fhir::error::FhirError;
 use iomt_fhir::interaction::SharedCtx;
@@ -213,6 +214,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             ctx.store.close().await;
             result.map_err(first_diagnostic)?;
             println!("user {username} ({fhir_user}) can sign in");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::Rotate { server }) => {
+            let ctx = offline_context(&server, cli.config.as_ref()).await?;
+            let result = iomt_fhir::auth::keys::add(&ctx.store).await;
+            ctx.store.close().await;
+            println!("new signing key {}", result.map_err(first_diagnostic)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Launch {

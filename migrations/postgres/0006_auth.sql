@@ -23,7 +23,8 @@ CREATE TABLE auth_token (
     revoked_at BIGINT,
     redirect_uri   TEXT,                 -- code: the redirect_uri it was issued for
     code_challenge TEXT,                 -- code: the PKCE S256 challenge
-    need_banner    BIGINT                 -- 1 when the app should show a patient banner
+    need_banner    BIGINT,                -- 1 when the app should show a patient banner
+    nonce          TEXT                  -- code: the OpenID Connect nonce to echo in the id_token
 );
 CREATE INDEX auth_token_expiry ON auth_token (expires_at);
 CREATE TABLE auth_jti (
@@ -45,4 +46,11 @@ CREATE TABLE auth_user (
 CREATE TABLE auth_secret (
     name  TEXT COLLATE "C" PRIMARY KEY,
     value TEXT NOT NULL
+);
+-- The server's id_token signing keys (RS256), newest first in use; `iomt-fhir keys rotate`
+-- adds one, and the previous stays published until the next rotation.
+CREATE TABLE auth_key (
+    kid        TEXT COLLATE "C" PRIMARY KEY,
+    pkcs8      TEXT    NOT NULL,         -- base64 PKCS#8 DER of the RSA private key
+    created_at BIGINT NOT NULL
 );

@@ -197,6 +197,7 @@ async fn check(ctx: &Ctx, params: &[(String, String)]) -> Result<Checked, Outcom
             "launch": param(params, "launch").is_some(),
             "patient": patient,
             "encounter": encounter,
+            "nonce": param(params, "nonce"),
         }),
         client,
     })
@@ -467,6 +468,7 @@ pub async fn consent(ctx: &Ctx, params: &[(String, String)], cookie: Option<&str
     row.redirect_uri = Some(redirect_uri.clone());
     row.code_challenge = Some(text("code_challenge"));
     row.need_banner = !request["launch"].as_bool().unwrap_or(false);
+    row.nonce = request["nonce"].as_str().map(str::to_string);
     if ctx
         .store
         .write(move |db| Box::pin(async move { row.insert(db).await }))

@@ -11,6 +11,7 @@ pub mod access;
 pub mod authorize;
 pub mod clients;
 pub mod jwt;
+pub mod keys;
 pub mod oauth;
 pub mod scope;
 pub mod seal;
@@ -56,6 +57,8 @@ pub struct Auth {
     pub(crate) issued: std::sync::atomic::AtomicU64,
     /// The key for sealed forms and session cookies (loaded by [`Auth::init`]).
     sealer: std::sync::OnceLock<seal::Sealer>,
+    /// id_token signing keys, newest first (loaded by [`Auth::init`]).
+    keys: std::sync::OnceLock<Vec<keys::SigningKey>>,
     /// Registered CORS origins, with when they were read (see `clients::origin_registered`).
     pub(crate) origins: RwLock<Option<(Instant, std::collections::HashSet<String>)>>,
 }
@@ -69,16 +72,26 @@ impl Auth {
             issued: Default::default(),
             sealer: std::sync::OnceLock::new(),
             origins: RwLock::new(None),
+            keys: std::sync::OnceLock::new(),
         }
     }
 
-    /// Loads (or makes, on first start) the server's sealing key.
+    /// Loads (or makes, on first start) the server's sealing key and signing keys.
     pub async fn init(&self, store: &Store) -> Result<()> {
         if self.sealer.get().is_none() {
             let s = seal::Sealer::load(store).await?;
             let _ = self.sealer.set(s);
         }
+        if self.keys.get().is_none() {
+            let k = keys::load(store).await?;
+            let _ = self.keys.set(k);
+        }
         Ok(())
+    }
+
+    /// The id_token signing keys, newest (the one in use) first.
+    pub fn signing_keys(&self) -> &[keys::SigningKey] {
+        self.keys.get().map_or(&[], Vec::as_slice)
     }
 
     pub fn sealer(&self) -> Option<&seal::Sealer> {

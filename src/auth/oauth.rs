@@ -362,6 +362,7 @@ struct Stored {
     redirect_uri: Option<String>,
     code_challenge: Option<String>,
     need_banner: bool,
+    nonce: Option<String>,
 }
 
 async fn stored(ctx: &Ctx, hash: &str, kind: &str) -> Result<Option<Stored>, OAuthError> {
@@ -369,9 +370,9 @@ async fn stored(ctx: &Ctx, hash: &str, kind: &str) -> Result<Option<Stored>, OAu
     use crate::store::Ty;
     let row = db
         .fetch_optional(
-            "SELECT client_id, scope, patient, encounter, fhir_user, expires_at, redirect_uri, code_challenge, COALESCE(need_banner, 0) FROM auth_token WHERE hash = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > $3",
+            "SELECT client_id, scope, patient, encounter, fhir_user, expires_at, redirect_uri, code_challenge, COALESCE(need_banner, 0), nonce FROM auth_token WHERE hash = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > $3",
             &[Arg::Text(hash.to_string()), Arg::Text(kind.to_string()), Arg::Int(crate::time::now_micros())],
-            &[Ty::Text, Ty::Text, Ty::OptText, Ty::OptText, Ty::OptText, Ty::Int, Ty::OptText, Ty::OptText, Ty::Int],
+            &[Ty::Text, Ty::Text, Ty::OptText, Ty::OptText, Ty::OptText, Ty::Int, Ty::OptText, Ty::OptText, Ty::Int, Ty::OptText],
         )
         .await
         .map_err(server_error)?;
@@ -388,6 +389,7 @@ async fn stored(ctx: &Ctx, hash: &str, kind: &str) -> Result<Option<Stored>, OAu
             redirect_uri: next().text(),
             code_challenge: next().text(),
             need_banner: next().int() == 1,
+            nonce: next().text(),
         }
     }))
 }
@@ -458,7 +460,71 @@ async fn app_tokens(
     if let Some(r) = refresh {
         out["refresh_token"] = json!(r);
     }
+    if words.contains(&"openid")
+        && let Some(user) = &context.fhir_user
+    {
+        out["id_token"] = json!(id_token(
+            ctx,
+            &auth.client.id,
+            user,
+            words.contains(&"fhirUser"),
+            context.nonce.as_deref()
+        )?);
+    }
     Ok(out)
+}
+
+/// An OpenID Connect id_token (RS256) for the signed-in user (SMART: `fhirUser` as the
+/// absolute URL of the user's FHIR resource).
+fn id_token(
+    ctx: &Ctx,
+    client_id: &str,
+    fhir_user: &str,
+    with_fhir_user: bool,
+    nonce: Option<&str>,
+) -> Result<String, OAuthError> {
+    let key = ctx
+        .auth
+        .signing_keys()
+        .first()
+        .ok_or_else(|| server_error(crate::error::FhirError::internal("no signing key")))?;
+    let now = crate::time::now_micros() / 1_000_000;
+    let mut claims = json!({
+        "iss": ctx.base,
+        "sub": fhir_user,
+        "aud": client_id,
+        "iat": now,
+        "exp": now + APP_TOKEN_SECS,
+    });
+    if with_fhir_user {
+        claims["fhirUser"] = json!(format!("{}/{fhir_user}", ctx.base));
+    }
+    if let Some(n) = nonce {
+        claims["nonce"] = json!(n);
+    }
+    key.sign(&claims).map_err(server_error)
+}
+
+/// `GET [base]/.well-known/openid-configuration` (OpenID Connect Discovery 1.0).
+pub fn openid_configuration(ctx: &Ctx) -> Value {
+    json!({
+        "issuer": ctx.base,
+        "authorization_endpoint": endpoint(ctx, "authorize"),
+        "token_endpoint": endpoint(ctx, "token"),
+        "jwks_uri": endpoint(ctx, "jwks"),
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "scopes_supported": ["openid", "fhirUser", "launch", "launch/patient", "offline_access", "online_access"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nonce", "fhirUser"],
+        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "private_key_jwt"],
+        "code_challenge_methods_supported": ["S256"],
+    })
+}
+
+/// `GET /auth/jwks`: the public halves of the signing keys.
+pub fn jwks(ctx: &Ctx) -> Value {
+    json!({"keys": ctx.auth.signing_keys().iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()})
 }
 
 /// base64url(SHA-256(verifier)) (RFC 7636 S256).
@@ -576,6 +642,8 @@ pub struct IssuedToken {
     pub redirect_uri: Option<String>,
     pub code_challenge: Option<String>,
     pub need_banner: bool,
+    /// Codes: the OpenID Connect nonce of the authorization request.
+    pub nonce: Option<String>,
 }
 
 impl IssuedToken {
@@ -601,12 +669,13 @@ impl IssuedToken {
             redirect_uri: None,
             code_challenge: None,
             need_banner: false,
+            nonce: None,
         }
     }
 
     pub async fn insert(self, db: &mut crate::store::Db) -> crate::error::Result<()> {
         db.execute(
-            "INSERT INTO auth_token (hash, kind, client_id, scope, patient, encounter, fhir_user, issued_at, expires_at, redirect_uri, code_challenge, need_banner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "INSERT INTO auth_token (hash, kind, client_id, scope, patient, encounter, fhir_user, issued_at, expires_at, redirect_uri, code_challenge, need_banner, nonce) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             &[
                 Arg::Text(self.hash),
                 Arg::Text(self.kind.to_string()),
@@ -620,6 +689,7 @@ impl IssuedToken {
                 Arg::OptText(self.redirect_uri),
                 Arg::OptText(self.code_challenge),
                 Arg::Int(i64::from(self.need_banner)),
+                Arg::OptText(self.nonce),
             ],
         )
         .await?;
@@ -702,7 +772,8 @@ pub async fn revoke(
 /// does today is announced.
 pub fn smart_configuration(ctx: &Ctx) -> Value {
     json!({
-        "issuer": origin(ctx),
+        "issuer": ctx.base,
+        "jwks_uri": endpoint(ctx, "jwks"),
         "token_endpoint": endpoint(ctx, "token"),
         "introspection_endpoint": endpoint(ctx, "introspect"),
         "revocation_endpoint": endpoint(ctx, "revoke"),
@@ -710,8 +781,9 @@ pub fn smart_configuration(ctx: &Ctx) -> Value {
         "grant_types_supported": ["authorization_code", "client_credentials", "refresh_token"],
         "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "id_token_signing_alg_values_supported": ["RS256"],
         "scopes_supported": [
-            "launch", "launch/patient", "launch/encounter", "offline_access", "online_access",
+            "openid", "fhirUser", "launch", "launch/patient", "launch/encounter", "offline_access", "online_access",
             "patient/*.cruds", "patient/*.rs", "patient/*.read", "patient/*.write",
             "user/*.cruds", "user/*.rs", "user/*.read", "user/*.write",
             "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"
@@ -722,7 +794,7 @@ pub fn smart_configuration(ctx: &Ctx) -> Value {
             "launch-ehr", "launch-standalone", "authorize-post",
             "client-public", "client-confidential-symmetric", "client-confidential-asymmetric",
             "context-ehr-patient", "context-ehr-encounter", "context-standalone-patient",
-            "context-banner", "context-style",
+            "context-banner", "context-style", "sso-openid-connect",
             "permission-offline", "permission-online", "permission-patient", "permission-user",
             "permission-v1", "permission-v2"
         ],

@@ -316,3 +316,27 @@ pub async fn smart_style() -> Response {
     );
     r
 }
+
+/// `GET [base]/.well-known/openid-configuration`.
+pub async fn openid_configuration(State(ctx): State<SharedCtx>) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    let mut r = json_response(200, &oauth::openid_configuration(&ctx));
+    r.headers_mut().remove(header::PRAGMA);
+    r
+}
+
+/// `GET /auth/jwks`.
+pub async fn jwks(State(ctx): State<SharedCtx>) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    let mut r = json_response(200, &oauth::jwks(&ctx));
+    r.headers_mut().remove(header::PRAGMA);
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=300"),
+    );
+    r
+}

@@ -26,9 +26,11 @@ enum Policy {
 
 fn policy(path: &str) -> Policy {
     match path {
-        "/fhir/.well-known/smart-configuration" | "/fhir/metadata" | "/auth/smart-style.json" => {
-            Policy::Open
-        }
+        "/fhir/.well-known/smart-configuration"
+        | "/fhir/.well-known/openid-configuration"
+        | "/fhir/metadata"
+        | "/auth/jwks"
+        | "/auth/smart-style.json" => Policy::Open,
         "/auth/token" | "/auth/introspect" | "/auth/revoke" => Policy::Registered,
         p if p == "/fhir" || p.starts_with("/fhir/") => Policy::Registered,
         _ => Policy::None,

@@ -36,6 +36,11 @@ pub fn router(ctx: SharedCtx) -> Router {
             "/fhir/.well-known/smart-configuration",
             get(auth::smart_configuration),
         )
+        .route(
+            "/fhir/.well-known/openid-configuration",
+            get(auth::openid_configuration),
+        )
+        .route("/auth/jwks", get(auth::jwks))
         .route("/auth/token", post(auth::token))
         .route(
             "/auth/authorize",

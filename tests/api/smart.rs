@@ -166,6 +166,31 @@ async fn discovery_and_backend_services(app: &TestApp) {
             .starts_with("https://")
     );
     assert_eq!(conf["code_challenge_methods_supported"], json!(["S256"]));
+    assert_eq!(conf["issuer"], app.base);
+    assert!(conf["jwks_uri"].as_str().unwrap().ends_with("/auth/jwks"));
+    for cap in [
+        "launch-ehr",
+        "launch-standalone",
+        "client-public",
+        "client-confidential-asymmetric",
+        "sso-openid-connect",
+        "permission-v2",
+        "context-ehr-patient",
+    ] {
+        assert!(
+            conf["capabilities"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(cap)),
+            "{cap}"
+        );
+    }
+    assert!(
+        !conf["code_challenge_methods_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("plain"))
+    );
     assert!(
         conf["token_endpoint_auth_signing_alg_values_supported"]
             .as_array()
@@ -1096,6 +1121,11 @@ async fn real_binary_clients_and_token() {
         "system/Banana",
     ]);
     assert_eq!(code, Some(2), "bad scope: {err}");
+    for _ in 0..3 {
+        let (code, out, err) = run(&["keys", "rotate"]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(out.starts_with("new signing key "), "{out}");
+    }
     let (_, out, _) = run(&["clients", "list"]);
     let listed: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(listed["client_id"], "platform");
@@ -1178,6 +1208,16 @@ async fn real_binary_clients_and_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    // Three rotations: the newest two keys are published.
+    let jwks: Value = client
+        .get(format!("{origin}/auth/jwks"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks["keys"].as_array().map(Vec::len), Some(2), "{jwks}");
     // Plain HTTP on the HTTPS port gets no answer.
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/fhir/metadata")).await;
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
@@ -1357,7 +1397,7 @@ async fn authorization_code_flow(app: &TestApp) {
         secret_hash: None,
         jwks: None,
         scopes: scope::parse_list(
-            "launch launch/patient patient/*.rs user/*.rs offline_access online_access",
+            "openid fhirUser launch launch/patient patient/*.rs user/*.rs offline_access online_access",
         )
         .unwrap(),
         redirect_uris: vec![REDIRECT.into()],
@@ -1515,6 +1555,53 @@ async fn authorization_code_flow(app: &TestApp) {
         Ended::Redirect(q) => assert_eq!(self::q(&q, "error"), Some("invalid_request")),
         Ended::Page(s, h) => panic!("{s}: {h}"),
     }
+
+    // OpenID Connect: an id_token for the user, signed RS256 with a key from the JWK Set.
+    let code = code_of(
+        browse(
+            app,
+            &[
+                ("scope", "openid fhirUser launch/patient patient/*.rs"),
+                ("nonce", "n-42"),
+            ],
+            ("dr.house", "correct-horse"),
+            Some("a"),
+            "allow",
+        )
+        .await,
+    )
+    .await;
+    let (s, t) = redeem(app, &code, &verifier).await;
+    assert_eq!(s, 200, "{t}");
+    let id_token = t["id_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id_token: {t}"));
+    let (_, oidc) = get(app, None, ".well-known/openid-configuration").await;
+    assert_eq!(oidc["issuer"], app.base);
+    let jwks: Value = browser()
+        .get(oidc["jwks_uri"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let claims = verify_rs256(id_token, &jwks);
+    assert_eq!(claims["iss"], app.base);
+    assert_eq!(claims["aud"], "web-app");
+    assert_eq!(claims["sub"], "Practitioner/house");
+    assert_eq!(
+        claims["fhirUser"],
+        format!("{}/Practitioner/house", app.base)
+    );
+    assert_eq!(claims["nonce"], "n-42");
+    assert!(claims["exp"].as_i64().unwrap() > now());
+    let mut forged: Vec<&str> = id_token.split('.').collect();
+    use base64::Engine;
+    let other = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"sub": "Practitioner/admin"}).to_string());
+    forged[1] = &other;
+    assert!(try_verify_rs256(&forged.join("."), &jwks).is_none());
 
     // A patient user is their own context.
     let code = code_of(browse(app, &[], ("bob", "bob-password"), None, "allow").await).await;
@@ -1682,4 +1769,33 @@ async fn authorization_code_flow_postgres() {
     };
     authorization_code_flow(&app).await;
     app.stop().await;
+}
+
+fn try_verify_rs256(token: &str, jwks: &Value) -> Option<Value> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (signed, sig) = token.rsplit_once('.')?;
+    let (h, c) = signed.split_once('.')?;
+    let header: Value = serde_json::from_slice(&b64.decode(h).ok()?).ok()?;
+    if header["alg"] != "RS256" {
+        return None;
+    }
+    let key = jwks["keys"]
+        .as_array()?
+        .iter()
+        .find(|k| k["kid"] == header["kid"])?;
+    let n = b64.decode(key["n"].as_str()?).ok()?;
+    let e = b64.decode(key["e"].as_str()?).ok()?;
+    ring::signature::RsaPublicKeyComponents { n: &n, e: &e }
+        .verify(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            signed.as_bytes(),
+            &b64.decode(sig).ok()?,
+        )
+        .ok()?;
+    serde_json::from_slice(&b64.decode(c).ok()?).ok()
+}
+
+fn verify_rs256(token: &str, jwks: &Value) -> Value {
+    try_verify_rs256(token, jwks).unwrap_or_else(|| panic!("id_token does not verify: {token}"))
 }
