@@ -106,7 +106,7 @@ impl Grant {
 
     /// The token is for an ingest or administration endpoint: it needs `perms` on every
     /// resource type, from a `system/` scope without restrictions.
-    fn require_system_wide(&self, perms: Perms, what: &str) -> Result<()> {
+    pub fn require_system_wide(&self, perms: Perms, what: &str) -> Result<()> {
         let ok = self.scopes.iter().any(|s| {
             s.context == Context::System
                 && s.resource_type.is_none()

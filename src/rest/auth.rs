@@ -340,3 +340,139 @@ pub async fn jwks(State(ctx): State<SharedCtx>) -> Response {
     );
     r
 }
+
+/// The admin API for clients (`/auth/clients`): a token with `system/*.cruds`.
+async fn admin(ctx: &SharedCtx, headers: &axum::http::HeaderMap) -> Result<(), Response> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let fail = |status: u16, e: &crate::error::FhirError| {
+        let mut r = json_response(status, &e.to_operation_outcome());
+        if status == 401 {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"iomt-fhir\""),
+            );
+        }
+        r
+    };
+    let grant = ctx
+        .auth
+        .authenticate(&ctx.store, header.as_deref())
+        .await
+        .map_err(|e| fail(401, &e))?;
+    grant
+        .require_system_wide(crate::auth::scope::Perms::ALL, "managing clients")
+        .map_err(|e| fail(403, &e))
+}
+
+fn fhir_error(e: &crate::error::FhirError) -> Response {
+    json_response(e.status(), &e.to_operation_outcome())
+}
+
+/// `GET /auth/clients`: the registrations (no secrets).
+pub async fn clients_list(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    if let Err(r) = admin(&ctx, request.headers()).await {
+        return r;
+    }
+    match crate::auth::clients::list(&ctx.store).await {
+        Ok(list) => json_response(
+            200,
+            &Value::Array(
+                list.iter()
+                    .map(crate::auth::clients::Client::to_json)
+                    .collect(),
+            ),
+        ),
+        Err(e) => fhir_error(&e),
+    }
+}
+
+/// `POST /auth/clients` with `{"client_id", "kind", "scope", "jwks"?, "secret"?,
+/// "redirect_uris"?, "origins"?}`: registers a client (201), 409 if the id is taken.
+pub async fn clients_add(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    if let Err(r) = admin(&ctx, request.headers()).await {
+        return r;
+    }
+    let bytes = match axum::body::to_bytes(request.into_body(), MAX_FORM_BYTES).await {
+        Ok(b) => b,
+        Err(_) => return fhir_error(&crate::error::FhirError::invalid("the body is too large")),
+    };
+    let body: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return fhir_error(&crate::error::FhirError::invalid(format!("not JSON: {e}"))),
+    };
+    let text = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let list = |k: &str| -> Vec<String> {
+        body.get(k)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    let kind = match text("kind").as_str() {
+        "public" => crate::auth::clients::Kind::Public,
+        "confidential-symmetric" => crate::auth::clients::Kind::ConfidentialSymmetric,
+        "confidential-asymmetric" => crate::auth::clients::Kind::ConfidentialAsymmetric,
+        k => {
+            return fhir_error(&crate::error::FhirError::invalid(format!(
+                "kind {k:?}: public, confidential-symmetric or confidential-asymmetric"
+            )));
+        }
+    };
+    let scopes = match crate::auth::scope::parse_list(&text("scope")) {
+        Ok(s) => s,
+        Err(e) => return fhir_error(&crate::error::FhirError::invalid(e)),
+    };
+    let client = crate::auth::clients::Client {
+        id: text("client_id"),
+        kind,
+        secret_hash: body
+            .get("secret")
+            .and_then(Value::as_str)
+            .map(crate::auth::token_hash),
+        jwks: body.get("jwks").cloned(),
+        scopes,
+        redirect_uris: list("redirect_uris"),
+        origins: list("origins"),
+    };
+    let view = client.to_json();
+    match crate::auth::clients::add(&ctx.store, client).await {
+        Ok(()) => json_response(201, &view),
+        Err(e) => fhir_error(&e),
+    }
+}
+
+/// `DELETE /auth/clients/{id}`: removes the client and revokes its tokens.
+pub async fn clients_remove(
+    State(ctx): State<SharedCtx>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    request: Request,
+) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    if let Err(r) = admin(&ctx, request.headers()).await {
+        return r;
+    }
+    match crate::auth::clients::remove(&ctx.store, &id).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => fhir_error(&crate::error::FhirError::not_found(format!(
+            "no client {id:?}"
+        ))),
+        Err(e) => fhir_error(&e),
+    }
+}

@@ -41,6 +41,14 @@ pub fn router(ctx: SharedCtx) -> Router {
             get(auth::openid_configuration),
         )
         .route("/auth/jwks", get(auth::jwks))
+        .route(
+            "/auth/clients",
+            get(auth::clients_list).post(auth::clients_add),
+        )
+        .route(
+            "/auth/clients/{id}",
+            axum::routing::delete(auth::clients_remove),
+        )
         .route("/auth/token", post(auth::token))
         .route(
             "/auth/authorize",

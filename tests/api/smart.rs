@@ -438,6 +438,72 @@ async fn discovery_and_backend_services(app: &TestApp) {
         (400, Some("unsupported_grant_type"))
     );
 
+    // The admin API for clients needs system/*.cruds.
+    let admin = backend_token(app, "es-client", &es, "system/*.cruds").await;
+    let reader = backend_token(app, "rs-client", &rs, "system/Patient.rs").await;
+    let clients_url = format!("{}/auth/clients", app.base.trim_end_matches("/fhir"));
+    let r = app
+        .client
+        .get(&clients_url)
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let listed = body_json(r).await;
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["client_id"] == "es-client")
+    );
+    let r = app
+        .client
+        .get(&clients_url)
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        app.client.get(&clients_url).send().await.unwrap().status(),
+        401
+    );
+    let new_client = json!({"client_id": "via-api", "kind": "public", "scope": "patient/*.rs launch/patient", "redirect_uris": ["https://x.example/cb"]});
+    for expected in [201, 409] {
+        let r = app
+            .client
+            .post(&clients_url)
+            .bearer_auth(&admin)
+            .json(&new_client)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), expected);
+    }
+    let bad =
+        json!({"client_id": "bad", "kind": "confidential-asymmetric", "scope": "system/*.rs"});
+    let r = app
+        .client
+        .post(&clients_url)
+        .bearer_auth(&admin)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "an asymmetric client without keys");
+    for expected in [204, 404] {
+        let r = app
+            .client
+            .delete(format!("{clients_url}/via-api"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), expected);
+    }
+
     // Introspection and revocation.
     let t = backend_token(app, "es-client", &es, "system/*.rs").await;
     let (status, intro) = introspect(app, &t, &t).await;
