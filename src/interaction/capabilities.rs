@@ -164,6 +164,14 @@ pub fn statement(ctx: &Ctx) -> Value {
                 "name": "reindex",
                 "definition": "urn:iomt-fhir:operation:reindex",
                 "documentation": "Activates the stored SearchParameter resources and rebuilds the search indexes (optionally only of the _type given)."
+            }, {
+                "name": "hl7v2",
+                "definition": "urn:iomt-fhir:operation:hl7v2",
+                "documentation": "POST an HL7 v2 message (x-application/hl7-v2+er7 or text/plain; batch files too): ADT, ORU (incl. IHE PCD-01), RDE, RAS become FHIR resources in one transaction; the answer is the ACK (AA only after commit), or an OperationOutcome with Accept: application/fhir+json. GET $hl7v2-messages lists the stored messages, POST $hl7v2-replay processes them again."
+            }, {
+                "name": "device-data",
+                "definition": "urn:iomt-fhir:operation:device-data",
+                "documentation": "POST device telemetry (one JSON message, a JSON array, or NDJSON): mapped by the device templates (GET $device-data/templates) to Devices, Observations and Locations; 202 with counts once committed. GET $device-data/errors lists the messages that could not be mapped, POST $device-data/replay maps them again."
             }],
             "compartment": compartments
         }]
