@@ -111,6 +111,16 @@ pub async fn handle(
                 },
             ) =>
         {
+            // A JSON Patch's result is only known after it is applied, inside the write:
+            // under a restricted scope, send the whole resource (update) instead.
+            if req.method == crate::interaction::Method::Patch {
+                return Err(FhirError::new(
+                    ErrorKind::Forbidden,
+                    format!(
+                        "patch on {t} needs an unrestricted scope; use update (PUT) under this token"
+                    ),
+                ));
+            }
             // Only an existing resource the token may change can be changed: an id that
             // does not exist and one that is out of reach answer alike.
             let perm = if req.method == crate::interaction::Method::Delete {
@@ -137,6 +147,13 @@ pub async fn handle(
                 crate::interaction::Method::Patch => I::Patch(t, id),
                 _ => I::Update(t, id),
             }
+        }
+        // A conditional read (304) would tell that an out-of-reach resource exists: under a
+        // restricted scope the resource is always read, then checked.
+        I::Read(t, id) if !grant.unrestricted(&t, Perms::R) => {
+            req.if_none_match = None;
+            req.if_modified_since = None;
+            I::Read(t, id)
         }
         other => other,
     };

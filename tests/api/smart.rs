@@ -917,6 +917,33 @@ async fn scope_matrix(app: &TestApp) {
     .await;
     assert_eq!(s, 403, "conditional write under a restricted scope");
 
+    // A conditional read cannot probe what is out of reach.
+    for (id, status) in [("b-vital", 404), ("a-vital", 200)] {
+        let r = app
+            .client
+            .get(app.url(&format!("Observation/{id}")))
+            .bearer_auth(&patient_a)
+            .header("if-none-match", "W/\"1\"")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "If-None-Match on {id}");
+    }
+    // JSON Patch under a restricted scope: refused (its result is known only once applied).
+    let r = app
+        .client
+        .patch(app.url("Observation/a-vital"))
+        .bearer_auth(&writer_a)
+        .header("content-type", "application/json-patch+json")
+        .body(
+            json!([{"op": "replace", "path": "/subject/reference", "value": "Patient/b"}])
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
     // Batch entries are checked one by one; a transaction needs unrestricted scopes.
     let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": "Observation"}},
