@@ -90,6 +90,9 @@ pub enum ClientsCommand {
         /// confidential-asymmetric: a file holding the client's JWK Set (public keys).
         #[arg(long)]
         jwks: Option<PathBuf>,
+        /// confidential-asymmetric: where the client publishes its JWK Set (https://).
+        #[arg(long = "jwks-url")]
+        jwks_url: Option<String>,
         /// confidential-symmetric: the client secret (stored as its SHA-256).
         #[arg(long, env = "IOMT_FHIR_CLIENT_SECRET", hide_env_values = true)]
         secret: Option<String>,

@@ -5,6 +5,7 @@ CREATE TABLE auth_client (
     kind          TEXT    NOT NULL,      -- public | confidential-symmetric | confidential-asymmetric
     secret_hash   TEXT,                  -- confidential-symmetric: SHA-256 hex of the secret
     jwks          TEXT,                  -- confidential-asymmetric: the JWK Set (public keys)
+    jwks_url      TEXT,                  -- ... or where the client publishes it
     scopes        TEXT    NOT NULL,      -- the scopes the client may be granted
     redirect_uris TEXT    NOT NULL,      -- space-separated
     origins       TEXT    NOT NULL,      -- space-separated CORS origins

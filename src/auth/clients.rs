@@ -42,6 +42,8 @@ pub struct Client {
     pub kind: Kind,
     pub secret_hash: Option<String>,
     pub jwks: Option<Value>,
+    /// Where a confidential-asymmetric client publishes its JWK Set (instead of `jwks`).
+    pub jwks_url: Option<String>,
     pub scopes: Vec<Scope>,
     pub redirect_uris: Vec<String>,
     pub origins: Vec<String>,
@@ -63,13 +65,13 @@ impl Client {
             ));
         }
         match self.kind {
-            Kind::ConfidentialAsymmetric => {
-                let jwks = self
-                    .jwks
-                    .as_ref()
-                    .ok_or("a confidential-asymmetric client needs --jwks (its public keys)")?;
-                crate::auth::jwt::check_jwks(jwks)?;
-            }
+            Kind::ConfidentialAsymmetric => match (&self.jwks, &self.jwks_url) {
+                (Some(jwks), None) => crate::auth::jwt::check_jwks(jwks)?,
+                (None, Some(url)) => check_jwks_url(url)?,
+                _ => {
+                    return Err("a confidential-asymmetric client needs either --jwks (its public keys) or --jwks-url".into());
+                }
+            },
             Kind::ConfidentialSymmetric if self.secret_hash.is_none() => {
                 return Err("a confidential-symmetric client needs --secret".into());
             }
@@ -90,14 +92,16 @@ impl Client {
             "redirect_uris": self.redirect_uris,
             "origins": self.origins,
             "jwks": self.jwks,
+            "jwks_url": self.jwks_url,
         })
     }
 }
 
-const COLUMNS: &str = "id, kind, secret_hash, jwks, scopes, redirect_uris, origins";
-const SHAPE: [Ty; 7] = [
+const COLUMNS: &str = "id, kind, secret_hash, jwks, jwks_url, scopes, redirect_uris, origins";
+const SHAPE: [Ty; 8] = [
     Ty::Text,
     Ty::Text,
+    Ty::OptText,
     Ty::OptText,
     Ty::OptText,
     Ty::Text,
@@ -114,6 +118,7 @@ fn from_row(row: Vec<Val>) -> Option<Client> {
         .next()?
         .text()
         .and_then(|j| serde_json::from_str(&j).ok());
+    let jwks_url = it.next()?.text();
     let scopes = scope::parse_list(&it.next()?.text()?).ok()?;
     let words = |v: Option<String>| -> Vec<String> {
         v.unwrap_or_default()
@@ -129,10 +134,29 @@ fn from_row(row: Vec<Val>) -> Option<Client> {
         kind,
         secret_hash,
         jwks,
+        jwks_url,
         scopes,
         redirect_uris,
         origins,
     })
+}
+
+/// A JWKS URL must be https, except on loopback (development and tests).
+fn check_jwks_url(url: &str) -> Result<(), String> {
+    let loopback = [
+        "http://127.0.0.1:",
+        "http://127.0.0.1/",
+        "http://localhost:",
+        "http://localhost/",
+        "http://[::1]:",
+    ];
+    if url.starts_with("https://") || loopback.iter().any(|p| url.starts_with(p)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--jwks-url {url:?} must be https:// (http:// only on loopback)"
+        ))
+    }
 }
 
 pub async fn get(store: &Store, id: &str) -> Result<Option<Client>> {
@@ -167,12 +191,13 @@ pub async fn add(store: &Store, client: Client) -> Result<()> {
         .write(move |db| {
             Box::pin(async move {
                 db.execute(
-                    "INSERT INTO auth_client (id, kind, secret_hash, jwks, scopes, redirect_uris, origins, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+                    "INSERT INTO auth_client (id, kind, secret_hash, jwks, jwks_url, scopes, redirect_uris, origins, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
                     &[
                         Arg::Text(client.id.clone()),
                         Arg::Text(client.kind.as_str().to_string()),
                         Arg::OptText(client.secret_hash.clone()),
                         Arg::OptText(client.jwks.as_ref().map(Value::to_string)),
+                        Arg::OptText(client.jwks_url.clone()),
                         Arg::Text(scope::to_text(&client.scopes)),
                         Arg::Text(client.redirect_uris.join(" ")),
                         Arg::Text(client.origins.join(" ")),

@@ -59,6 +59,8 @@ pub struct Auth {
     sealer: std::sync::OnceLock<seal::Sealer>,
     /// id_token signing keys, newest first (loaded by [`Auth::init`]).
     keys: std::sync::OnceLock<Vec<keys::SigningKey>>,
+    /// Client JWK Sets fetched from their URLs: (fetched at, set).
+    jwks_cache: RwLock<HashMap<String, (Instant, serde_json::Value)>>,
     /// Registered CORS origins, with when they were read (see `clients::origin_registered`).
     pub(crate) origins: RwLock<Option<(Instant, std::collections::HashSet<String>)>>,
 }
@@ -72,6 +74,7 @@ impl Auth {
             issued: Default::default(),
             sealer: std::sync::OnceLock::new(),
             origins: RwLock::new(None),
+            jwks_cache: RwLock::new(HashMap::new()),
             keys: std::sync::OnceLock::new(),
         }
     }
@@ -223,4 +226,91 @@ pub async fn lookup(
         issued_at,
         expires_at,
     }))
+}
+
+/// A fetched JWK Set is used for this long before it is fetched again.
+const JWKS_TTL: Duration = Duration::from_secs(300);
+/// A forced refetch (unknown `kid`) happens at most this often per URL.
+const JWKS_REFETCH: Duration = Duration::from_secs(10);
+/// Largest JWK Set accepted from a URL.
+const JWKS_MAX_BYTES: usize = 64 * 1024;
+
+/// The JWK Set a client publishes at `url` (`clients add --jwks-url`), cached for
+/// [`JWKS_TTL`]; `refetch` asks for a fresh copy (a `kid` the cached one lacks), at most
+/// every [`JWKS_REFETCH`]. HTTPS certificates are checked against the system's CA bundle.
+pub async fn remote_jwks(
+    ctx: &crate::interaction::Ctx,
+    url: &str,
+    refetch: bool,
+) -> std::result::Result<serde_json::Value, String> {
+    {
+        let cache = ctx
+            .auth
+            .jwks_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((at, set)) = cache.get(url) {
+            let age = at.elapsed();
+            if age < JWKS_REFETCH || (!refetch && age < JWKS_TTL) {
+                return Ok(set.clone());
+            }
+        }
+    }
+    let client = http_client().map_err(|e| format!("cannot fetch the JWK Set: {e}"))?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("cannot fetch the JWK Set at {url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!(
+            "the JWK Set at {url} answered {}",
+            response.status()
+        ));
+    }
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| format!("reading the JWK Set at {url}: {e}"))?;
+    if bytes.len() > JWKS_MAX_BYTES {
+        return Err(format!(
+            "the JWK Set at {url} is larger than {JWKS_MAX_BYTES} bytes"
+        ));
+    }
+    let set: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| format!("the JWK Set at {url} is not JSON"))?;
+    jwt::check_jwks(&set).map_err(|e| format!("the JWK Set at {url}: {e}"))?;
+    ctx.auth
+        .jwks_cache
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(url.to_string(), (Instant::now(), set.clone()));
+    Ok(set)
+}
+
+/// The HTTP client for JWKS URLs: 5 s timeout, no redirects, the system CA bundle.
+fn http_client() -> std::result::Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<std::result::Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            let mut b = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .tls_built_in_root_certs(false);
+            for path in [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+            ] {
+                if let Ok(pem) = std::fs::read(path) {
+                    for cert in reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default() {
+                        b = b.add_root_certificate(cert);
+                    }
+                    break;
+                }
+            }
+            b.build().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(Clone::clone)
 }

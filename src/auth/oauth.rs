@@ -185,16 +185,34 @@ async fn assertion_client(
             client.kind.as_str()
         )));
     }
-    if unverified.header.get("jku").is_some() {
+    // `jku` only if it names the registered JWKS URL.
+    if let Some(jku) = unverified.header.get("jku")
+        && (jku.as_str().is_none() || jku.as_str() != client.jwks_url.as_deref())
+    {
         return Err(invalid_client(
-            "jku is not accepted: this client's keys are registered with the server",
+            "jku is accepted only when it is the JWKS URL registered for this client",
         ));
     }
-    let jwks = client
-        .jwks
-        .as_ref()
-        .ok_or_else(|| invalid_client("the client has no keys"))?;
-    let verified = jwt::verify(assertion, jwks).map_err(|e| invalid_client(e.0))?;
+    let verified = match (&client.jwks, &client.jwks_url) {
+        (Some(jwks), _) => jwt::verify(assertion, jwks).map_err(|e| invalid_client(e.0))?,
+        (None, Some(url)) => {
+            let jwks = crate::auth::remote_jwks(ctx, url, false)
+                .await
+                .map_err(invalid_client)?;
+            match jwt::verify(assertion, &jwks) {
+                Ok(v) => v,
+                // A key the cached set does not have: the client may have rotated; look again.
+                Err(e) if e.0.contains("no registered") => {
+                    let jwks = crate::auth::remote_jwks(ctx, url, true)
+                        .await
+                        .map_err(invalid_client)?;
+                    jwt::verify(assertion, &jwks).map_err(|e| invalid_client(e.0))?
+                }
+                Err(e) => return Err(invalid_client(e.0)),
+            }
+        }
+        (None, None) => return Err(invalid_client("the client has no keys")),
+    };
     let claims = &verified.claims;
     let token_url = endpoint(ctx, "token");
     let aud_ok = match claims.get("aud") {

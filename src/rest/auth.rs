@@ -445,6 +445,10 @@ pub async fn clients_add(State(ctx): State<SharedCtx>, request: Request) -> Resp
             .and_then(Value::as_str)
             .map(crate::auth::token_hash),
         jwks: body.get("jwks").cloned(),
+        jwks_url: body
+            .get("jwks_url")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         scopes,
         redirect_uris: list("redirect_uris"),
         origins: list("origins"),

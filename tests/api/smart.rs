@@ -41,6 +41,7 @@ async fn register(app: &TestApp, id: &str, key: &Key, scopes: &str) {
         kind: Kind::ConfidentialAsymmetric,
         secret_hash: None,
         jwks: Some(json!({"keys": [key.jwk("key-1")]})),
+        jwks_url: None,
         scopes: scope::parse_list(scopes).unwrap(),
         redirect_uris: vec![],
         origins: vec![],
@@ -1085,6 +1086,7 @@ async fn cors(app: &TestApp) {
         kind: Kind::ConfidentialAsymmetric,
         secret_hash: None,
         jwks: Some(json!({"keys": [es.jwk("key-1")]})),
+        jwks_url: None,
         scopes: scope::parse_list("system/*.rs").unwrap(),
         redirect_uris: vec![],
         origins: vec!["https://app.example".into()],
@@ -1146,11 +1148,104 @@ async fn cors(app: &TestApp) {
     }
 }
 
+/// A backend client whose keys live at a JWKS URL (served here on loopback); `jku` only
+/// when it names that URL.
+async fn jwks_url_client(app: &TestApp) {
+    let key = Key::generate_es384().unwrap();
+    let set = json!({"keys": [key.jwk("key-1")]});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let router = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let set = set.clone();
+            async move { axum::Json(set) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let client = Client {
+        id: "remote-keys".into(),
+        kind: Kind::ConfidentialAsymmetric,
+        secret_hash: None,
+        jwks: None,
+        jwks_url: Some(url.clone()),
+        scopes: scope::parse_list("system/*.rs").unwrap(),
+        redirect_uris: vec![],
+        origins: vec![],
+    };
+    iomt_fhir::auth::clients::add(&app.ctx.store, client)
+        .await
+        .unwrap();
+    let t = backend_token(app, "remote-keys", &key, "system/*.rs").await;
+    assert_eq!(get(app, Some(&t), "Patient").await.0, 200);
+    for (jku, ok) in [
+        (url.as_str(), true),
+        ("http://127.0.0.1:1/other.json", false),
+    ] {
+        let claims = json!({
+            "iss": "remote-keys", "sub": "remote-keys", "aud": token_url(app),
+            "exp": now() + 60, "jti": format!("jku-{}", JTI.fetch_add(1, Ordering::Relaxed)),
+        });
+        let a = key.sign("key-1", &claims, &json!({"jku": jku}));
+        let (status, body, _) = token_request(
+            app,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_assertion_type", JWT_BEARER),
+                ("client_assertion", &a),
+                ("scope", "system/*.rs"),
+            ],
+        )
+        .await;
+        assert_eq!(status == 200, ok, "jku {jku}: {body}");
+    }
+    // A key the published set does not have.
+    let stranger = Key::generate_es384().unwrap();
+    let claims = json!({
+        "iss": "remote-keys", "sub": "remote-keys", "aud": token_url(app),
+        "exp": now() + 60, "jti": "stranger",
+    });
+    let (status, body, _) = token_request(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_assertion_type", JWT_BEARER),
+            (
+                "client_assertion",
+                &stranger.sign("key-2", &claims, &json!({})),
+            ),
+            ("scope", "system/*.rs"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_client"))
+    );
+    // Registrations: https, or http on loopback only.
+    let bad = Client {
+        id: "plain-http".into(),
+        kind: Kind::ConfidentialAsymmetric,
+        secret_hash: None,
+        jwks: None,
+        jwks_url: Some("http://keys.example/jwks.json".into()),
+        scopes: scope::parse_list("system/*.rs").unwrap(),
+        redirect_uris: vec![],
+        origins: vec![],
+    };
+    assert!(
+        iomt_fhir::auth::clients::add(&app.ctx.store, bad)
+            .await
+            .is_err()
+    );
+}
+
 smart_tests!(
     discovery_and_backend_services,
     scope_matrix,
     audit_trail,
-    cors
+    cors,
+    jwks_url_client
 );
 
 /// The real binary: `iomt-fhir clients add` registers a backend client, `serve --auth smart`
@@ -1489,6 +1584,7 @@ async fn authorization_code_flow(app: &TestApp) {
         kind: Kind::Public,
         secret_hash: None,
         jwks: None,
+        jwks_url: None,
         scopes: scope::parse_list(
             "openid fhirUser launch launch/patient patient/*.rs user/*.rs offline_access online_access",
         )
