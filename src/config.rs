@@ -350,6 +350,16 @@ impl Settings {
                 self.listen
             ));
         }
+        // HL7 v2 senders are authenticated by client certificates: an MLLP listener
+        // reachable from the network needs mutual TLS.
+        if let Some(mllp) = self.mllp_listen
+            && !mllp.ip().is_loopback()
+            && self.mllp_tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+        {
+            return Err(format!(
+                "refusing unauthenticated HL7 v2 on {mllp}: an MLLP listener off loopback needs mutual TLS (--mllp-tls-cert, --mllp-tls-key and --mllp-tls-client-ca)"
+            ));
+        }
         let https_base = self
             .base_url
             .as_deref()

@@ -91,6 +91,8 @@ fn bad_configuration_fails_with_one_line() {
         // SMART without TLS off loopback: refused.
         vec!["serve", "--listen", "0.0.0.0:0", "--auth", "smart"],
         vec!["serve", "--tls-cert", "x.pem"],
+        // HL7 v2 reachable from the network without client certificates: refused.
+        vec!["serve", "--mllp-listen", "0.0.0.0:0"],
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
