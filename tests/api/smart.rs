@@ -1076,6 +1076,64 @@ async fn audit_trail(app: &TestApp) {
     );
     // Searching needs AuditEvent scopes like any type.
     assert_eq!(get(app, Some(&narrow), "AuditEvent").await.0, 403);
+
+    // Many reads at once: coalesced into a few events, and every resource read is in one.
+    for i in 0..120 {
+        let (s, _) = send(
+            app,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("Patient/many-{i}"),
+            &json!({"resourceType": "Patient", "id": format!("many-{i}")}),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    let reads = (0..120).map(|i| {
+        let (app, admin) = (&app, &admin);
+        async move { get(app, Some(admin), &format!("Patient/many-{i}")).await.0 }
+    });
+    for s in futures_util::future::join_all(reads).await {
+        assert_eq!(s, 200);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut read_events = 0;
+    for _ in 0..100 {
+        let (_, b) = get(
+            app,
+            Some(&admin),
+            "AuditEvent?subtype=read&outcome=0&_count=1000",
+        )
+        .await;
+        seen.clear();
+        read_events = 0;
+        for e in b["entry"].as_array().into_iter().flatten() {
+            let entities = e["resource"]["entity"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut mine = false;
+            for x in entities {
+                if let Some(r) = x["what"]["reference"]
+                    .as_str()
+                    .filter(|r| r.starts_with("Patient/many-"))
+                {
+                    seen.insert(r.to_string());
+                    mine = true;
+                }
+            }
+            read_events += usize::from(mine);
+        }
+        if seen.len() == 120 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.len(), 120, "every read is audited");
+    assert!(
+        read_events < 120,
+        "reads waiting together share events ({read_events} events)"
+    );
 }
 
 /// CORS: discovery open to any origin; the API and token endpoint only to registered ones.
