@@ -189,6 +189,7 @@ pub fn statement(ctx: &Ctx) -> Value {
             "extension": [{
                 "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
                 "extension": [
+                    {"url": "authorize", "valueUri": e("authorize")},
                     {"url": "token", "valueUri": e("token")},
                     {"url": "introspect", "valueUri": e("introspect")},
                     {"url": "revoke", "valueUri": e("revoke")}

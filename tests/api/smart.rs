@@ -207,6 +207,20 @@ async fn discovery_and_backend_services(app: &TestApp) {
         uris["url"],
         "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
     );
+    let uri = |name: &str| {
+        uris["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["url"] == name)
+            .map(|x| x["valueUri"].clone())
+    };
+    assert_eq!(uri("token"), Some(conf["token_endpoint"].clone()));
+    assert_eq!(
+        uri("authorize"),
+        Some(conf["authorization_endpoint"].clone())
+    );
+    assert_eq!(uri("revoke"), Some(conf["revocation_endpoint"].clone()));
     let r = app.client.get(app.url("Patient")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert!(
