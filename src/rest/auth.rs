@@ -480,3 +480,40 @@ pub async fn clients_remove(
         Err(e) => fhir_error(&e),
     }
 }
+
+/// `POST /auth/launch` with `{"patient": "...", "encounter": "..."}`: an EHR mints a launch
+/// handle for the app it is about to open (a `system/*.cruds` token). Answers
+/// `{"launch": "<handle>"}`, valid for an hour.
+pub async fn launch(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    if !ctx.auth.enabled() {
+        return disabled();
+    }
+    if let Err(r) = admin(&ctx, request.headers()).await {
+        return r;
+    }
+    let bytes = match axum::body::to_bytes(request.into_body(), MAX_FORM_BYTES).await {
+        Ok(b) => b,
+        Err(_) => return fhir_error(&crate::error::FhirError::invalid("the body is too large")),
+    };
+    let body: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return fhir_error(&crate::error::FhirError::invalid(format!("not JSON: {e}"))),
+    };
+    let id = |k: &str| -> Result<Option<String>, Response> {
+        match body.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if crate::interaction::is_valid_id(s) => Ok(Some(s.clone())),
+            Some(_) => Err(fhir_error(&crate::error::FhirError::invalid(format!(
+                "{k} must be a resource id"
+            )))),
+        }
+    };
+    let (patient, encounter) = match (id("patient"), id("encounter")) {
+        (Ok(p), Ok(e)) => (p, e),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    match authorize::mint_launch(&ctx, patient.as_deref(), encounter.as_deref()).await {
+        Ok(handle) => json_response(201, &json!({"launch": handle})),
+        Err(e) => fhir_error(&e),
+    }
+}

@@ -41,6 +41,7 @@ pub fn router(ctx: SharedCtx) -> Router {
             get(auth::openid_configuration),
         )
         .route("/auth/jwks", get(auth::jwks))
+        .route("/auth/launch", post(auth::launch))
         .route(
             "/auth/clients",
             get(auth::clients_list).post(auth::clients_add),

@@ -1777,9 +1777,17 @@ async fn authorization_code_flow(app: &TestApp) {
     );
 
     // EHR launch: the handle carries the patient; no banner needed.
-    let handle = iomt_fhir::auth::authorize::mint_launch(&app.ctx, Some("b"), None)
+    // The EHR mints the handle through the admin API (the CLI does the same).
+    let r = app
+        .client
+        .post(format!("{}/auth/launch", origin(app)))
+        .bearer_auth(&admin)
+        .json(&json!({"patient": "b", "encounter": "e1"}))
+        .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 201);
+    let handle = body_json(r).await["launch"].as_str().unwrap().to_string();
     let code = code_of(
         browse(
             app,
@@ -1797,6 +1805,7 @@ async fn authorization_code_flow(app: &TestApp) {
         (t["patient"].as_str(), t["need_patient_banner"].as_bool()),
         (Some("b"), Some(false))
     );
+    assert_eq!(t["encounter"], "e1");
     assert!(
         t.get("refresh_token").is_none(),
         "no offline_access, no refresh token"
