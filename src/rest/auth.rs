@@ -499,18 +499,18 @@ pub async fn launch(State(ctx): State<SharedCtx>, request: Request) -> Response 
         Ok(v) => v,
         Err(e) => return fhir_error(&crate::error::FhirError::invalid(format!("not JSON: {e}"))),
     };
-    let id = |k: &str| -> Result<Option<String>, Response> {
+    let id = |k: &str| -> Result<Option<String>, String> {
         match body.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if crate::interaction::is_valid_id(s) => Ok(Some(s.clone())),
-            Some(_) => Err(fhir_error(&crate::error::FhirError::invalid(format!(
-                "{k} must be a resource id"
-            )))),
+            Some(_) => Err(format!("{k} must be a resource id")),
         }
     };
     let (patient, encounter) = match (id("patient"), id("encounter")) {
         (Ok(p), Ok(e)) => (p, e),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(m), _) | (_, Err(m)) => {
+            return fhir_error(&crate::error::FhirError::invalid(m));
+        }
     };
     match authorize::mint_launch(&ctx, patient.as_deref(), encounter.as_deref()).await {
         Ok(handle) => json_response(201, &json!({"launch": handle})),
