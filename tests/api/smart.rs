@@ -2069,3 +2069,53 @@ fn try_verify_rs256(token: &str, jwks: &Value) -> Option<Value> {
 fn verify_rs256(token: &str, jwks: &Value) -> Value {
     try_verify_rs256(token, jwks).unwrap_or_else(|| panic!("id_token does not verify: {token}"))
 }
+
+/// `--audit-reads false`: successful reads leave no AuditEvent; denials still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reads_off_keeps_denials() {
+    let app = spawn_with(Backend::Sqlite, |a| {
+        a.auth = Some(iomt_fhir::auth::Mode::Smart);
+        a.tls_cert = Some(fixture("tls/server.pem"));
+        a.tls_key = Some(fixture("tls/server.key"));
+        a.audit_reads = Some(false);
+    })
+    .await
+    .unwrap();
+    let es = Key::generate_es384().unwrap();
+    register(&app, "quiet", &es, "system/*.cruds").await;
+    let admin = backend_token(&app, "quiet", &es, "system/*.cruds").await;
+    let narrow = backend_token(&app, "quiet", &es, "system/Observation.rs").await;
+    send(
+        &app,
+        &admin,
+        reqwest::Method::PUT,
+        "Patient/q",
+        &json!({"resourceType": "Patient", "id": "q"}),
+    )
+    .await;
+    assert_eq!(get(&app, Some(&admin), "Patient/q").await.0, 200);
+    assert_eq!(get(&app, Some(&narrow), "Patient/q").await.0, 403);
+    let mut outcomes = Vec::new();
+    for _ in 0..60 {
+        let (_, b) = get(&app, Some(&admin), "AuditEvent?entity=Patient/q").await;
+        outcomes = b["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e["resource"]["subtype"][0]["code"].as_str().unwrap_or(""),
+                    e["resource"]["outcome"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        if outcomes.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    outcomes.sort();
+    assert_eq!(outcomes, vec!["read/4", "update/0"]);
+    app.stop().await;
+}
