@@ -11,9 +11,8 @@ use serde_json::{Value, json};
 use crate::auth::clients::{self, Client};
 use crate::auth::oauth::IssuedToken;
 use crate::auth::scope::{self, Scope};
-use crate::auth::{new_token, token_hash};
+use crate::auth::{new_token, param, repeated, token_hash};
 use crate::interaction::Ctx;
-use crate::store::{Arg, Ty};
 
 /// Lifetime of an authorization code.
 pub const CODE_SECS: i64 = 60;
@@ -42,6 +41,29 @@ fn page(status: u16, title: &str, body: &str) -> Outcome {
     }
 }
 
+fn unavailable() -> Outcome {
+    page(503, "Unavailable", "<p>Try again.</p>")
+}
+
+/// The sealing key, loaded at start under `--auth smart`.
+fn sealer(ctx: &Ctx) -> Result<&crate::auth::seal::Sealer, Outcome> {
+    ctx.auth.sealer().ok_or_else(unavailable)
+}
+
+/// The pending request a sign-in or consent form carries, if intact and not expired.
+fn open_form(ctx: &Ctx, params: &[(String, String)], form: &str) -> Result<Value, Outcome> {
+    let sealer = sealer(ctx)?;
+    param(params, "request")
+        .and_then(|r| sealer.open(r, now_s()))
+        .ok_or_else(|| {
+            page(
+                400,
+                "Expired",
+                &format!("<p>This {form} form has expired; start again from the application.</p>"),
+            )
+        })
+}
+
 fn html(title: &str, body: &str) -> String {
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head><body><h1>{t}</h1>{body}</body></html>",
@@ -63,13 +85,6 @@ pub fn esc(s: &str) -> String {
         }
     }
     out
-}
-
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 fn redirect_error(
@@ -95,20 +110,18 @@ struct Checked {
 }
 
 async fn check(ctx: &Ctx, params: &[(String, String)]) -> Result<Checked, Outcome> {
-    for (k, _) in params {
-        if params.iter().filter(|(x, _)| x == k).count() > 1 {
-            return Err(page(
-                400,
-                "Bad request",
-                &format!("<p>Parameter {} is repeated.</p>", esc(k)),
-            ));
-        }
+    if let Some(k) = repeated(params) {
+        return Err(page(
+            400,
+            "Bad request",
+            &format!("<p>Parameter {} is repeated.</p>", esc(k)),
+        ));
     }
     // Until the client and its redirect_uri are known good, errors stay on this server.
     let client_id = param(params, "client_id").unwrap_or("");
     let client = clients::get(&ctx.store, client_id)
         .await
-        .map_err(|_| page(503, "Unavailable", "<p>Try again.</p>"))?
+        .map_err(|_| unavailable())?
         .ok_or_else(|| {
             page(
                 400,
@@ -207,21 +220,14 @@ async fn launch_context(
     ctx: &Ctx,
     handle: &str,
 ) -> crate::error::Result<Option<(Option<String>, Option<String>)>> {
-    let mut db = ctx.store.reader().await?;
-    let row = db
-        .fetch_optional(
-            "SELECT patient, encounter FROM auth_token WHERE hash = $1 AND kind = 'launch' AND revoked_at IS NULL AND expires_at > $2",
-            &[Arg::Text(token_hash(handle)), Arg::Int(crate::time::now_micros())],
-            &[Ty::OptText, Ty::OptText],
-        )
-        .await?;
-    Ok(row.map(|r| {
-        let mut it = r.into_iter();
-        (
-            it.next().and_then(|v| v.text()),
-            it.next().and_then(|v| v.text()),
-        )
-    }))
+    let row = crate::auth::live_token(
+        &ctx.store,
+        &token_hash(handle),
+        "launch",
+        crate::time::now_micros(),
+    )
+    .await?;
+    Ok(row.map(|r| (r.patient, r.encounter)))
 }
 
 /// Mints an EHR launch handle with this context (`iomt-fhir launch`).
@@ -269,8 +275,9 @@ pub async fn authorize(ctx: &Ctx, params: &[(String, String)], cookie: Option<&s
 }
 
 fn login_page(ctx: &Ctx, client: &Client, request: &Value, problem: Option<&str>) -> Outcome {
-    let Some(sealer) = ctx.auth.sealer() else {
-        return page(503, "Unavailable", "<p>Try again.</p>");
+    let sealer = match sealer(ctx) {
+        Ok(s) => s,
+        Err(o) => return o,
     };
     let sealed = sealer.seal(request, now_s() + FORM_SECS);
     let problem = problem
@@ -289,15 +296,13 @@ fn login_page(ctx: &Ctx, client: &Client, request: &Value, problem: Option<&str>
 
 /// `POST /auth/login`.
 pub async fn login(ctx: &Ctx, params: &[(String, String)]) -> Outcome {
-    let Some(sealer) = ctx.auth.sealer() else {
-        return page(503, "Unavailable", "<p>Try again.</p>");
+    let sealer = match sealer(ctx) {
+        Ok(s) => s,
+        Err(o) => return o,
     };
-    let Some(request) = param(params, "request").and_then(|r| sealer.open(r, now_s())) else {
-        return page(
-            400,
-            "Expired",
-            "<p>This sign-in form has expired; start again from the application.</p>",
-        );
+    let request = match open_form(ctx, params, "sign-in") {
+        Ok(r) => r,
+        Err(o) => return o,
     };
     let Ok(Some(client)) =
         clients::get(&ctx.store, request["client_id"].as_str().unwrap_or("")).await
@@ -324,7 +329,7 @@ pub async fn login(ctx: &Ctx, params: &[(String, String)]) -> Outcome {
             }
         }
         Ok(None) => login_page(ctx, &client, &request, Some("Wrong username or password.")),
-        Err(_) => page(503, "Unavailable", "<p>Try again.</p>"),
+        Err(_) => unavailable(),
     }
 }
 
@@ -335,8 +340,9 @@ async fn consent_page(
     user: &str,
     fhir_user: &str,
 ) -> Outcome {
-    let Some(sealer) = ctx.auth.sealer() else {
-        return page(503, "Unavailable", "<p>Try again.</p>");
+    let sealer = match sealer(ctx) {
+        Ok(s) => s,
+        Err(o) => return o,
     };
     request["user"] = json!(user);
     request["fhirUser"] = json!(fhir_user);
@@ -407,15 +413,9 @@ async fn patient_picker(ctx: &Ctx) -> String {
 
 /// `POST /auth/consent`: the user's answer; on "allow" the app gets its code.
 pub async fn consent(ctx: &Ctx, params: &[(String, String)], cookie: Option<&str>) -> Outcome {
-    let Some(sealer) = ctx.auth.sealer() else {
-        return page(503, "Unavailable", "<p>Try again.</p>");
-    };
-    let Some(request) = param(params, "request").and_then(|r| sealer.open(r, now_s())) else {
-        return page(
-            400,
-            "Expired",
-            "<p>This consent form has expired; start again from the application.</p>",
-        );
+    let request = match open_form(ctx, params, "consent") {
+        Ok(r) => r,
+        Err(o) => return o,
     };
     // The form must come from the browser that signed in.
     let Some((user, fhir_user)) = session_user(ctx, cookie) else {

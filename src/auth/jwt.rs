@@ -204,6 +204,18 @@ pub mod sign {
                 .map_err(|e| e.to_string())
         }
 
+        /// An RSA key from a PEM `PRIVATE KEY` (PKCS#8) block.
+        pub fn rs384_from_pem(pem: &str) -> Result<Key, String> {
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(
+                    pem.lines()
+                        .filter(|l| !l.starts_with("-----"))
+                        .collect::<String>(),
+                )
+                .map_err(|e| format!("not PEM: {e}"))?;
+            Key::rs384_from_pkcs8(&der)
+        }
+
         pub fn alg(&self) -> &'static str {
             match self {
                 Key::Es384(_) => "ES384",
@@ -278,14 +290,7 @@ mod tests {
 
     fn rsa() -> Key {
         let pem = include_str!("../../tests/fixtures/jwt/rs384-client.pk8.pem");
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(
-                pem.lines()
-                    .filter(|l| !l.starts_with("-----"))
-                    .collect::<String>(),
-            )
-            .unwrap_or_default();
-        match Key::rs384_from_pkcs8(&der) {
+        match Key::rs384_from_pem(pem) {
             Ok(k) => k,
             Err(e) => panic!("fixture key: {e}"),
         }

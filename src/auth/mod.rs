@@ -162,6 +162,22 @@ impl Auth {
     }
 }
 
+/// The value of parameter `name` among form or query parameters.
+pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A parameter given more than once (OAuth requests must not repeat one).
+pub fn repeated(params: &[(String, String)]) -> Option<&str> {
+    params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .find(|k| params.iter().filter(|(x, _)| x == k).count() > 1)
+}
+
 pub fn unauthorized(d: impl Into<String>) -> FhirError {
     FhirError::new(ErrorKind::Unauthorized, d)
 }
@@ -181,51 +197,103 @@ pub fn new_token() -> Result<String> {
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
 
-/// A live token of `kind` by hash: not expired, not revoked.
+/// A stored token, code or launch handle (`auth_token`), read whole.
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    pub client_id: String,
+    pub scope: String,
+    pub patient: Option<String>,
+    pub encounter: Option<String>,
+    pub fhir_user: Option<String>,
+    pub issued_at: crate::time::Micros,
+    pub expires_at: crate::time::Micros,
+    /// Codes: the redirect_uri and PKCE challenge they were issued for, the OIDC nonce.
+    pub redirect_uri: Option<String>,
+    pub code_challenge: Option<String>,
+    pub nonce: Option<String>,
+    pub need_banner: bool,
+}
+
+impl TokenRow {
+    /// What an access token row grants.
+    pub fn grant(self) -> Grant {
+        let scopes = scope::parse_list(&self.scope)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|s| match s {
+                scope::Scope::Resource(r) => Some(r),
+                scope::Scope::Other(_) => None,
+            })
+            .collect();
+        Grant {
+            client_id: self.client_id,
+            scopes,
+            scope_text: self.scope,
+            patient: self.patient,
+            encounter: self.encounter,
+            fhir_user: self.fhir_user,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// A live row of `kind` by hash: not expired, not revoked.
+pub async fn live_token(
+    store: &Store,
+    hash: &str,
+    kind: &str,
+    now: crate::time::Micros,
+) -> Result<Option<TokenRow>> {
+    let mut db = store.reader().await?;
+    let row = db
+        .fetch_optional(
+            "SELECT client_id, scope, patient, encounter, fhir_user, issued_at, expires_at, redirect_uri, code_challenge, nonce, COALESCE(need_banner, 0) FROM auth_token WHERE hash = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > $3",
+            &[Arg::Text(hash.to_string()), Arg::Text(kind.to_string()), Arg::Int(now)],
+            &[
+                Ty::Text,
+                Ty::Text,
+                Ty::OptText,
+                Ty::OptText,
+                Ty::OptText,
+                Ty::Int,
+                Ty::Int,
+                Ty::OptText,
+                Ty::OptText,
+                Ty::OptText,
+                Ty::Int,
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let mut it = r.into_iter();
+        let mut next = || it.next().unwrap_or(crate::store::Val::Null);
+        TokenRow {
+            client_id: next().text().unwrap_or_default(),
+            scope: next().text().unwrap_or_default(),
+            patient: next().text(),
+            encounter: next().text(),
+            fhir_user: next().text(),
+            issued_at: next().int(),
+            expires_at: next().int(),
+            redirect_uri: next().text(),
+            code_challenge: next().text(),
+            nonce: next().text(),
+            need_banner: next().int() == 1,
+        }
+    }))
+}
+
+/// The grant of a live token of `kind` by hash.
 pub async fn lookup(
     store: &Store,
     hash: &str,
     kind: &str,
     now: crate::time::Micros,
 ) -> Result<Option<Grant>> {
-    let mut db = store.reader().await?;
-    let row = db
-        .fetch_optional(
-            "SELECT client_id, scope, patient, encounter, fhir_user, issued_at, expires_at FROM auth_token WHERE hash = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > $3",
-            &[Arg::Text(hash.to_string()), Arg::Text(kind.to_string()), Arg::Int(now)],
-            &[Ty::Text, Ty::Text, Ty::OptText, Ty::OptText, Ty::OptText, Ty::Int, Ty::Int],
-        )
-        .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let mut it = row.into_iter();
-    let mut next = || it.next().unwrap_or(crate::store::Val::Null);
-    let client_id = next().text().unwrap_or_default();
-    let scope_text = next().text().unwrap_or_default();
-    let patient = next().text();
-    let encounter = next().text();
-    let fhir_user = next().text();
-    let issued_at = next().int();
-    let expires_at = next().int();
-    let scopes = scope::parse_list(&scope_text)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|s| match s {
-            scope::Scope::Resource(r) => Some(r),
-            scope::Scope::Other(_) => None,
-        })
-        .collect();
-    Ok(Some(Grant {
-        client_id,
-        scopes,
-        scope_text,
-        patient,
-        encounter,
-        fhir_user,
-        issued_at,
-        expires_at,
-    }))
+    Ok(live_token(store, hash, kind, now)
+        .await?
+        .map(TokenRow::grant))
 }
 
 /// A fetched JWK Set is used for this long before it is fetched again.

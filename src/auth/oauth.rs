@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::auth::access::Grant;
 use crate::auth::clients::{self, Kind};
 use crate::auth::scope::{self, Context, Scope};
-use crate::auth::{jwt, new_token, token_hash};
+use crate::auth::{TokenRow, jwt, new_token, param, repeated, token_hash};
 use crate::interaction::Ctx;
 use crate::store::Arg;
 use crate::time::Micros;
@@ -71,25 +71,16 @@ pub fn endpoint(ctx: &Ctx, name: &str) -> String {
     format!("{}/auth/{name}", origin(ctx))
 }
 
-fn form<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 /// `POST /auth/token`; `basic` is the HTTP Basic client id and secret, if sent.
 pub async fn token(
     ctx: &Ctx,
     params: &[(String, String)],
     basic: Option<&(String, String)>,
 ) -> Result<Value, OAuthError> {
-    for (k, _) in params {
-        if params.iter().filter(|(x, _)| x == k).count() > 1 {
-            return Err(invalid_request(format!("parameter {k} is repeated")));
-        }
+    if let Some(k) = repeated(params) {
+        return Err(invalid_request(format!("parameter {k} is repeated")));
     }
-    match form(params, "grant_type") {
+    match param(params, "grant_type") {
         Some("client_credentials") => client_credentials(ctx, params).await,
         Some("authorization_code") => authorization_code(ctx, params, basic).await,
         Some("refresh_token") => refresh_token(ctx, params, basic).await,
@@ -117,7 +108,8 @@ async fn authenticate_client(
     params: &[(String, String)],
     basic: Option<&(String, String)>,
 ) -> Result<Authenticated, OAuthError> {
-    if form(params, "client_assertion").is_some() || form(params, "client_assertion_type").is_some()
+    if param(params, "client_assertion").is_some()
+        || param(params, "client_assertion_type").is_some()
     {
         return assertion_client(ctx, params).await;
     }
@@ -132,7 +124,7 @@ async fn authenticate_client(
         }
         return Ok(Authenticated { client, jti: None });
     }
-    let id = form(params, "client_id")
+    let id = param(params, "client_id")
         .ok_or_else(|| invalid_client("client authentication is required"))?;
     let client = clients::get(&ctx.store, id)
         .await
@@ -152,12 +144,12 @@ async fn assertion_client(
     ctx: &Ctx,
     params: &[(String, String)],
 ) -> Result<Authenticated, OAuthError> {
-    if form(params, "client_assertion_type") != Some(JWT_BEARER) {
+    if param(params, "client_assertion_type") != Some(JWT_BEARER) {
         return Err(invalid_client(format!(
             "client_assertion_type must be {JWT_BEARER}"
         )));
     }
-    let assertion = form(params, "client_assertion")
+    let assertion = param(params, "client_assertion")
         .filter(|a| !a.is_empty())
         .ok_or_else(|| invalid_client("client_assertion is required"))?;
     let unverified = jwt::decode_unverified(assertion).map_err(|e| invalid_client(e.0))?;
@@ -168,7 +160,7 @@ async fn assertion_client(
             "the assertion's sub must equal its iss (the client id)",
         ));
     }
-    if let Some(id) = form(params, "client_id")
+    if let Some(id) = param(params, "client_id")
         && id != iss
     {
         return Err(invalid_client(
@@ -323,7 +315,7 @@ async fn record(
 /// signed by a key it registered.
 async fn client_credentials(ctx: &Ctx, params: &[(String, String)]) -> Result<Value, OAuthError> {
     let auth = assertion_client(ctx, params).await?;
-    let asked = form(params, "scope")
+    let asked = param(params, "scope")
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| OAuthError::new(400, "invalid_scope", "scope is required"))?;
     let asked = scope::parse_list(asked).map_err(|e| OAuthError::new(400, "invalid_scope", e))?;
@@ -369,47 +361,10 @@ fn invalid_grant(d: impl Into<String>) -> OAuthError {
     OAuthError::new(400, "invalid_grant", d)
 }
 
-/// A stored code or refresh token, read whole.
-struct Stored {
-    client_id: String,
-    scope: String,
-    patient: Option<String>,
-    encounter: Option<String>,
-    fhir_user: Option<String>,
-    expires_at: Micros,
-    redirect_uri: Option<String>,
-    code_challenge: Option<String>,
-    need_banner: bool,
-    nonce: Option<String>,
-}
-
-async fn stored(ctx: &Ctx, hash: &str, kind: &str) -> Result<Option<Stored>, OAuthError> {
-    let mut db = ctx.store.reader().await.map_err(server_error)?;
-    use crate::store::Ty;
-    let row = db
-        .fetch_optional(
-            "SELECT client_id, scope, patient, encounter, fhir_user, expires_at, redirect_uri, code_challenge, COALESCE(need_banner, 0), nonce FROM auth_token WHERE hash = $1 AND kind = $2 AND revoked_at IS NULL AND expires_at > $3",
-            &[Arg::Text(hash.to_string()), Arg::Text(kind.to_string()), Arg::Int(crate::time::now_micros())],
-            &[Ty::Text, Ty::Text, Ty::OptText, Ty::OptText, Ty::OptText, Ty::Int, Ty::OptText, Ty::OptText, Ty::Int, Ty::OptText],
-        )
+async fn stored(ctx: &Ctx, hash: &str, kind: &str) -> Result<Option<TokenRow>, OAuthError> {
+    crate::auth::live_token(&ctx.store, hash, kind, crate::time::now_micros())
         .await
-        .map_err(server_error)?;
-    Ok(row.map(|r| {
-        let mut it = r.into_iter();
-        let mut next = || it.next().unwrap_or(crate::store::Val::Null);
-        Stored {
-            client_id: next().text().unwrap_or_default(),
-            scope: next().text().unwrap_or_default(),
-            patient: next().text(),
-            encounter: next().text(),
-            fhir_user: next().text(),
-            expires_at: next().int(),
-            redirect_uri: next().text(),
-            code_challenge: next().text(),
-            need_banner: next().int() == 1,
-            nonce: next().text(),
-        }
-    }))
+        .map_err(server_error)
 }
 
 /// Access token lifetime for apps (SMART: at most an hour).
@@ -424,7 +379,7 @@ async fn app_tokens(
     ctx: &Ctx,
     auth: Authenticated,
     scope_text: &str,
-    context: &Stored,
+    context: &TokenRow,
     revoke: Option<String>,
 ) -> Result<Value, OAuthError> {
     let access = new_token().map_err(server_error)?;
@@ -559,7 +514,7 @@ async fn authorization_code(
     basic: Option<&(String, String)>,
 ) -> Result<Value, OAuthError> {
     let auth = authenticate_client(ctx, params, basic).await?;
-    let code = form(params, "code").ok_or_else(|| invalid_request("code is required"))?;
+    let code = param(params, "code").ok_or_else(|| invalid_request("code is required"))?;
     let hash = token_hash(code);
     let grant = stored(ctx, &hash, "code")
         .await?
@@ -586,12 +541,12 @@ async fn authorization_code(
     if grant.client_id != auth.client.id {
         return Err(invalid_grant("the code was issued to another client"));
     }
-    if form(params, "redirect_uri") != grant.redirect_uri.as_deref() {
+    if param(params, "redirect_uri") != grant.redirect_uri.as_deref() {
         return Err(invalid_grant(
             "redirect_uri differs from the authorization request",
         ));
     }
-    let verifier = form(params, "code_verifier").unwrap_or("");
+    let verifier = param(params, "code_verifier").unwrap_or("");
     let verifier_ok = (43..=128).contains(&verifier.len())
         && verifier
             .bytes()
@@ -613,7 +568,7 @@ async fn refresh_token(
     basic: Option<&(String, String)>,
 ) -> Result<Value, OAuthError> {
     let auth = authenticate_client(ctx, params, basic).await?;
-    let token = form(params, "refresh_token")
+    let token = param(params, "refresh_token")
         .ok_or_else(|| invalid_request("refresh_token is required"))?;
     let hash = token_hash(token);
     let grant = stored(ctx, &hash, "refresh")
@@ -622,7 +577,7 @@ async fn refresh_token(
         .ok_or_else(|| {
             invalid_grant("the refresh token is unknown, expired, revoked or another client's")
         })?;
-    let scope_text = match form(params, "scope").filter(|s| !s.trim().is_empty()) {
+    let scope_text = match param(params, "scope").filter(|s| !s.trim().is_empty()) {
         None => grant.scope.clone(),
         Some(asked) => {
             let had: Vec<&str> = grant.scope.split(' ').collect();
@@ -641,7 +596,6 @@ async fn refresh_token(
             scope::to_text(&asked)
         }
     };
-    let _ = grant.expires_at;
     app_tokens(ctx, auth, &scope_text, &grant, Some(hash)).await
 }
 
@@ -718,7 +672,7 @@ impl IssuedToken {
 /// `POST /auth/introspect` (RFC 7662), for a caller holding a valid access token.
 /// Anything not live is `{"active": false}`, whatever the reason.
 pub async fn introspect(ctx: &Ctx, params: &[(String, String)]) -> Result<Value, OAuthError> {
-    let token = form(params, "token").ok_or_else(|| invalid_request("token is required"))?;
+    let token = param(params, "token").ok_or_else(|| invalid_request("token is required"))?;
     let now = crate::time::now_micros();
     let hash = token_hash(token);
     let grant = match crate::auth::lookup(&ctx.store, &hash, "access", now)
@@ -766,7 +720,7 @@ pub async fn revoke(
     caller: &Grant,
     params: &[(String, String)],
 ) -> Result<Value, OAuthError> {
-    let token = form(params, "token").ok_or_else(|| invalid_request("token is required"))?;
+    let token = param(params, "token").ok_or_else(|| invalid_request("token is required"))?;
     let hash = token_hash(token);
     let client = caller.client_id.clone();
     let h = hash.clone();

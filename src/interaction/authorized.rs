@@ -11,19 +11,8 @@ use serde_json::Value;
 use crate::auth::access::{self, Grant, Narrowing};
 use crate::auth::scope::Perms;
 use crate::error::{ErrorKind, FhirError, Result};
+use crate::interaction::read::{no_version, not_known};
 use crate::interaction::{Body, FhirRequest, FhirResponse, Interaction, RequestBody, SharedCtx};
-
-fn request_params(req: &FhirRequest) -> Vec<(String, String)> {
-    let mut params = req.query.clone();
-    if let RequestBody::Form(form) = &req.body {
-        params.extend(form.iter().cloned());
-    }
-    params
-}
-
-fn not_known(ty: &str, id: &str) -> FhirError {
-    FhirError::not_found(format!("{ty}/{id} is not known"))
-}
 
 fn outside(what: &str) -> FhirError {
     FhirError::new(
@@ -40,9 +29,10 @@ pub async fn handle(
     mut req: FhirRequest,
 ) -> Result<FhirResponse> {
     use Interaction as I;
-    let params = request_params(&req);
+    let params = req.search_params();
     access::check(&grant, &interaction, &params)?;
     let rs = Perms::R.union(Perms::S);
+    check_change(ctx, &grant, &interaction, &req).await?;
     // Whether the search as run returns only what the token may see (totals can be told).
     let mut exact = true;
     let interaction = match interaction {
@@ -102,52 +92,6 @@ pub async fn handle(
             }
             I::Create(t)
         }
-        I::Update(t, id) | I::Patch(t, id) | I::Delete(t, id)
-            if !grant.unrestricted(
-                &t,
-                match &req.method {
-                    crate::interaction::Method::Delete => Perms::D,
-                    _ => Perms::U,
-                },
-            ) =>
-        {
-            // A JSON Patch's result is only known after it is applied, inside the write:
-            // under a restricted scope, send the whole resource (update) instead.
-            if req.method == crate::interaction::Method::Patch {
-                return Err(FhirError::new(
-                    ErrorKind::Forbidden,
-                    format!(
-                        "patch on {t} needs an unrestricted scope; use update (PUT) under this token"
-                    ),
-                ));
-            }
-            // Only an existing resource the token may change can be changed: an id that
-            // does not exist and one that is out of reach answer alike.
-            let perm = if req.method == crate::interaction::Method::Delete {
-                Perms::D
-            } else {
-                Perms::U
-            };
-            let current = ctx.store.read(&t, &id).await?;
-            let reachable = current
-                .as_ref()
-                .and_then(|s| s.body.as_deref())
-                .and_then(|b| serde_json::from_str::<Value>(b).ok())
-                .is_some_and(|v| grant.permits(ctx, perm, &v));
-            if !reachable {
-                return Err(not_known(&t, &id));
-            }
-            if let RequestBody::Resource(r) = &req.body
-                && !grant.permits(ctx, perm, r)
-            {
-                return Err(outside("update"));
-            }
-            match req.method {
-                crate::interaction::Method::Delete => I::Delete(t, id),
-                crate::interaction::Method::Patch => I::Patch(t, id),
-                _ => I::Update(t, id),
-            }
-        }
         // A conditional read (304) would tell that an out-of-reach resource exists: under a
         // restricted scope the resource is always read, then checked.
         I::Read(t, id) if !grant.unrestricted(&t, Perms::R) => {
@@ -178,13 +122,12 @@ pub async fn handle(
         (I::Vread(t, id, vid), Err(e))
             if matches!(e.kind, ErrorKind::NotFound | ErrorKind::Gone) =>
         {
-            Err(FhirError::not_found(format!(
-                "{t}/{id} has no version {vid}"
-            )))
+            Err(no_version(t, id, vid))
         }
         (I::Read(t, id), Ok(r)) => single(ctx, &grant, r, Perms::R).ok_or_else(|| not_known(t, id)),
-        (I::Vread(t, id, vid), Ok(r)) => single(ctx, &grant, r, Perms::R)
-            .ok_or_else(|| FhirError::not_found(format!("{t}/{id} has no version {vid}"))),
+        (I::Vread(t, id, vid), Ok(r)) => {
+            single(ctx, &grant, r, Perms::R).ok_or_else(|| no_version(t, id, vid))
+        }
         (I::HistoryInstance(t, id), Ok(r)) => {
             let (r, kept) = filtered(ctx, &grant, r, rs, false);
             if kept == 0 {
@@ -204,6 +147,52 @@ pub async fn handle(
         (_, Ok(r)) => Ok(filtered(ctx, &grant, r, rs, exact).0),
         (_, Err(e)) => Err(e),
     }
+}
+
+/// Update, patch and delete by id under a restricted scope: only an existing resource the
+/// token may change can be changed (an id that does not exist and one out of reach answer
+/// alike), and an update may not move it out of reach. A JSON Patch's result is only known
+/// once applied, inside the write, so such a token sends the whole resource instead.
+async fn check_change(
+    ctx: &SharedCtx,
+    grant: &Grant,
+    interaction: &Interaction,
+    req: &FhirRequest,
+) -> Result<()> {
+    let (Interaction::Update(t, id) | Interaction::Patch(t, id) | Interaction::Delete(t, id)) =
+        interaction
+    else {
+        return Ok(());
+    };
+    let perm = if matches!(interaction, Interaction::Delete(..)) {
+        Perms::D
+    } else {
+        Perms::U
+    };
+    if grant.unrestricted(t, perm) {
+        return Ok(());
+    }
+    if matches!(interaction, Interaction::Patch(..)) {
+        return Err(FhirError::new(
+            ErrorKind::Forbidden,
+            format!("patch on {t} needs an unrestricted scope; use update (PUT) under this token"),
+        ));
+    }
+    let current = ctx.store.read(t, id).await?;
+    let reachable = current
+        .as_ref()
+        .and_then(|s| s.body.as_deref())
+        .and_then(|b| serde_json::from_str::<Value>(b).ok())
+        .is_some_and(|v| grant.permits(ctx, perm, &v));
+    if !reachable {
+        return Err(not_known(t, id));
+    }
+    if let RequestBody::Resource(r) = &req.body
+        && !grant.permits(ctx, perm, r)
+    {
+        return Err(outside("update"));
+    }
+    Ok(())
 }
 
 /// A single-resource response, if the token may see it.

@@ -55,7 +55,7 @@ pub async fn history(
     if let (Some(t), Some(i)) = (ty, id)
         && db.current(t, i).await?.is_none()
     {
-        return Err(FhirError::not_found(format!("{t}/{i} is not known")));
+        return Err(crate::interaction::read::not_known(t, i));
     }
     let total = if req.param("_total") == Some("none") {
         None

@@ -176,6 +176,15 @@ impl FhirRequest {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The URL's parameters, and for POST `_search` the form's after them.
+    pub fn search_params(&self) -> Vec<(String, String)> {
+        let mut params = self.query.clone();
+        if let RequestBody::Form(form) = &self.body {
+            params.extend(form.iter().cloned());
+        }
+        params
+    }
+
     /// `after=<id>&_count=<n>` of the stored-message listings (`$hl7v2-messages`,
     /// `$device-data/errors`): the id to list after, and the page size within the limits.
     pub fn listing_window(&self, limits: &Limits) -> Result<(i64, i64)> {

@@ -5,13 +5,24 @@ use crate::error::{ErrorKind, FhirError, Result};
 use crate::interaction::create::stored_response;
 use crate::interaction::{Body, FhirRequest, FhirResponse, SharedCtx, parse_etag};
 
+/// The answer for a resource that does not exist. Whatever is out of a token's reach gets
+/// exactly this too (`authorized.rs`), so the text must not differ between the two.
+pub fn not_known(ty: &str, id: &str) -> FhirError {
+    FhirError::not_found(format!("{ty}/{id} is not known"))
+}
+
+/// The answer for a version that does not exist (and for one out of reach).
+pub fn no_version(ty: &str, id: &str, vid: &str) -> FhirError {
+    FhirError::not_found(format!("{ty}/{id} has no version {vid}"))
+}
+
 /// `GET [base]/[type]/[id]`.
 pub async fn read(ctx: &SharedCtx, ty: &str, id: &str, req: &FhirRequest) -> Result<FhirResponse> {
     let stored = ctx
         .store
         .read(ty, id)
         .await?
-        .ok_or_else(|| FhirError::not_found(format!("{ty}/{id} is not known")))?;
+        .ok_or_else(|| not_known(ty, id))?;
     if stored.body.is_none() {
         let mut e = FhirError::new(ErrorKind::Gone, format!("{ty}/{id} was deleted"));
         e.issues[0]
@@ -45,7 +56,7 @@ pub async fn vread(ctx: &SharedCtx, ty: &str, id: &str, vid: &str) -> Result<Fhi
     let stored = db
         .vread(ty, id, version)
         .await?
-        .ok_or_else(|| FhirError::not_found(format!("{ty}/{id} has no version {vid}")))?;
+        .ok_or_else(|| no_version(ty, id, vid))?;
     if stored.body.is_none() {
         return Err(FhirError::new(
             ErrorKind::Gone,

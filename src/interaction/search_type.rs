@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::error::{FhirError, Result};
 use crate::interaction::bundle_text::{BundleText, url_with_query};
 use crate::interaction::subset::{Summary, subset};
-use crate::interaction::{Body, Ctx, FhirRequest, FhirResponse, RequestBody, SharedCtx};
+use crate::interaction::{Body, Ctx, FhirRequest, FhirResponse, SharedCtx};
 use crate::search::query::{
     CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, canonical_sql,
     hierarchy_codes, parse_hierarchy_key, value_set_codes,
@@ -25,15 +25,6 @@ const GOOD_DRIVER: i64 = 200;
 /// Rounds of `:iterate`.
 const MAX_ITERATE: usize = 3;
 
-fn request_params(req: &FhirRequest) -> Vec<(String, String)> {
-    // POST _search: form parameters join the URL's.
-    let mut params = req.query.clone();
-    if let RequestBody::Form(form) = &req.body {
-        params.extend(form.iter().cloned());
-    }
-    params
-}
-
 fn raw(body: String) -> FhirResponse {
     FhirResponse {
         body: Body::Raw(body),
@@ -44,7 +35,7 @@ fn raw(body: String) -> FhirResponse {
 /// `GET [base]/[type]?...`
 pub async fn search(ctx: &SharedCtx, ty: &str, req: &FhirRequest) -> Result<FhirResponse> {
     let mut db = ctx.store.reader().await?;
-    let body = search_in(&mut db, ctx, ty, request_params(req), req.prefer_lenient).await?;
+    let body = search_in(&mut db, ctx, ty, req.search_params(), req.prefer_lenient).await?;
     Ok(raw(body))
 }
 
@@ -100,7 +91,7 @@ pub(crate) fn types_param(ctx: &Ctx, params: &[(String, String)]) -> Result<Opti
 /// `GET [base]?_type=...`: system-level search. Without `_type` only the parameters every
 /// resource has (`_id`, `_lastUpdated`, `_tag`, `_profile`, `_security`, `_source`) apply.
 pub async fn search_system(ctx: &SharedCtx, req: &FhirRequest) -> Result<FhirResponse> {
-    let params = request_params(req);
+    let params = req.search_params();
     let types = types_param(ctx, &params)?;
     let q = parse(ctx, types, &params, req.prefer_lenient)?;
     let mut db = ctx.store.reader().await?;
@@ -119,7 +110,7 @@ pub async fn search_compartment(
         ctx.defs.compartments.get(compartment).ok_or_else(|| {
             FhirError::not_found(format!("{compartment} is not a compartment type"))
         })?;
-    let params = request_params(req);
+    let params = req.search_params();
     let types = if ty == "*" {
         None
     } else {
@@ -148,9 +139,9 @@ pub async fn everything(ctx: &SharedCtx, id: &str, req: &FhirRequest) -> Result<
         .ok_or_else(|| FhirError::not_found("no Patient compartment definition"))?;
     let mut db = ctx.store.reader().await?;
     if db.current("Patient", id).await?.is_none_or(|c| c.deleted) {
-        return Err(FhirError::not_found(format!("Patient/{id} is not known")));
+        return Err(crate::interaction::read::not_known("Patient", id));
     }
-    let given = request_params(req);
+    let given = req.search_params();
     let mut params: Vec<(String, String)> = Vec::new();
     for (k, v) in &given {
         match k.as_str() {

@@ -781,7 +781,7 @@ async fn run(
                             format!("{t}/{id} was deleted"),
                         )));
                     }
-                    None => return Err(at(FhirError::not_found(format!("{t}/{id} is not known")))),
+                    None => return Err(at(crate::interaction::read::not_known(t, id))),
                 }
             }
             (I::Vread(t, id, vid), _, _) => {
@@ -797,9 +797,7 @@ async fn run(
                         resource: s.body,
                     },
                     _ => {
-                        return Err(at(FhirError::not_found(format!(
-                            "{t}/{id} has no version {vid}"
-                        ))));
+                        return Err(at(crate::interaction::read::no_version(t, id, vid)));
                     }
                 }
             }

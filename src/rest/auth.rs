@@ -14,7 +14,8 @@ use crate::interaction::SharedCtx;
 /// Largest OAuth request body (a form with a client assertion).
 const MAX_FORM_BYTES: usize = 64 * 1024;
 
-fn json_response(status: u16, body: &Value) -> Response {
+/// JSON with the given `Cache-Control`.
+fn json_with(status: u16, body: &Value, cache_control: &'static str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
     let mut r = (status, body.to_string()).into_response();
     let h = r.headers_mut();
@@ -22,20 +23,46 @@ fn json_response(status: u16, body: &Value) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
     r
 }
 
-fn oauth_error(e: &OAuthError) -> Response {
-    let mut r = json_response(e.status, &e.to_json());
-    if e.status == 401 {
+/// An OAuth response: never stored (RFC 6749 section 5.1, also `Pragma: no-cache`).
+fn json_response(status: u16, body: &Value) -> Response {
+    let mut r = json_with(status, body, "no-store");
+    r.headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// A 401 names the scheme to authenticate with (RFC 6750 section 3).
+fn challenge(mut r: Response) -> Response {
+    if r.status() == StatusCode::UNAUTHORIZED {
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"iomt-fhir\""),
         );
     }
     r
+}
+
+fn oauth_error(e: &OAuthError) -> Response {
+    challenge(json_response(e.status, &e.to_json()))
+}
+
+/// The grant of the request's `Authorization: Bearer` token.
+async fn bearer(
+    ctx: &SharedCtx,
+    headers: &axum::http::HeaderMap,
+) -> crate::error::Result<std::sync::Arc<crate::auth::access::Grant>> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    ctx.auth.authenticate(&ctx.store, header.as_deref()).await
 }
 
 async fn form(request: Request) -> Result<Vec<(String, String)>, OAuthError> {
@@ -97,18 +124,11 @@ async fn caller(
     ctx: &SharedCtx,
     request: &axum::http::HeaderMap,
 ) -> Result<std::sync::Arc<crate::auth::access::Grant>, OAuthError> {
-    let header = request
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    ctx.auth
-        .authenticate(&ctx.store, header.as_deref())
-        .await
-        .map_err(|e| OAuthError {
-            status: 401,
-            error: "invalid_client",
-            description: e.diagnostics(),
-        })
+    bearer(ctx, request).await.map_err(|e| OAuthError {
+        status: 401,
+        error: "invalid_client",
+        description: e.diagnostics(),
+    })
 }
 
 /// `POST /auth/introspect`.
@@ -116,7 +136,7 @@ pub async fn introspect(State(ctx): State<SharedCtx>, request: Request) -> Respo
     if !ctx.auth.enabled() {
         return disabled();
     }
-    if let Err(e) = caller(&ctx, &request.headers().clone()).await {
+    if let Err(e) = caller(&ctx, request.headers()).await {
         return oauth_error(&e);
     }
     let params = match form(request).await {
@@ -134,7 +154,7 @@ pub async fn revoke(State(ctx): State<SharedCtx>, request: Request) -> Response 
     if !ctx.auth.enabled() {
         return disabled();
     }
-    let grant = match caller(&ctx, &request.headers().clone()).await {
+    let grant = match caller(&ctx, request.headers()).await {
         Ok(g) => g,
         Err(e) => return oauth_error(&e),
     };
@@ -153,9 +173,7 @@ pub async fn smart_configuration(State(ctx): State<SharedCtx>) -> Response {
     if !ctx.auth.enabled() {
         return disabled();
     }
-    let mut r = json_response(200, &oauth::smart_configuration(&ctx));
-    r.headers_mut().remove(header::PRAGMA);
-    r
+    json_with(200, &oauth::smart_configuration(&ctx), "no-store")
 }
 
 /// `Authorization: Basic base64(id:secret)` (RFC 6749 section 2.3.1: both form-encoded).
@@ -190,7 +208,10 @@ fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-fn outcome(o: authorize::Outcome, secure: bool) -> Response {
+/// An authorization-endpoint outcome as HTTP; the session cookie is `Secure` when the
+/// server is reached over HTTPS.
+fn outcome(ctx: &SharedCtx, o: authorize::Outcome) -> Response {
+    let secure = ctx.base.starts_with("https://");
     let html_response = |status: u16, html: String| {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
         let mut r = (status, html).into_response();
@@ -254,10 +275,9 @@ pub async fn authorize(State(ctx): State<SharedCtx>, request: Request) -> Respon
             .map(crate::interaction::parse_query)
             .unwrap_or_default()
     };
-    let secure = ctx.base.starts_with("https://");
     outcome(
+        &ctx,
         authorize::authorize(&ctx, &params, session.as_deref()).await,
-        secure,
     )
 }
 
@@ -270,8 +290,7 @@ pub async fn login(State(ctx): State<SharedCtx>, request: Request) -> Response {
         Ok(p) => p,
         Err(e) => return oauth_error(&e),
     };
-    let secure = ctx.base.starts_with("https://");
-    outcome(authorize::login(&ctx, &params).await, secure)
+    outcome(&ctx, authorize::login(&ctx, &params).await)
 }
 
 /// `POST /auth/consent`.
@@ -284,16 +303,15 @@ pub async fn consent(State(ctx): State<SharedCtx>, request: Request) -> Response
         Ok(p) => p,
         Err(e) => return oauth_error(&e),
     };
-    let secure = ctx.base.starts_with("https://");
     outcome(
+        &ctx,
         authorize::consent(&ctx, &params, session.as_deref()).await,
-        secure,
     )
 }
 
 /// `GET /auth/smart-style.json`: the `smart_style_url` of token responses.
 pub async fn smart_style() -> Response {
-    let mut r = json_response(
+    json_with(
         200,
         &json!({
             "color_background": "#edeae3",
@@ -308,13 +326,8 @@ pub async fn smart_style() -> Response {
             "font_family_body": "Georgia, Times, 'Times New Roman', serif",
             "font_family_heading": "\"HelveticaNeue-Light\", Helvetica, Arial, sans-serif"
         }),
-    );
-    r.headers_mut().remove(header::PRAGMA);
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("max-age=3600"),
-    );
-    r
+        "max-age=3600",
+    )
 }
 
 /// `GET [base]/.well-known/openid-configuration`.
@@ -322,9 +335,7 @@ pub async fn openid_configuration(State(ctx): State<SharedCtx>) -> Response {
     if !ctx.auth.enabled() {
         return disabled();
     }
-    let mut r = json_response(200, &oauth::openid_configuration(&ctx));
-    r.headers_mut().remove(header::PRAGMA);
-    r
+    json_with(200, &oauth::openid_configuration(&ctx), "no-store")
 }
 
 /// `GET /auth/jwks`.
@@ -332,43 +343,28 @@ pub async fn jwks(State(ctx): State<SharedCtx>) -> Response {
     if !ctx.auth.enabled() {
         return disabled();
     }
-    let mut r = json_response(200, &oauth::jwks(&ctx));
-    r.headers_mut().remove(header::PRAGMA);
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("max-age=300"),
-    );
-    r
+    json_with(200, &oauth::jwks(&ctx), "max-age=300")
 }
 
 /// The admin API for clients (`/auth/clients`): a token with `system/*.cruds`.
 async fn admin(ctx: &SharedCtx, headers: &axum::http::HeaderMap) -> Result<(), Response> {
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let fail = |status: u16, e: &crate::error::FhirError| {
-        let mut r = json_response(status, &e.to_operation_outcome());
-        if status == 401 {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"iomt-fhir\""),
-            );
-        }
-        r
-    };
-    let grant = ctx
-        .auth
-        .authenticate(&ctx.store, header.as_deref())
-        .await
-        .map_err(|e| fail(401, &e))?;
+    let grant = bearer(ctx, headers).await.map_err(|e| fhir_error(&e))?;
     grant
         .require_system_wide(crate::auth::scope::Perms::ALL, "managing clients")
-        .map_err(|e| fail(403, &e))
+        .map_err(|e| fhir_error(&e))
 }
 
 fn fhir_error(e: &crate::error::FhirError) -> Response {
-    json_response(e.status(), &e.to_operation_outcome())
+    challenge(json_response(e.status(), &e.to_operation_outcome()))
+}
+
+/// The JSON body of an admin request (at most [`MAX_FORM_BYTES`]).
+async fn json_body(request: Request) -> Result<Value, Response> {
+    let bytes = axum::body::to_bytes(request.into_body(), MAX_FORM_BYTES)
+        .await
+        .map_err(|_| fhir_error(&crate::error::FhirError::invalid("the body is too large")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| fhir_error(&crate::error::FhirError::invalid(format!("not JSON: {e}"))))
 }
 
 /// `GET /auth/clients`: the registrations (no secrets).
@@ -401,13 +397,9 @@ pub async fn clients_add(State(ctx): State<SharedCtx>, request: Request) -> Resp
     if let Err(r) = admin(&ctx, request.headers()).await {
         return r;
     }
-    let bytes = match axum::body::to_bytes(request.into_body(), MAX_FORM_BYTES).await {
-        Ok(b) => b,
-        Err(_) => return fhir_error(&crate::error::FhirError::invalid("the body is too large")),
-    };
-    let body: Value = match serde_json::from_slice(&bytes) {
+    let body = match json_body(request).await {
         Ok(v) => v,
-        Err(e) => return fhir_error(&crate::error::FhirError::invalid(format!("not JSON: {e}"))),
+        Err(r) => return r,
     };
     let text = |k: &str| {
         body.get(k)
@@ -491,13 +483,9 @@ pub async fn launch(State(ctx): State<SharedCtx>, request: Request) -> Response 
     if let Err(r) = admin(&ctx, request.headers()).await {
         return r;
     }
-    let bytes = match axum::body::to_bytes(request.into_body(), MAX_FORM_BYTES).await {
-        Ok(b) => b,
-        Err(_) => return fhir_error(&crate::error::FhirError::invalid("the body is too large")),
-    };
-    let body: Value = match serde_json::from_slice(&bytes) {
+    let body = match json_body(request).await {
         Ok(v) => v,
-        Err(e) => return fhir_error(&crate::error::FhirError::invalid(format!("not JSON: {e}"))),
+        Err(r) => return r,
     };
     let id = |k: &str| -> Result<Option<String>, String> {
         match body.get(k) {
