@@ -1619,6 +1619,37 @@ fn with_token(script: &str, token: Option<&str>) -> String {
 }
 
 /// A backend-services token for `scope`.
+/// A client assertion for `id`, unique by `jti`, valid for 280 s.
+fn assertion(
+    key: &iomt_fhir::auth::jwt::sign::Key,
+    id: &str,
+    token_url: &str,
+    jti: &mut u64,
+) -> String {
+    *jti += 1;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    key.sign(
+        "k1",
+        &json!({"iss": id, "sub": id, "aud": token_url, "exp": now + 280, "jti": format!("{id}-{jti}")}),
+        &json!({}),
+    )
+}
+
+/// The client_credentials form of one token request.
+fn credentials_form<'a>(assertion: &'a str, scope: &'a str) -> [(&'static str, &'a str); 4] {
+    [
+        ("grant_type", "client_credentials"),
+        (
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
+        ("client_assertion", assertion),
+        ("scope", scope),
+    ]
+}
+
 async fn smart_token(
     client: &reqwest::Client,
     origin: &str,
@@ -1627,27 +1658,11 @@ async fn smart_token(
     scope: &str,
     jti: &mut u64,
 ) -> Result<String, String> {
-    *jti += 1;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let token_url = format!("{origin}/auth/token");
-    let a = key.sign(
-        "k1",
-        &json!({"iss": id, "sub": id, "aud": token_url, "exp": now + 280, "jti": format!("{id}-t{jti}")}),
-        &json!({}),
-    );
+    let a = assertion(key, id, &token_url, jti);
     let r: Value = client
         .post(&token_url)
-        .form(&[
-            ("grant_type", "client_credentials"),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", a.as_str()),
-            ("scope", scope),
-        ])
+        .form(&credentials_form(&a, scope))
         .send()
         .await
         .map_err(|e| e.to_string())?
@@ -1697,18 +1712,7 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt/rs384-client.pk8.pem"),
     )
     .map_err(|e| e.to_string())?;
-    let rsa_der = {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD
-            .decode(
-                rsa_pem
-                    .lines()
-                    .filter(|l| !l.starts_with("-----"))
-                    .collect::<String>(),
-            )
-            .map_err(|e| e.to_string())?
-    };
-    let rs = Key::rs384_from_pkcs8(&rsa_der)?;
+    let rs = Key::rs384_from_pem(&rsa_pem)?;
     for (id, key) in [("bench-es", &es), ("bench-rs", &rs)] {
         let jwks = dir.path().join(format!("{id}.json"));
         std::fs::write(&jwks, json!({"keys": [key.jwk("k1")]}).to_string())
@@ -1810,17 +1814,6 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
         );
     }
     let token_url = format!("{origin}/auth/token");
-    let mut assertion = |key: &Key, id: &str| {
-        jti += 1;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        key.sign(
-            "k1",
-            &json!({"iss": id, "sub": id, "aud": token_url, "exp": now + 280, "jti": format!("{id}-{jti}")}),
-            &json!({}),
-        )
-    };
     println!("\n### {backend}: token endpoint (client_credentials, 16 clients)\n");
     println!("| assertion | tokens | seconds | tokens/s | failures |");
     println!("|---|---|---|---|---|");
@@ -1828,7 +1821,9 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
         ("ES384", &es, "bench-es", 5000usize),
         ("RS384", &rs, "bench-rs", 5000),
     ] {
-        let assertions: Vec<String> = (0..n).map(|_| assertion(key, id)).collect();
+        let assertions: Vec<String> = (0..n)
+            .map(|_| assertion(key, id, &token_url, &mut jti))
+            .collect();
         let queue = std::sync::Arc::new(std::sync::Mutex::new(assertions));
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -1842,15 +1837,7 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
                     };
                     let ok = client
                         .post(&token_url)
-                        .form(&[
-                            ("grant_type", "client_credentials"),
-                            (
-                                "client_assertion_type",
-                                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                            ),
-                            ("client_assertion", a.as_str()),
-                            ("scope", "system/*.rs"),
-                        ])
+                        .form(&credentials_form(&a, "system/*.rs"))
                         .send()
                         .await
                         .is_ok_and(|r| r.status().is_success());

@@ -105,6 +105,15 @@ pub fn fixture(path: &str) -> std::path::PathBuf {
         .join(path)
 }
 
+/// A client builder that trusts only the test CA (`tests/fixtures/tls/ca.pem`), for the
+/// servers started with the test certificates.
+pub fn trusting_test_ca(builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    let ca = std::fs::read(fixture("tls/ca.pem")).expect("test CA");
+    builder
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA PEM"))
+}
+
 /// A fresh PostgreSQL schema per test, selected through `search_path`.
 async fn postgres_url(base: &str) -> String {
     use sqlx::Connection;
@@ -154,10 +163,7 @@ pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut ServerArgs)) -
     }));
     let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
     if base.starts_with("https://") {
-        let ca = std::fs::read(fixture("tls/ca.pem")).expect("test CA");
-        builder = builder
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA PEM"));
+        builder = trusting_test_ca(builder);
     }
     let client = builder.build().expect("client");
     Some(TestApp {

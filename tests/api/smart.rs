@@ -11,7 +11,7 @@ use iomt_fhir::auth::oauth::IssuedToken;
 use iomt_fhir::auth::scope;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, TestApp, fixture, json as body_json, spawn_with};
+use crate::helpers::{Backend, TestApp, fixture, json as body_json, spawn_with, trusting_test_ca};
 
 async fn spawn(backend: Backend) -> Option<TestApp> {
     spawn_with(backend, |a| {
@@ -23,16 +23,8 @@ async fn spawn(backend: Backend) -> Option<TestApp> {
 }
 
 fn rsa_key() -> Key {
-    use base64::Engine;
     let pem = std::fs::read_to_string(fixture("jwt/rs384-client.pk8.pem")).unwrap();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(
-            pem.lines()
-                .filter(|l| !l.starts_with("-----"))
-                .collect::<String>(),
-        )
-        .unwrap();
-    Key::rs384_from_pkcs8(&der).unwrap()
+    Key::rs384_from_pem(&pem).unwrap()
 }
 
 async fn register(app: &TestApp, id: &str, key: &Key, scopes: &str) {
@@ -88,18 +80,27 @@ async fn token_request(
 
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-async fn backend_token(app: &TestApp, client: &str, key: &Key, scope: &str) -> String {
-    let a = assertion(app, client, key);
-    let (status, body, _) = token_request(
+/// A client_credentials token request with `assertion`, for `scope`.
+async fn credentials(
+    app: &TestApp,
+    assertion: &str,
+    scope: &str,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    token_request(
         app,
         &[
             ("grant_type", "client_credentials"),
             ("client_assertion_type", JWT_BEARER),
-            ("client_assertion", &a),
+            ("client_assertion", assertion),
             ("scope", scope),
         ],
     )
-    .await;
+    .await
+}
+
+async fn backend_token(app: &TestApp, client: &str, key: &Key, scope: &str) -> String {
+    let a = assertion(app, client, key);
+    let (status, body, _) = credentials(app, &a, scope).await;
     assert_eq!(status, 200, "{body}");
     body["access_token"].as_str().unwrap().to_string()
 }
@@ -247,16 +248,7 @@ async fn discovery_and_backend_services(app: &TestApp) {
         ("rs-client", &rs, "system/Patient.rs"),
     ] {
         let a = assertion(app, client, key);
-        let (status, body, headers) = token_request(
-            app,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_assertion_type", JWT_BEARER),
-                ("client_assertion", &a),
-                ("scope", scope),
-            ],
-        )
-        .await;
+        let (status, body, headers) = credentials(app, &a, scope).await;
         assert_eq!(status, 200, "{client}: {body}");
         assert_eq!(body["token_type"], "Bearer");
         assert_eq!(body["scope"], scope);
@@ -278,16 +270,7 @@ async fn discovery_and_backend_services(app: &TestApp) {
     let (_, intro) = introspect(app, &t, &t).await;
     assert_eq!(intro["scope"], "system/Patient.rs");
     let a = assertion(app, "rs-client", &rs);
-    let (status, body, _) = token_request(
-        app,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_assertion_type", JWT_BEARER),
-            ("client_assertion", &a),
-            ("scope", "system/Condition.rs"),
-        ],
-    )
-    .await;
+    let (status, body, _) = credentials(app, &a, "system/Condition.rs").await;
     assert_eq!(
         (status, body["error"].as_str()),
         (400, Some("invalid_scope"))
@@ -397,16 +380,7 @@ async fn discovery_and_backend_services(app: &TestApp) {
         ("reused jti (first use)", reused.clone()),
     ];
     for (what, a) in &cases {
-        let (status, body, _) = token_request(
-            app,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_assertion_type", JWT_BEARER),
-                ("client_assertion", a),
-                ("scope", "system/*.rs"),
-            ],
-        )
-        .await;
+        let (status, body, _) = credentials(app, a, "system/*.rs").await;
         if *what == "reused jti (first use)" {
             assert_eq!(status, 200, "{what}: {body}");
         } else {
@@ -417,16 +391,7 @@ async fn discovery_and_backend_services(app: &TestApp) {
             );
         }
     }
-    let (status, body, _) = token_request(
-        app,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_assertion_type", JWT_BEARER),
-            ("client_assertion", &reused),
-            ("scope", "system/*.rs"),
-        ],
-    )
-    .await;
+    let (status, body, _) = credentials(app, &reused, "system/*.rs").await;
     assert_eq!(
         (status, body["error"].as_str()),
         (401, Some("invalid_client")),
@@ -1259,16 +1224,7 @@ async fn jwks_url_client(app: &TestApp) {
             "exp": now() + 60, "jti": format!("jku-{}", JTI.fetch_add(1, Ordering::Relaxed)),
         });
         let a = key.sign("key-1", &claims, &json!({"jku": jku}));
-        let (status, body, _) = token_request(
-            app,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_assertion_type", JWT_BEARER),
-                ("client_assertion", &a),
-                ("scope", "system/*.rs"),
-            ],
-        )
-        .await;
+        let (status, body, _) = credentials(app, &a, "system/*.rs").await;
         assert_eq!(status == 200, ok, "jku {jku}: {body}");
     }
     // A key the published set does not have.
@@ -1277,17 +1233,10 @@ async fn jwks_url_client(app: &TestApp) {
         "iss": "remote-keys", "sub": "remote-keys", "aud": token_url(app),
         "exp": now() + 60, "jti": "stranger",
     });
-    let (status, body, _) = token_request(
+    let (status, body, _) = credentials(
         app,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_assertion_type", JWT_BEARER),
-            (
-                "client_assertion",
-                &stranger.sign("key-2", &claims, &json!({})),
-            ),
-            ("scope", "system/*.rs"),
-        ],
+        &stranger.sign("key-2", &claims, &json!({})),
+        "system/*.rs",
     )
     .await;
     assert_eq!(
@@ -1414,10 +1363,7 @@ async fn real_binary_clients_and_token() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let ca = std::fs::read(fixture("tls/ca.pem")).unwrap();
-    let client = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+    let client = trusting_test_ca(reqwest::Client::builder())
         .build()
         .unwrap();
     let origin = format!("https://127.0.0.1:{port}");
@@ -1491,10 +1437,7 @@ async fn real_binary_clients_and_token() {
 const REDIRECT: &str = "https://app.example/callback";
 
 fn browser() -> reqwest::Client {
-    let ca = std::fs::read(fixture("tls/ca.pem")).unwrap();
-    reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+    trusting_test_ca(reqwest::Client::builder())
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
