@@ -96,6 +96,44 @@ async fn form(request: Request) -> Result<Vec<(String, String)>, OAuthError> {
         .collect())
 }
 
+/// The routes of the authorization server and the discovery documents; with `--auth off`
+/// each answers 404 (authorization is off).
+pub fn routes(ctx: SharedCtx) -> axum::Router<SharedCtx> {
+    use axum::routing::{delete, get, post};
+    axum::Router::new()
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(smart_configuration),
+        )
+        .route(
+            "/fhir/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
+        .route("/auth/jwks", get(jwks))
+        .route("/auth/launch", post(launch))
+        .route("/auth/clients", get(clients_list).post(clients_add))
+        .route("/auth/clients/{id}", delete(clients_remove))
+        .route("/auth/token", post(token))
+        .route("/auth/authorize", get(authorize).post(authorize))
+        .route("/auth/login", post(login))
+        .route("/auth/consent", post(consent))
+        .route("/auth/introspect", post(introspect))
+        .route("/auth/revoke", post(revoke))
+        .route_layer(axum::middleware::from_fn_with_state(ctx, only_when_enabled))
+}
+
+async fn only_when_enabled(
+    State(ctx): State<SharedCtx>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if ctx.auth.enabled() {
+        next.run(request).await
+    } else {
+        disabled()
+    }
+}
+
 fn disabled() -> Response {
     json_response(
         404,
@@ -105,9 +143,6 @@ fn disabled() -> Response {
 
 /// `POST /auth/token`.
 pub async fn token(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     let basic = basic_credentials(request.headers());
     let params = match form(request).await {
         Ok(p) => p,
@@ -133,9 +168,6 @@ async fn caller(
 
 /// `POST /auth/introspect`.
 pub async fn introspect(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     if let Err(e) = caller(&ctx, request.headers()).await {
         return oauth_error(&e);
     }
@@ -151,9 +183,6 @@ pub async fn introspect(State(ctx): State<SharedCtx>, request: Request) -> Respo
 
 /// `POST /auth/revoke`.
 pub async fn revoke(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     let grant = match caller(&ctx, request.headers()).await {
         Ok(g) => g,
         Err(e) => return oauth_error(&e),
@@ -170,9 +199,6 @@ pub async fn revoke(State(ctx): State<SharedCtx>, request: Request) -> Response 
 
 /// `GET [base]/.well-known/smart-configuration`: open to any origin, always JSON.
 pub async fn smart_configuration(State(ctx): State<SharedCtx>) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     json_with(200, &oauth::smart_configuration(&ctx), "no-store")
 }
 
@@ -259,9 +285,6 @@ fn outcome(ctx: &SharedCtx, o: authorize::Outcome) -> Response {
 
 /// `GET|POST /auth/authorize` (authorize-post: the same parameters as a form).
 pub async fn authorize(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     let session = cookie(request.headers(), authorize::SESSION_COOKIE);
     let params = if request.method() == axum::http::Method::POST {
         match form(request).await {
@@ -283,9 +306,6 @@ pub async fn authorize(State(ctx): State<SharedCtx>, request: Request) -> Respon
 
 /// `POST /auth/login`.
 pub async fn login(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     let params = match form(request).await {
         Ok(p) => p,
         Err(e) => return oauth_error(&e),
@@ -295,9 +315,6 @@ pub async fn login(State(ctx): State<SharedCtx>, request: Request) -> Response {
 
 /// `POST /auth/consent`.
 pub async fn consent(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     let session = cookie(request.headers(), authorize::SESSION_COOKIE);
     let params = match form(request).await {
         Ok(p) => p,
@@ -332,17 +349,11 @@ pub async fn smart_style() -> Response {
 
 /// `GET [base]/.well-known/openid-configuration`.
 pub async fn openid_configuration(State(ctx): State<SharedCtx>) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     json_with(200, &oauth::openid_configuration(&ctx), "no-store")
 }
 
 /// `GET /auth/jwks`.
 pub async fn jwks(State(ctx): State<SharedCtx>) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     json_with(200, &oauth::jwks(&ctx), "max-age=300")
 }
 
@@ -369,9 +380,6 @@ async fn json_body(request: Request) -> Result<Value, Response> {
 
 /// `GET /auth/clients`: the registrations (no secrets).
 pub async fn clients_list(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     if let Err(r) = admin(&ctx, request.headers()).await {
         return r;
     }
@@ -391,9 +399,6 @@ pub async fn clients_list(State(ctx): State<SharedCtx>, request: Request) -> Res
 /// `POST /auth/clients` with `{"client_id", "kind", "scope", "jwks"?, "secret"?,
 /// "redirect_uris"?, "origins"?}`: registers a client (201), 409 if the id is taken.
 pub async fn clients_add(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     if let Err(r) = admin(&ctx, request.headers()).await {
         return r;
     }
@@ -458,9 +463,6 @@ pub async fn clients_remove(
     axum::extract::Path(id): axum::extract::Path<String>,
     request: Request,
 ) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     if let Err(r) = admin(&ctx, request.headers()).await {
         return r;
     }
@@ -477,9 +479,6 @@ pub async fn clients_remove(
 /// handle for the app it is about to open (a `system/*.cruds` token). Answers
 /// `{"launch": "<handle>"}`, valid for an hour.
 pub async fn launch(State(ctx): State<SharedCtx>, request: Request) -> Response {
-    if !ctx.auth.enabled() {
-        return disabled();
-    }
     if let Err(r) = admin(&ctx, request.headers()).await {
         return r;
     }

@@ -37,10 +37,8 @@ fn policy(path: &str) -> Policy {
     }
 }
 
+/// Installed only under `--auth smart` (see `rest::router`).
 pub async fn layer(State(ctx): State<SharedCtx>, request: Request, next: Next) -> Response {
-    if !ctx.auth.enabled() {
-        return next.run(request).await;
-    }
     let Some(origin) = request
         .headers()
         .get(header::ORIGIN)

@@ -13,7 +13,7 @@ use axum::body::Body as AxumBody;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, get};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::{ErrorKind, FhirError};
@@ -27,44 +27,24 @@ pub const FHIR_PREFIX: &str = "/fhir";
 
 /// All routes of the server.
 pub fn router(ctx: SharedCtx) -> Router {
-    Router::new()
+    let router = Router::new()
         .route(FHIR_PREFIX, any(fhir))
         .route("/fhir/", any(fhir))
         .route("/fhir/{*rest}", any(fhir))
         .route("/health", any(health))
-        .route(
-            "/fhir/.well-known/smart-configuration",
-            get(auth::smart_configuration),
-        )
-        .route(
-            "/fhir/.well-known/openid-configuration",
-            get(auth::openid_configuration),
-        )
-        .route("/auth/jwks", get(auth::jwks))
-        .route("/auth/launch", post(auth::launch))
-        .route(
-            "/auth/clients",
-            get(auth::clients_list).post(auth::clients_add),
-        )
-        .route(
-            "/auth/clients/{id}",
-            axum::routing::delete(auth::clients_remove),
-        )
-        .route("/auth/token", post(auth::token))
-        .route(
-            "/auth/authorize",
-            get(auth::authorize).post(auth::authorize),
-        )
-        .route("/auth/login", post(auth::login))
-        .route("/auth/consent", post(auth::consent))
         .route("/auth/smart-style.json", get(auth::smart_style))
-        .route("/auth/introspect", post(auth::introspect))
-        .route("/auth/revoke", post(auth::revoke))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
+        .merge(auth::routes(ctx.clone()))
+        .fallback(not_found);
+    // Cross-origin answers only exist under --auth smart.
+    let router = if ctx.auth.enabled() {
+        router.layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             cors::layer,
         ))
+    } else {
+        router
+    };
+    router
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(ctx)
 }
