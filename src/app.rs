@@ -56,7 +56,7 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         conditional_delete: settings.conditional_delete,
         search_indexing: settings.search_indexing,
         registry: std::sync::RwLock::new(Arc::new(defs.registry.clone())),
-        auth: crate::auth::Auth::new(settings.auth, settings.audit_reads),
+        auth: crate::auth::Auth::new(settings.auth, settings.audit_reads, settings.oidc.clone()),
         audit: Default::default(),
     });
     let custom = crate::interaction::reindex::load_active(&ctx)

@@ -295,6 +295,29 @@ pub struct ServerArgs {
     /// denied request are always audited) [default: true].
     #[arg(long, env = "IOMT_FHIR_AUDIT_READS")]
     pub audit_reads: Option<bool>,
+    /// OpenID Connect issuer of the hospital's single sign-on, e.g.
+    /// https://login.hospital.example/realms/staff: the SMART login page offers it beside
+    /// local accounts. Register {origin}/auth/oidc/callback there as the redirect URI.
+    #[arg(long, env = "IOMT_FHIR_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// This server's client id at the --oidc-issuer.
+    #[arg(long, env = "IOMT_FHIR_OIDC_CLIENT_ID")]
+    pub oidc_client_id: Option<String>,
+    /// This server's client secret at the --oidc-issuer (better in the environment).
+    #[arg(long, env = "IOMT_FHIR_OIDC_CLIENT_SECRET", hide_env_values = true)]
+    pub oidc_client_secret: Option<String>,
+    /// The fhirUser of a user signed in at the --oidc-issuer, from id_token claims:
+    /// 'Practitioner/{employee_id}', a search that must match one resource
+    /// ('Practitioner?identifier=urn:oid:1.2.3|{employee_id}'), or the claim itself
+    /// [default: {fhirUser}].
+    #[arg(long, env = "IOMT_FHIR_OIDC_FHIR_USER")]
+    pub oidc_fhir_user: Option<String>,
+    /// Scopes asked of the --oidc-issuer, space-separated [default: openid profile].
+    #[arg(long, env = "IOMT_FHIR_OIDC_SCOPE")]
+    pub oidc_scope: Option<String>,
+    /// Name of the --oidc-issuer on the login page [default: hospital sign-in].
+    #[arg(long, env = "IOMT_FHIR_OIDC_LABEL")]
+    pub oidc_label: Option<String>,
     /// PEM certificate chain: serve HTTPS (needs --tls-key).
     #[arg(long, env = "IOMT_FHIR_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -336,6 +359,8 @@ pub struct Settings {
     pub audit_reads: bool,
     /// HTTPS for the REST API.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Sign-in at the hospital's OpenID Connect provider.
+    pub oidc: Option<crate::auth::federation::Config>,
 }
 
 impl Settings {
@@ -493,8 +518,50 @@ impl Settings {
             }),
             _ => return Err("HTTPS needs both --tls-cert and --tls-key".to_string()),
         };
+        let auth = args.auth.or(file.auth).unwrap_or_default();
+        let oidc = match (
+            args.oidc_issuer.clone().or(file.oidc_issuer.clone()),
+            args.oidc_client_id.clone().or(file.oidc_client_id.clone()),
+        ) {
+            (None, None) => None,
+            (Some(issuer), Some(client_id)) => {
+                let c = crate::auth::federation::Config {
+                    issuer,
+                    client_id,
+                    client_secret: args
+                        .oidc_client_secret
+                        .clone()
+                        .or(file.oidc_client_secret.clone()),
+                    fhir_user: args
+                        .oidc_fhir_user
+                        .clone()
+                        .or(file.oidc_fhir_user.clone())
+                        .unwrap_or_else(|| crate::auth::federation::DEFAULT_TEMPLATE.into()),
+                    scopes: args
+                        .oidc_scope
+                        .clone()
+                        .or(file.oidc_scope.clone())
+                        .unwrap_or_else(|| "openid profile".into())
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect(),
+                    label: args
+                        .oidc_label
+                        .clone()
+                        .or(file.oidc_label.clone())
+                        .unwrap_or_else(|| "hospital sign-in".into()),
+                };
+                c.check()?;
+                if auth != crate::auth::Mode::Smart {
+                    return Err("--oidc-issuer needs --auth smart".to_string());
+                }
+                Some(c)
+            }
+            _ => return Err("--oidc-issuer and --oidc-client-id go together".to_string()),
+        };
         Ok(Settings {
-            auth: args.auth.or(file.auth).unwrap_or_default(),
+            auth,
+            oidc,
             audit_reads: args.audit_reads.or(file.audit_reads).unwrap_or(true),
             tls,
             mqtt,

@@ -22,6 +22,8 @@ pub const SESSION_SECS: i64 = 8 * 3600;
 /// Lifetime of an EHR launch handle.
 pub const LAUNCH_SECS: i64 = 3600;
 pub const SESSION_COOKIE: &str = "iomt_session";
+/// The pending sign-in at the hospital's OpenID Connect provider (see `federation.rs`).
+pub const OIDC_COOKIE: &str = "iomt_oidc";
 
 /// What the endpoint answers.
 #[derive(Debug)]
@@ -32,6 +34,9 @@ pub enum Outcome {
     Redirect(String),
     /// Signed in: set the session cookie, then show `html`.
     SignedIn { cookie: String, html: String },
+    /// Off to the hospital's sign-in (`url`), with the sealed pending sign-in as the
+    /// [`OIDC_COOKIE`].
+    Federate { url: String, cookie: String },
 }
 
 fn page(status: u16, title: &str, body: &str) -> Outcome {
@@ -283,11 +288,23 @@ fn login_page(ctx: &Ctx, client: &Client, request: &Value, problem: Option<&str>
     let problem = problem
         .map(|p| format!("<p role=\"alert\">{}</p>", esc(p)))
         .unwrap_or_default();
+    let sso = ctx
+        .auth
+        .federation
+        .as_ref()
+        .map(|f| {
+            format!(
+                "<p><a href=\"oidc/start?request={}\">Sign in with {}</a></p>",
+                esc(&sealed),
+                esc(&f.config.label)
+            )
+        })
+        .unwrap_or_default();
     page(
         if problem.is_empty() { 200 } else { 401 },
         "Sign in",
         &format!(
-            "<p>{} asks to use your account.</p>{problem}<form method=\"post\" action=\"login\"><input type=\"hidden\" name=\"request\" value=\"{}\"><label>Username <input name=\"username\" autocomplete=\"username\"></label><label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\"></label><button type=\"submit\">Sign in</button></form>",
+            "<p>{} asks to use your account.</p>{problem}<form method=\"post\" action=\"login\"><input type=\"hidden\" name=\"request\" value=\"{}\"><label>Username <input name=\"username\" autocomplete=\"username\"></label><label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\"></label><button type=\"submit\">Sign in</button></form>{sso}",
             esc(&client.id),
             esc(&sealed)
         ),
@@ -318,19 +335,118 @@ pub async fn login(ctx: &Ctx, params: &[(String, String)]) -> Outcome {
         param(params, "password").unwrap_or(""),
     );
     match crate::auth::users::check(&ctx.store, user, password).await {
-        Ok(Some(fhir_user)) => {
-            let cookie = sealer.seal(
-                &json!({"user": user, "fhirUser": fhir_user}),
-                now_s() + SESSION_SECS,
-            );
-            match consent_page(ctx, &client, request, user, &fhir_user).await {
-                Outcome::Page { html, .. } => Outcome::SignedIn { cookie, html },
-                other => other,
-            }
-        }
+        Ok(Some(fhir_user)) => signed_in(ctx, sealer, &client, request, user, &fhir_user).await,
         Ok(None) => login_page(ctx, &client, &request, Some("Wrong username or password.")),
         Err(_) => unavailable(),
     }
+}
+
+/// A session for `user`, and the consent page.
+async fn signed_in(
+    ctx: &Ctx,
+    sealer: &crate::auth::seal::Sealer,
+    client: &Client,
+    request: Value,
+    user: &str,
+    fhir_user: &str,
+) -> Outcome {
+    let cookie = sealer.seal(
+        &json!({"user": user, "fhirUser": fhir_user}),
+        now_s() + SESSION_SECS,
+    );
+    match consent_page(ctx, client, request, user, fhir_user).await {
+        Outcome::Page { html, .. } => Outcome::SignedIn { cookie, html },
+        other => other,
+    }
+}
+
+/// The redirect URI registered at the hospital's provider.
+fn oidc_callback_url(ctx: &Ctx) -> String {
+    crate::auth::oauth::endpoint(ctx, "oidc/callback")
+}
+
+/// `GET /auth/oidc/start?request=...`: the link on the login page; off to the hospital's
+/// sign-in, the pending request kept in the browser's sealed cookie with the state, nonce
+/// and PKCE verifier of this sign-in.
+pub async fn oidc_start(ctx: &Ctx, params: &[(String, String)]) -> Outcome {
+    let (Some(federation), Ok(sealer)) = (&ctx.auth.federation, sealer(ctx)) else {
+        return page(404, "Not found", "<p>No single sign-on is configured.</p>");
+    };
+    let request = match open_form(ctx, params, "sign-in") {
+        Ok(r) => r,
+        Err(o) => return o,
+    };
+    match federation.start(&oidc_callback_url(ctx)).await {
+        Ok((url, mut pending)) => {
+            pending["request"] = request;
+            Outcome::Federate {
+                url,
+                cookie: sealer.seal(&pending, now_s() + FORM_SECS),
+            }
+        }
+        Err(e) => page(503, "Sign-in unavailable", &format!("<p>{}</p>", esc(&e.0))),
+    }
+}
+
+/// `GET /auth/oidc/callback`: the provider's answer. The state must match the browser's
+/// cookie (no sign-in started elsewhere can land here), the code is redeemed and its
+/// id_token checked, the claims give the `fhirUser`; then the consent page, as after a local
+/// sign-in.
+pub async fn oidc_callback(
+    ctx: &Ctx,
+    params: &[(String, String)],
+    cookie: Option<&str>,
+) -> Outcome {
+    let (Some(federation), Ok(sealer)) = (&ctx.auth.federation, sealer(ctx)) else {
+        return page(404, "Not found", "<p>No single sign-on is configured.</p>");
+    };
+    let refused = |why: &str| page(401, "Not signed in", &format!("<p>{}</p>", esc(why)));
+    let Some(pending) = cookie.and_then(|c| sealer.open(c, now_s())) else {
+        return refused(
+            "This sign-in has expired or was started in another browser; start again from the application.",
+        );
+    };
+    if param(params, "state") != pending["state"].as_str() {
+        return refused(
+            "This answer belongs to another sign-in; start again from the application.",
+        );
+    }
+    if let Some(error) = param(params, "error") {
+        let detail = param(params, "error_description").unwrap_or(error);
+        return refused(&format!("The sign-in service answered: {detail}"));
+    }
+    let Some(code) = param(params, "code") else {
+        return refused("The sign-in service sent no code.");
+    };
+    let claims = match federation
+        .finish(&oidc_callback_url(ctx), code, &pending)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return refused(&e.0),
+    };
+    let fhir_user = match crate::auth::federation::fhir_user(
+        ctx,
+        &federation.config.fhir_user,
+        &claims,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(e) => return refused(&e.0),
+    };
+    let request = pending["request"].clone();
+    let Ok(Some(client)) =
+        clients::get(&ctx.store, request["client_id"].as_str().unwrap_or("")).await
+    else {
+        return page(
+            400,
+            "Unknown application",
+            "<p>The application is no longer registered.</p>",
+        );
+    };
+    let user = crate::auth::federation::display_name(&claims);
+    signed_in(ctx, sealer, &client, request, &user, &fhir_user).await
 }
 
 async fn consent_page(

@@ -143,14 +143,7 @@ fn from_row(row: Vec<Val>) -> Option<Client> {
 
 /// A JWKS URL must be https, except on loopback (development and tests).
 fn check_jwks_url(url: &str) -> Result<(), String> {
-    let loopback = [
-        "http://127.0.0.1:",
-        "http://127.0.0.1/",
-        "http://localhost:",
-        "http://localhost/",
-        "http://[::1]:",
-    ];
-    if url.starts_with("https://") || loopback.iter().any(|p| url.starts_with(p)) {
+    if crate::auth::https_or_loopback(url) {
         Ok(())
     } else {
         Err(format!(

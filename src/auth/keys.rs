@@ -18,7 +18,7 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
-    fn from_pkcs8(kid: &str, der: &[u8]) -> Result<SigningKey> {
+    pub fn from_pkcs8(kid: &str, der: &[u8]) -> Result<SigningKey> {
         let pair = signature::RsaKeyPair::from_pkcs8(der)
             .map_err(|e| FhirError::internal(format!("signing key {kid}: {e}")))?;
         let c: signature::RsaPublicKeyComponents<Vec<u8>> = pair.public().into();

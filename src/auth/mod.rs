@@ -10,6 +10,7 @@
 pub mod access;
 pub mod authorize;
 pub mod clients;
+pub mod federation;
 pub mod jwt;
 pub mod keys;
 pub mod oauth;
@@ -63,11 +64,14 @@ pub struct Auth {
     jwks_cache: RwLock<HashMap<String, (Instant, serde_json::Value)>>,
     /// Registered CORS origins, with when they were read (see `clients::origin_registered`).
     pub(crate) origins: RwLock<Option<(Instant, std::collections::HashSet<String>)>>,
+    /// The hospital's OpenID Connect provider, if users may sign in there (`--oidc-issuer`).
+    pub federation: Option<federation::Federation>,
 }
 
 impl Auth {
-    pub fn new(mode: Mode, audit_reads: bool) -> Auth {
+    pub fn new(mode: Mode, audit_reads: bool, oidc: Option<federation::Config>) -> Auth {
         Auth {
+            federation: oidc.map(federation::Federation::new),
             mode,
             audit_reads,
             cache: RwLock::new(HashMap::new()),
@@ -356,8 +360,21 @@ pub async fn remote_jwks(
     Ok(set)
 }
 
-/// The HTTP client for JWKS URLs: 5 s timeout, no redirects, the system CA bundle.
-fn http_client() -> std::result::Result<&'static reqwest::Client, String> {
+/// Whether `url` is `https://`, or `http://` on a loopback address (development and tests):
+/// what the server accepts for URLs it fetches keys from.
+pub fn https_or_loopback(url: &str) -> bool {
+    let loopback = [
+        "http://127.0.0.1:",
+        "http://127.0.0.1/",
+        "http://localhost:",
+        "http://localhost/",
+        "http://[::1]:",
+    ];
+    url.starts_with("https://") || loopback.iter().any(|p| url.starts_with(p))
+}
+
+/// The HTTP client for JWKS URLs and the OpenID Connect provider: 5 s timeout, no redirects, the system CA bundle.
+pub(crate) fn http_client() -> std::result::Result<&'static reqwest::Client, String> {
     static CLIENT: std::sync::OnceLock<std::result::Result<reqwest::Client, String>> =
         std::sync::OnceLock::new();
     CLIENT

@@ -117,6 +117,8 @@ pub fn routes(ctx: SharedCtx) -> axum::Router<SharedCtx> {
         .route("/auth/authorize", get(authorize).post(authorize))
         .route("/auth/login", post(login))
         .route("/auth/consent", post(consent))
+        .route("/auth/oidc/start", get(oidc_start))
+        .route("/auth/oidc/callback", get(oidc_callback))
         .route("/auth/introspect", post(introspect))
         .route("/auth/revoke", post(revoke))
         .route_layer(axum::middleware::from_fn_with_state(ctx, only_when_enabled))
@@ -270,17 +272,66 @@ fn outcome(ctx: &SharedCtx, o: authorize::Outcome) -> Response {
         }
         authorize::Outcome::SignedIn { cookie, html } => {
             let mut r = html_response(200, html);
-            let attrs = if secure { "; Secure" } else { "" };
-            if let Ok(v) = HeaderValue::from_str(&format!(
-                "{}={cookie}; Path=/auth; HttpOnly; SameSite=Lax; Max-Age={}{attrs}",
+            set_cookie(
+                &mut r,
                 authorize::SESSION_COOKIE,
-                authorize::SESSION_SECS
-            )) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
-            }
+                &cookie,
+                "/auth",
+                authorize::SESSION_SECS,
+                secure,
+            );
+            // A single sign-on that led here is over.
+            set_cookie(&mut r, authorize::OIDC_COOKIE, "", "/auth/oidc", 0, secure);
+            r
+        }
+        authorize::Outcome::Federate { url, cookie } => {
+            let mut r = outcome(ctx, authorize::Outcome::Redirect(url));
+            set_cookie(
+                &mut r,
+                authorize::OIDC_COOKIE,
+                &cookie,
+                "/auth/oidc",
+                authorize::FORM_SECS,
+                secure,
+            );
             r
         }
     }
+}
+
+/// Appends a `Set-Cookie` (HttpOnly; SameSite=Lax, so it comes back on the top-level
+/// redirect from the hospital's sign-in).
+fn set_cookie(r: &mut Response, name: &str, value: &str, path: &str, max_age: i64, secure: bool) {
+    let attrs = if secure { "; Secure" } else { "" };
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{name}={value}; Path={path}; HttpOnly; SameSite=Lax; Max-Age={max_age}{attrs}"
+    )) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// `GET /auth/oidc/start`: off to the hospital's sign-in.
+pub async fn oidc_start(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    let params = query(&request);
+    outcome(&ctx, authorize::oidc_start(&ctx, &params).await)
+}
+
+/// `GET /auth/oidc/callback`: back from the hospital's sign-in.
+pub async fn oidc_callback(State(ctx): State<SharedCtx>, request: Request) -> Response {
+    let pending = cookie(request.headers(), authorize::OIDC_COOKIE);
+    let params = query(&request);
+    outcome(
+        &ctx,
+        authorize::oidc_callback(&ctx, &params, pending.as_deref()).await,
+    )
+}
+
+fn query(request: &Request) -> Vec<(String, String)> {
+    request
+        .uri()
+        .query()
+        .map(crate::interaction::parse_query)
+        .unwrap_or_default()
 }
 
 /// `GET|POST /auth/authorize` (authorize-post: the same parameters as a form).
@@ -292,11 +343,7 @@ pub async fn authorize(State(ctx): State<SharedCtx>, request: Request) -> Respon
             Err(e) => return oauth_error(&e),
         }
     } else {
-        request
-            .uri()
-            .query()
-            .map(crate::interaction::parse_query)
-            .unwrap_or_default()
+        query(&request)
     };
     outcome(
         &ctx,

@@ -2062,3 +2062,357 @@ async fn audit_reads_off_keeps_denials() {
     assert_eq!(outcomes, vec!["read/4", "update/0"]);
     app.stop().await;
 }
+
+/// A hospital identity provider on 127.0.0.1 for single sign-on tests: discovery, a JWK
+/// Set, an authorization endpoint that signs the user in at once (recording the nonce and
+/// PKCE challenge), and a token endpoint that checks the client secret and PKCE verifier and
+/// answers an RS256 id_token. `tamper` makes it misbehave in one way.
+#[derive(Clone, Default)]
+struct Idp {
+    issuer: String,
+    /// code → (nonce, challenge)
+    codes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, String)>>>,
+    employee: std::sync::Arc<std::sync::Mutex<String>>,
+    tamper: std::sync::Arc<std::sync::Mutex<&'static str>>,
+}
+
+const IDP_CLIENT: &str = "fhir-server";
+const IDP_SECRET: &str = "idp-secret-1";
+
+fn idp_key(kid: &str) -> iomt_fhir::auth::keys::SigningKey {
+    use base64::Engine;
+    let pem = std::fs::read_to_string(fixture("jwt/rs384-client.pk8.pem")).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    iomt_fhir::auth::keys::SigningKey::from_pkcs8(kid, &der).unwrap()
+}
+
+async fn start_idp() -> Idp {
+    use axum::extract::{Query, State};
+    use axum::routing::{get, post};
+    use std::collections::HashMap;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let idp = Idp {
+        issuer: format!("http://{}/realms/staff", listener.local_addr().unwrap()),
+        ..Default::default()
+    };
+    *idp.employee.lock().unwrap() = "E-77".into();
+    async fn discovery(State(idp): State<Idp>) -> axum::Json<Value> {
+        let i = &idp.issuer;
+        axum::Json(json!({
+            "issuer": i,
+            "authorization_endpoint": format!("{i}/authorize"),
+            "token_endpoint": format!("{i}/token"),
+            "jwks_uri": format!("{i}/jwks"),
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        }))
+    }
+    async fn authorize(
+        State(idp): State<Idp>,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> axum::response::Response {
+        assert_eq!(q["client_id"], IDP_CLIENT);
+        assert_eq!(q["response_type"], "code");
+        assert_eq!(q["code_challenge_method"], "S256");
+        assert!(q["scope"].split(' ').any(|s| s == "openid"), "{q:?}");
+        let code = format!("code-{}", JTI.fetch_add(1, Ordering::Relaxed));
+        idp.codes.lock().unwrap().insert(
+            code.clone(),
+            (q["nonce"].clone(), q["code_challenge"].clone()),
+        );
+        let mut to = form_urlencoded::Serializer::new(format!("{}?", q["redirect_uri"]));
+        to.append_pair("code", &code)
+            .append_pair("state", &q["state"]);
+        axum::response::Response::builder()
+            .status(302)
+            .header("location", to.finish())
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+    async fn token(
+        State(idp): State<Idp>,
+        headers: axum::http::HeaderMap,
+        axum::extract::Form(f): axum::extract::Form<HashMap<String, String>>,
+    ) -> axum::response::Response {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let basic = format!("Basic {}", b64.encode(format!("{IDP_CLIENT}:{IDP_SECRET}")));
+        let deny = |e: &str| {
+            (
+                axum::http::StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": e})),
+            )
+                .into_response()
+        };
+        if headers.get("authorization").and_then(|h| h.to_str().ok()) != Some(basic.as_str()) {
+            return deny("invalid_client");
+        }
+        let Some((nonce, challenge)) = idp.codes.lock().unwrap().remove(&f["code"]) else {
+            return deny("invalid_grant");
+        };
+        if s256(&f["code_verifier"]) != challenge {
+            return deny("invalid_grant");
+        }
+        let tamper = *idp.tamper.lock().unwrap();
+        let claims = json!({
+            "iss": if tamper == "issuer" { "https://elsewhere.example" } else { idp.issuer.as_str() },
+            "sub": "staff-1029",
+            "aud": IDP_CLIENT,
+            "iat": now(), "exp": now() + 300,
+            "nonce": if tamper == "nonce" { "another-nonce" } else { nonce.as_str() },
+            "preferred_username": "g.house",
+            "employee_id": *idp.employee.lock().unwrap(),
+        });
+        let kid = if tamper == "kid" {
+            "unpublished"
+        } else {
+            "idp-1"
+        };
+        let mut id_token = idp_key(kid).sign(&claims).unwrap();
+        if tamper == "signature" {
+            // A character in the middle: the last one may carry only padding bits.
+            let at = id_token.len() - 20;
+            let flip = if &id_token[at..=at] == "A" { "B" } else { "A" };
+            id_token.replace_range(at..=at, flip);
+        }
+        axum::Json(json!({
+            "access_token": "idp-access", "token_type": "Bearer", "expires_in": 300,
+            "id_token": id_token,
+        }))
+        .into_response()
+    }
+    use axum::response::IntoResponse;
+    let jwks = json!({"keys": [idp_key("idp-1").jwk]});
+    let router = axum::Router::new()
+        .route(
+            "/realms/staff/.well-known/openid-configuration",
+            get(discovery),
+        )
+        .route("/realms/staff/authorize", get(authorize))
+        .route("/realms/staff/token", post(token))
+        .route(
+            "/realms/staff/jwks",
+            get(move || {
+                let jwks = jwks.clone();
+                async move { axum::Json(jwks) }
+            }),
+        )
+        .with_state(idp.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    idp
+}
+
+fn s256(verifier: &str) -> String {
+    use base64::Engine;
+    let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
+/// The first `Set-Cookie` named `name`: `name=value`.
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|c| c.to_str().ok())
+        .map(|c| c.split(';').next().unwrap_or("").to_string())
+        .find(|c| c.starts_with(&format!("{name}=")) && c.len() > name.len() + 1)
+}
+
+/// Authorize → "Sign in with Staff SSO" → the provider → back; the page the server shows
+/// then (consent on success), with the session cookie if one was set. `state` replaces the
+/// provider's answer's state; `cookie` false drops the pending sign-in cookie.
+async fn sso(app: &TestApp, state: Option<&str>, cookie: bool) -> (u16, String, Option<String>) {
+    let (_, challenge) = pkce("sso");
+    let b = browser();
+    let html = b
+        .get(format!("{}/auth/authorize", origin(app)))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", "web-app"),
+            ("redirect_uri", REDIRECT),
+            ("scope", "openid fhirUser user/*.rs"),
+            ("state", "s-123"),
+            ("aud", app.base.as_str()),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let at = html
+        .find("href=\"oidc/start?")
+        .unwrap_or_else(|| panic!("no single sign-on link: {html}"))
+        + "href=\"".len();
+    let link = html[at..].split('"').next().unwrap().replace("&amp;", "&");
+    assert!(html.contains("Sign in with Staff SSO"), "{html}");
+    let r = b
+        .get(format!("{}/auth/{link}", origin(app)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302, "start");
+    let pending = set_cookie(&r, "iomt_oidc").expect("the pending sign-in cookie");
+    let to_idp = r.headers()["location"].to_str().unwrap().to_string();
+    let r = b.get(&to_idp).send().await.unwrap();
+    assert_eq!(r.status(), 302, "provider");
+    let mut back = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        back.starts_with(&format!("{}/auth/oidc/callback?", origin(app))),
+        "{back}"
+    );
+    if let Some(s) = state {
+        let mut pairs = query_of(&back);
+        pairs.retain(|(k, _)| k != "state");
+        pairs.push(("state".into(), s.into()));
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.extend_pairs(pairs);
+        back = format!("{}/auth/oidc/callback?{}", origin(app), q.finish());
+    }
+    let mut req = b.get(&back);
+    if cookie {
+        req = req.header("cookie", pending);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let session = set_cookie(&r, "iomt_session");
+    (status, r.text().await.unwrap(), session)
+}
+
+/// Single sign-on at the hospital's OpenID Connect provider (`--oidc-issuer`): the id_token
+/// is checked, its `employee_id` claim finds the Practitioner by identifier, and the app's
+/// id_token names that Practitioner; every tampered answer is refused.
+async fn single_sign_on(backend: Backend) {
+    let idp = start_idp().await;
+    let issuer = idp.issuer.clone();
+    let Some(app) = spawn_with(backend, |a| {
+        a.auth = Some(iomt_fhir::auth::Mode::Smart);
+        a.tls_cert = Some(fixture("tls/server.pem"));
+        a.tls_key = Some(fixture("tls/server.key"));
+        a.oidc_issuer = Some(issuer);
+        a.oidc_client_id = Some(IDP_CLIENT.into());
+        a.oidc_client_secret = Some(IDP_SECRET.into());
+        a.oidc_fhir_user = Some("Practitioner?identifier=urn:oid:1.2.3|{employee_id}".into());
+        a.oidc_label = Some("Staff SSO".into());
+    })
+    .await
+    else {
+        return;
+    };
+    let client = Client {
+        id: "web-app".into(),
+        kind: Kind::Public,
+        secret_hash: None,
+        jwks: None,
+        jwks_url: None,
+        scopes: scope::parse_list("openid fhirUser user/*.rs").unwrap(),
+        redirect_uris: vec![REDIRECT.into()],
+        origins: vec![],
+    };
+    iomt_fhir::auth::clients::add(&app.ctx.store, client)
+        .await
+        .unwrap();
+    let admin = context_token(&app, "system/*.cruds", None).await;
+    for (id, employee) in [
+        ("house", "E-77"),
+        ("wilson", "E-78"),
+        ("twin-1", "E-99"),
+        ("twin-2", "E-99"),
+    ] {
+        let (s, _) = send(
+            &app,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("Practitioner/{id}"),
+            &json!({"resourceType": "Practitioner", "id": id,
+                    "identifier": [{"system": "urn:oid:1.2.3", "value": employee}]}),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+
+    let (status, html, session) = sso(&app, None, true).await;
+    assert_eq!(status, 200, "{html}");
+    assert!(
+        html.contains("Signed in as g.house (Practitioner/house)"),
+        "{html}"
+    );
+    let session = session.expect("a session cookie");
+    let r = browser()
+        .post(format!("{}/auth/consent", origin(&app)))
+        .header("cookie", session)
+        .form(&[
+            ("request", hidden_request(&html).as_str()),
+            ("decision", "allow"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let code = code_of(Ended::Redirect(query_of(
+        r.headers()["location"].to_str().unwrap(),
+    )))
+    .await;
+    let (verifier, _) = pkce("sso");
+    let (s, tokens) = redeem(&app, &code, &verifier).await;
+    assert_eq!(s, 200, "{tokens}");
+    let jwks: Value = browser()
+        .get(format!("{}/auth/jwks", origin(&app)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let claims = verify_rs256(tokens["id_token"].as_str().unwrap(), &jwks);
+    assert_eq!(
+        claims["fhirUser"],
+        format!("{}/Practitioner/house", app.base)
+    );
+
+    // Refused: another sign-in's state, no pending cookie, and each tampered id_token.
+    let (s, html, _) = sso(&app, Some("forged"), true).await;
+    assert_eq!(s, 401, "{html}");
+    assert!(html.contains("belongs to another sign-in"), "{html}");
+    let (s, html, _) = sso(&app, None, false).await;
+    assert_eq!(s, 401, "{html}");
+    for tamper in ["nonce", "issuer", "kid", "signature"] {
+        *idp.tamper.lock().unwrap() = tamper;
+        let (s, html, session) = sso(&app, None, true).await;
+        assert_eq!((s, session.is_none()), (401, true), "{tamper}: {html}");
+        assert!(html.contains("failed its checks"), "{tamper}: {html}");
+    }
+    *idp.tamper.lock().unwrap() = "";
+    // Claims that find no Practitioner, or two.
+    for (employee, why) in [
+        ("E-00", "no Practitioner"),
+        ("E-99", "several Practitioner"),
+    ] {
+        *idp.employee.lock().unwrap() = employee.into();
+        let (s, html, _) = sso(&app, None, true).await;
+        assert_eq!(s, 401, "{html}");
+        assert!(html.contains(why), "{employee}: {html}");
+    }
+    // And back to normal: the provider's keys were fetched again after the failures.
+    *idp.employee.lock().unwrap() = "E-78".into();
+    let (s, html, _) = sso(&app, None, true).await;
+    assert_eq!(s, 200, "{html}");
+    assert!(html.contains("(Practitioner/wilson)"), "{html}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_sign_on_sqlite() {
+    single_sign_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_sign_on_postgres() {
+    single_sign_on(Backend::Postgres).await;
+}
