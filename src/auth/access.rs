@@ -90,6 +90,58 @@ impl Grant {
         })
     }
 
+    /// [`Grant::permits`] for a stored resource of type `ty` (its JSON text), parsing only
+    /// the top-level elements the check reads where that can be told.
+    pub fn permits_text(&self, ctx: &Ctx, ty: &str, perms: Perms, text: &str) -> bool {
+        let registry = ctx.registry();
+        let mut fields = vec![("resourceType", false), ("id", false)];
+        let parsed = match self.fields_needed(ctx, &registry, ty, perms, &mut fields) {
+            Some(()) => parse_fields(text, &fields),
+            None => serde_json::from_str::<Value>(text).ok(),
+        };
+        parsed.is_some_and(|v| self.permits(ctx, perms, &v))
+    }
+
+    /// Adds to `out` the top-level elements [`Grant::permits`] reads of a `ty` resource;
+    /// `None`: cannot be told (parse it whole).
+    fn fields_needed<'r>(
+        &self,
+        ctx: &Ctx,
+        registry: &'r crate::search::registry::Registry,
+        ty: &str,
+        perms: Perms,
+        out: &mut Vec<(&'r str, bool)>,
+    ) -> Option<()> {
+        let mut add = |code: &str| -> Option<()> {
+            // `_id` reads `id`, always kept; an unknown parameter matches nothing.
+            let Some(p) = registry.get(ty, code) else {
+                return Some(());
+            };
+            if !p.components.is_empty() {
+                return None;
+            }
+            p.expression.as_ref()?.root_fields(ty, out)
+        };
+        for s in self.scopes_for(ty, perms) {
+            if self.compartment_of(s).is_some() && ty != "Patient" {
+                for code in ctx
+                    .defs
+                    .compartments
+                    .get("Patient")
+                    .and_then(|m| m.get(ty))
+                    .into_iter()
+                    .flatten()
+                {
+                    add(code)?;
+                }
+            }
+            for (code, _) in &s.params {
+                add(code)?;
+            }
+        }
+        Some(())
+    }
+
     /// Whether `resource` may be handled with one of `perms` under some scope.
     pub fn permits(&self, ctx: &Ctx, perms: Perms, resource: &Value) -> bool {
         let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
@@ -333,5 +385,99 @@ pub fn narrowing(grant: &Grant, ty: &str) -> Narrowing {
             params: s.params.clone(),
         },
         _ => Narrowing::Filter,
+    }
+}
+
+/// Parses a stored resource keeping only the top-level elements in `fields` (the others are
+/// scanned, not built): what a restricted read needs to check a resource it will send as is.
+pub fn parse_fields(text: &str, fields: &[(&str, bool)]) -> Option<Value> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    use std::borrow::Cow;
+
+    struct Key<'de>(Cow<'de, str>);
+    impl<'de> serde::Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a key")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Key<'de>, E> {
+                    Ok(Key(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> std::result::Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(v.to_string())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    struct Pruned<'f>(&'f [(&'f str, bool)]);
+    impl<'de> DeserializeSeed<'de> for Pruned<'_> {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Pruned<'_> {
+        type Value = Value;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a resource")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(Key(k)) = m.next_key()? {
+                let wanted = self
+                    .0
+                    .iter()
+                    .any(|(name, choice)| k == *name || (*choice && k.starts_with(name)));
+                if wanted {
+                    out.insert(k.into_owned(), m.next_value()?);
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Value::Object(out))
+        }
+    }
+    let mut d = serde_json::Deserializer::from_str(text);
+    let v = Pruned(fields).deserialize(&mut d).ok()?;
+    d.end().ok()?;
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_fields_keeps_only_what_is_asked() {
+        let f = |name: &'static str, choice: bool| (name, choice);
+        let text = r#"{"resourceType":"Observation","id":"o1","meta":{"versionId":"2"},
+            "code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},
+            "valueQuantity":{"value":72},"sub\"ject":{"reference":"Patient/x"},
+            "subject":{"reference":"Patient/p"}}"#;
+        let v = parse_fields(
+            text,
+            &[f("resourceType", false), f("code", false), f("value", true)],
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"resourceType": "Observation",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                "valueQuantity": {"value": 72}})
+        );
+        let v = parse_fields(text, &[f("subject", false)]).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"subject": {"reference": "Patient/p"}})
+        );
+        // Not JSON, or trailing text: no answer (the caller denies).
+        assert!(parse_fields("{\"a\":", &[]).is_none());
+        assert!(parse_fields("{} x", &[]).is_none());
+        assert!(parse_fields("[1]", &[]).is_none());
     }
 }

@@ -6,10 +6,11 @@
 //! and a full queue makes requests wait rather than lose events. Under `--auth smart` the
 //! API cannot create, change or delete AuditEvents.
 //!
-//! A request queues a compact [`Record`], not JSON. When the writer is behind, successful
-//! reads (read, vread, search, history) that share client, user, patient, address and
-//! interaction are coalesced into one event listing each resource or query as an entity
-//! (at most [`ENTITIES`]) with the first and last time as `period`; denials and writes always
+//! A request queues a compact [`Record`], not JSON. The writer takes the queue at most once
+//! a second; successful reads (read, vread, search, history) in it that share a token,
+//! address and interaction are coalesced into one event listing each resource or query they
+//! touched once as an entity (at most [`ENTITIES`] per event; more make more events), with
+//! the first and last time as `period` and the number of requests; denials and writes always
 //! get an event of their own. Under light load every request has its own event.
 
 use std::collections::HashMap;
@@ -175,10 +176,33 @@ fn subtype(i: &Interaction) -> &'static str {
     }
 }
 
+/// What a request touched: a resource, or a query.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Entity {
+    Resource(String),
+    Query(String),
+}
+
+impl Entity {
+    fn to_json(&self) -> Value {
+        match self {
+            Entity::Resource(r) => json!({"what": {"reference": r}}),
+            Entity::Query(q) => {
+                use base64::Engine;
+                json!({
+                    "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+                    "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "24", "display": "Query"},
+                    "query": base64::engine::general_purpose::STANDARD.encode(q),
+                })
+            }
+        }
+    }
+}
+
 /// A record, understood: its interaction code and the entities it touched.
 struct Seen {
     code: &'static str,
-    entities: Vec<Value>,
+    entities: Vec<Entity>,
 }
 
 fn understand(ctx: &Ctx, r: &Record) -> Seen {
@@ -196,31 +220,34 @@ fn understand(ctx: &Ctx, r: &Record) -> Seen {
         | Interaction::HistoryInstance(t, id),
     ) = &routed
     {
-        entities.push(json!({"what": {"reference": format!("{t}/{id}")}}));
+        entities.push(Entity::Resource(format!("{t}/{id}")));
     }
     if let Some(q) = r.query.as_deref().filter(|q| !q.is_empty()) {
-        use base64::Engine;
-        entities.push(json!({
-            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
-            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "24", "display": "Query"},
-            "query": base64::engine::general_purpose::STANDARD.encode(q),
-        }));
+        entities.push(Entity::Query(q.to_string()));
     }
     Seen { code, entities }
 }
 
-/// Turns queued records into AuditEvents, coalescing successful reads.
+/// Successful reads of one caller (token), address and interaction in one batch.
+struct Group {
+    first: Record,
+    last: Micros,
+    requests: usize,
+    /// Each resource or query once, in the order first seen.
+    entities: Vec<Entity>,
+    seen: std::collections::HashSet<Entity>,
+}
+
+/// Turns queued records into AuditEvents. Successful reads of one token from one address
+/// with one interaction code become one event per [`ENTITIES`] distinct resources or queries
+/// they touched (each listed once however often it was read), with the period they span
+/// and how many requests they were; everything else gets an event of its own.
 fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
-    type Key = (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<IpAddr>,
-        &'static str,
-    );
+    // The token's grant (the same Arc for every request with one token: records hold
+    // their grants, so no address is reused within a batch), address, interaction.
+    type Key = (usize, Option<IpAddr>, &'static str);
     let mut out = Vec::new();
-    let mut groups: HashMap<Key, (usize, Micros, Micros, Vec<Value>, usize)> = HashMap::new();
-    let mut firsts: Vec<Record> = Vec::new();
+    let mut groups: HashMap<Key, Group> = HashMap::new();
     for r in records {
         let seen = understand(ctx, &r);
         let reading = matches!(
@@ -233,56 +260,43 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
                 | "history-type"
                 | "history-system"
         );
-        if !reading || r.status >= 400 || r.grant.is_none() {
-            out.push(event(ctx, &r, seen.code, seen.entities, None, 1));
+        let Some(grant) = r.grant.as_ref().filter(|_| reading && r.status < 400) else {
+            let entities = seen.entities.iter().map(Entity::to_json).collect();
+            out.push(event(ctx, &r, seen.code, entities, None, 1, None));
             continue;
-        }
-        let g = r.grant.as_deref();
-        let key: Key = (
-            g.map(|g| g.client_id.clone()),
-            g.and_then(|g| g.fhir_user.clone()),
-            g.and_then(|g| g.patient.clone()),
-            r.address,
-            seen.code,
-        );
-        let full = groups
-            .get(&key)
-            .is_some_and(|e| e.3.len() + seen.entities.len() > ENTITIES);
-        if full && let Some((i, first, last, entities, n)) = groups.remove(&key) {
-            out.push(event(
-                ctx,
-                &firsts[i],
-                key.4,
-                entities,
-                Some((first, last)),
-                n,
-            ));
-        }
-        match groups.get_mut(&key) {
-            Some(e) => {
-                e.2 = r.at;
-                for x in seen.entities {
-                    if !e.3.contains(&x) {
-                        e.3.push(x);
-                    }
-                }
-                e.4 += 1;
-            }
-            None => {
-                groups.insert(key, (firsts.len(), r.at, r.at, seen.entities, 1));
-                firsts.push(r);
+        };
+        let key: Key = (Arc::as_ptr(grant) as usize, r.address, seen.code);
+        let at = r.at;
+        let group = groups.entry(key).or_insert_with(|| Group {
+            first: r,
+            last: at,
+            requests: 0,
+            entities: Vec::new(),
+            seen: Default::default(),
+        });
+        group.last = at;
+        group.requests += 1;
+        for e in seen.entities {
+            if !group.seen.contains(&e) {
+                group.seen.insert(e.clone());
+                group.entities.push(e);
             }
         }
     }
-    for (key, (i, first, last, entities, n)) in groups {
-        out.push(event(
-            ctx,
-            &firsts[i],
-            key.4,
-            entities,
-            Some((first, last)),
-            n,
-        ));
+    for (key, g) in groups {
+        let period = Some((g.first.at, g.last));
+        let parts = g.entities.len().div_ceil(ENTITIES).max(1);
+        let mut chunks = g.entities.chunks(ENTITIES);
+        for part in 1..=parts {
+            let entities = chunks
+                .next()
+                .map(|c| c.iter().map(Entity::to_json).collect())
+                .unwrap_or_default();
+            let of = (parts > 1).then_some((part, parts));
+            out.push(event(
+                ctx, &g.first, key.2, entities, period, g.requests, of,
+            ));
+        }
     }
     out
 }
@@ -295,6 +309,7 @@ fn event(
     mut entities: Vec<Value>,
     period: Option<(Micros, Micros)>,
     count: usize,
+    part: Option<(usize, usize)>,
 ) -> Value {
     let action = match code {
         "create" => "C",
@@ -338,8 +353,11 @@ fn event(
             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"}
         }));
     }
-    let description = if count > 1 {
-        format!("{count} {code} requests, all answered without error")
+    let description = if count > 1 || part.is_some() {
+        let part = part
+            .map(|(i, n)| format!(" (what they read: part {i} of {n})"))
+            .unwrap_or_default();
+        format!("{count} {code} requests, all answered without error{part}")
     } else {
         format!(
             "{:?} {}{} -> {}",

@@ -124,9 +124,11 @@ pub async fn handle(
         {
             Err(no_version(t, id, vid))
         }
-        (I::Read(t, id), Ok(r)) => single(ctx, &grant, r, Perms::R).ok_or_else(|| not_known(t, id)),
+        (I::Read(t, id), Ok(r)) => {
+            single(ctx, &grant, t, r, Perms::R).ok_or_else(|| not_known(t, id))
+        }
         (I::Vread(t, id, vid), Ok(r)) => {
-            single(ctx, &grant, r, Perms::R).ok_or_else(|| no_version(t, id, vid))
+            single(ctx, &grant, t, r, Perms::R).ok_or_else(|| no_version(t, id, vid))
         }
         (I::HistoryInstance(t, id), Ok(r)) => {
             let (r, kept) = filtered(ctx, &grant, r, rs, false);
@@ -196,13 +198,18 @@ async fn check_change(
 }
 
 /// A single-resource response, if the token may see it.
-fn single(ctx: &SharedCtx, grant: &Grant, r: FhirResponse, perm: Perms) -> Option<FhirResponse> {
+fn single(
+    ctx: &SharedCtx,
+    grant: &Grant,
+    ty: &str,
+    r: FhirResponse,
+    perm: Perms,
+) -> Option<FhirResponse> {
     let ok = match &r.body {
         Body::None | Body::Bytes(..) => true,
         Body::Json(v) => grant.permits(ctx, perm, v),
-        Body::Raw(s) => {
-            serde_json::from_str::<Value>(s).is_ok_and(|v| grant.permits(ctx, perm, &v))
-        }
+        // The stored text goes out as is: only what the check reads is parsed.
+        Body::Raw(s) => grant.permits_text(ctx, ty, perm, s),
     };
     ok.then_some(r)
 }

@@ -153,6 +153,18 @@ pub fn parse(src: &str) -> Result<Expr, FhirPathError> {
 }
 
 impl Expr {
+    /// Adds to `out` the top-level elements of a `resource_type` resource the expression
+    /// can read, as (name, is a choice element: `name[Type]` too), so a caller may parse only
+    /// those; `None` when that cannot be told (an expression that navigates from the
+    /// resource in a way not followed here). Branches for other types read nothing.
+    pub fn root_fields<'a>(
+        &'a self,
+        resource_type: &str,
+        out: &mut Vec<(&'a str, bool)>,
+    ) -> Option<()> {
+        root_fields(&self.ast, true, resource_type, out)
+    }
+
     /// Evaluates against a resource, which is both the focus and `%resource`.
     pub fn evaluate<'a>(&self, resource: &'a Value) -> Vec<Node<'a>> {
         let focus = Node {
@@ -187,6 +199,58 @@ impl Expr {
 }
 
 /// `%resource`, with its type looked up once per evaluation.
+/// Collects into `out` the top-level elements `ast` reads; `at_root`: the focus is the
+/// resource itself (the top of the expression, not inside `where`).
+fn root_fields<'a>(
+    ast: &'a Ast,
+    at_root: bool,
+    ty: &str,
+    out: &mut Vec<(&'a str, bool)>,
+) -> Option<()> {
+    match ast {
+        Ast::Path { start, steps } => {
+            let from_root = match start {
+                Start::Resource => true,
+                // `Observation.code` yields nothing on a Patient.
+                Start::TypeName(t) if at_root && !resource_type_matches(ty, t) => return Some(()),
+                Start::TypeName(_) => true,
+                Start::Focus => at_root,
+                Start::Expr(inner) => {
+                    root_fields(inner, at_root, ty, out)?;
+                    false
+                }
+            };
+            if from_root {
+                match steps.first() {
+                    Some(Step::Member { name, choice }) => out.push((name, choice.is_some())),
+                    Some(Step::Extension(_)) => out.push(("extension", false)),
+                    // The resource itself, filtered or indexed: anything may be read.
+                    Some(_) => return None,
+                    None => {}
+                }
+            }
+            // Criteria inside `where` start from their own focus; `%resource` in them is
+            // a path from the root like any other.
+            for step in steps {
+                if let Step::Where(criteria) = step {
+                    root_fields(criteria, false, ty, out)?;
+                }
+            }
+            Some(())
+        }
+        Ast::Union(parts) => parts
+            .iter()
+            .try_for_each(|p| root_fields(p, at_root, ty, out)),
+        Ast::Equals { left, right, .. } | Ast::And(left, right) => {
+            root_fields(left, at_root, ty, out)?;
+            root_fields(right, at_root, ty, out)
+        }
+        Ast::Is { operand, .. } | Ast::Exists(operand) => root_fields(operand, at_root, ty, out),
+        Ast::ResolveIs { refs, .. } => root_fields(refs, at_root, ty, out),
+        Ast::StringLiteral(_) | Ast::BoolLiteral(_) => Some(()),
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Root<'a> {
     value: &'a Value,
@@ -1249,6 +1313,44 @@ const CHOICE_ELEMENTS: &[(&str, &[&str])] = &[
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn roots(expr: &str) -> Option<Vec<String>> {
+        let e = parse(expr).unwrap();
+        let mut out = Vec::new();
+        e.root_fields("Observation", &mut out).map(|_| {
+            out.into_iter()
+                .map(|(name, choice)| format!("{name}{}", if choice { "[x]" } else { "" }))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn root_fields_are_the_first_members_from_the_resource() {
+        let some = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            roots("Observation.subject.where(resolve() is Patient)"),
+            some(&["subject[x]"])
+        );
+        assert_eq!(
+            roots("(Observation.value as Quantity) | Observation.component.value"),
+            some(&["value[x]", "component"])
+        );
+        assert_eq!(roots("Resource.meta.tag"), some(&["meta"]));
+        assert_eq!(
+            roots("Observation.component.where(code.coding.code = 'x').value"),
+            some(&["component"])
+        );
+        assert_eq!(
+            roots("Observation.extension('http://e.org/x').value"),
+            some(&["extension"])
+        );
+        assert_eq!(
+            roots("Condition.code | Observation.code | Procedure.code"),
+            some(&["code[x]"])
+        );
+        assert_eq!(roots("Observation.component[0]"), some(&["component"]));
+        assert_eq!(roots("Observation[0].code"), None);
+    }
 
     /// Evaluates `expr` on `resource` and compares the values with `expected` (a JSON array).
     fn check(expr: &str, resource: Value, expected: Value) {

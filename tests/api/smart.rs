@@ -1113,6 +1113,61 @@ async fn audit_trail(app: &TestApp) {
         read_events < 120,
         "reads waiting together share events ({read_events} events)"
     );
+
+    // The same resources read again and again: each listed once per event.
+    for i in 0..3 {
+        send(
+            app,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("Patient/again-{i}"),
+            &json!({"resourceType": "Patient", "id": format!("again-{i}")}),
+        )
+        .await;
+    }
+    let reads = (0..150).map(|i| {
+        let (app, admin) = (&app, &admin);
+        async move {
+            get(app, Some(admin), &format!("Patient/again-{}", i % 3))
+                .await
+                .0
+        }
+    });
+    for s in futures_util::future::join_all(reads).await {
+        assert_eq!(s, 200);
+    }
+    let mut mentions = 0;
+    for _ in 0..100 {
+        let (_, b) = get(
+            app,
+            Some(&admin),
+            "AuditEvent?entity=Patient/again-0,Patient/again-1,Patient/again-2&subtype=read&_count=1000",
+        )
+        .await;
+        let mut found = std::collections::HashSet::new();
+        mentions = 0;
+        for e in b["entry"].as_array().into_iter().flatten() {
+            let refs: Vec<&str> = e["resource"]["entity"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x["what"]["reference"].as_str())
+                .filter(|r| r.starts_with("Patient/again-"))
+                .collect();
+            let unique: std::collections::HashSet<_> = refs.iter().collect();
+            assert_eq!(unique.len(), refs.len(), "listed once per event: {e}");
+            mentions += refs.len();
+            found.extend(unique.into_iter().map(|r| r.to_string()));
+        }
+        if found.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        (3..150).contains(&mentions),
+        "150 reads of 3 resources are listed {mentions} times"
+    );
 }
 
 /// CORS: discovery open to any origin; the API and token endpoint only to registered ones.
