@@ -146,9 +146,8 @@ async fn write_batch(ctx: &SharedCtx, records: Vec<Record>) {
 pub struct Record {
     pub at: Micros,
     pub method: Method,
-    /// Path below the server root (`/fhir/Patient/1`).
-    pub path: String,
-    pub query: Option<String>,
+    /// The request target (`/fhir/Patient/1?...`); cloning a `Uri` shares its bytes.
+    pub uri: axum::http::Uri,
     pub status: u16,
     /// `None`: no valid token (a 401).
     pub grant: Option<Arc<Grant>>,
@@ -206,9 +205,13 @@ struct Seen {
 }
 
 fn understand(ctx: &Ctx, r: &Record) -> Seen {
-    let routed = r.path.strip_prefix(crate::rest::FHIR_PREFIX).and_then(|p| {
-        crate::interaction::route(ctx.defs, r.method, &crate::interaction::split_path(p)).ok()
-    });
+    let routed = r
+        .uri
+        .path()
+        .strip_prefix(crate::rest::FHIR_PREFIX)
+        .and_then(|p| {
+            crate::interaction::route(ctx.defs, r.method, &crate::interaction::split_path(p)).ok()
+        });
     let code = routed.as_ref().map_or("operation", subtype);
     let mut entities = Vec::new();
     if let Some(
@@ -222,7 +225,7 @@ fn understand(ctx: &Ctx, r: &Record) -> Seen {
     {
         entities.push(Entity::Resource(format!("{t}/{id}")));
     }
-    if let Some(q) = r.query.as_deref().filter(|q| !q.is_empty()) {
+    if let Some(q) = r.uri.query().filter(|q| !q.is_empty()) {
         entities.push(Entity::Query(q.to_string()));
     }
     Seen { code, entities }
@@ -230,72 +233,112 @@ fn understand(ctx: &Ctx, r: &Record) -> Seen {
 
 /// Successful reads of one caller (token), address and interaction in one batch.
 struct Group {
-    first: Record,
+    /// The first request's record.
+    first: usize,
     last: Micros,
     requests: usize,
-    /// Each resource or query once, in the order first seen.
-    entities: Vec<Entity>,
-    seen: std::collections::HashSet<Entity>,
+    /// Each resource or query once (indexes into the batch's entity table), in the order
+    /// first seen.
+    entities: Vec<usize>,
+    seen: std::collections::HashSet<usize>,
+}
+
+/// The interaction codes whose successful requests are coalesced.
+fn is_reading(code: &str) -> bool {
+    matches!(
+        code,
+        "read"
+            | "vread"
+            | "search-type"
+            | "search-system"
+            | "history-instance"
+            | "history-type"
+            | "history-system"
+    )
 }
 
 /// Turns queued records into AuditEvents. Successful reads of one token from one address
 /// with one interaction code become one event per [`ENTITIES`] distinct resources or queries
 /// they touched (each listed once however often it was read), with the period they span
-/// and how many requests they were; everything else gets an event of its own.
+/// and how many requests they were; everything else gets an event of its own. Reads repeat
+/// (dashboards poll the same resources), so each distinct GET target is routed once.
 fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
-    // The token's grant (the same Arc for every request with one token: records hold
-    // their grants, so no address is reused within a batch), address, interaction.
-    type Key = (usize, Option<IpAddr>, &'static str);
+    // Every entity of the batch once; records refer to them by index.
+    let mut table: Vec<Entity> = Vec::new();
+    let mut index: HashMap<Entity, usize> = HashMap::new();
+    let mut intern = |e: Entity, table: &mut Vec<Entity>| -> usize {
+        *index.entry(e).or_insert_with_key(|e| {
+            table.push(e.clone());
+            table.len() - 1
+        })
+    };
+    let mut routed: HashMap<&str, (&'static str, Vec<usize>)> = HashMap::new();
+    // A token is one `Arc<Grant>` (records hold their grants, so no address is reused
+    // within a batch).
+    let mut groups: HashMap<(usize, Option<IpAddr>, &'static str), Group> = HashMap::new();
     let mut out = Vec::new();
-    let mut groups: HashMap<Key, Group> = HashMap::new();
-    for r in records {
-        let seen = understand(ctx, &r);
-        let reading = matches!(
-            seen.code,
-            "read"
-                | "vread"
-                | "search-type"
-                | "search-system"
-                | "history-instance"
-                | "history-type"
-                | "history-system"
-        );
-        let Some(grant) = r.grant.as_ref().filter(|_| reading && r.status < 400) else {
-            let entities = seen.entities.iter().map(Entity::to_json).collect();
-            out.push(event(ctx, &r, seen.code, entities, None, 1, None));
+    for (i, r) in records.iter().enumerate() {
+        let (code, ids) = if matches!(r.method, Method::Get) {
+            let target = r.uri.path_and_query().map_or("", |p| p.as_str());
+            routed
+                .entry(target)
+                .or_insert_with(|| {
+                    let seen = understand(ctx, r);
+                    let ids = seen
+                        .entities
+                        .into_iter()
+                        .map(|e| intern(e, &mut table))
+                        .collect();
+                    (seen.code, ids)
+                })
+                .clone()
+        } else {
+            let seen = understand(ctx, r);
+            let ids = seen
+                .entities
+                .into_iter()
+                .map(|e| intern(e, &mut table))
+                .collect();
+            (seen.code, ids)
+        };
+        let Some(grant) = r
+            .grant
+            .as_ref()
+            .filter(|_| is_reading(code) && r.status < 400)
+        else {
+            let entities = ids.iter().map(|&e| table[e].to_json()).collect();
+            out.push(event(ctx, r, code, entities, None, 1, None));
             continue;
         };
-        let key: Key = (Arc::as_ptr(grant) as usize, r.address, seen.code);
-        let at = r.at;
-        let group = groups.entry(key).or_insert_with(|| Group {
-            first: r,
-            last: at,
-            requests: 0,
-            entities: Vec::new(),
-            seen: Default::default(),
-        });
-        group.last = at;
+        let group = groups
+            .entry((Arc::as_ptr(grant) as usize, r.address, code))
+            .or_insert_with(|| Group {
+                first: i,
+                last: r.at,
+                requests: 0,
+                entities: Vec::new(),
+                seen: Default::default(),
+            });
+        group.last = r.at;
         group.requests += 1;
-        for e in seen.entities {
-            if !group.seen.contains(&e) {
-                group.seen.insert(e.clone());
+        for e in ids {
+            if group.seen.insert(e) {
                 group.entities.push(e);
             }
         }
     }
-    for (key, g) in groups {
-        let period = Some((g.first.at, g.last));
+    for ((_, _, code), g) in groups {
+        let first = &records[g.first];
+        let period = Some((first.at, g.last));
         let parts = g.entities.len().div_ceil(ENTITIES).max(1);
         let mut chunks = g.entities.chunks(ENTITIES);
         for part in 1..=parts {
             let entities = chunks
                 .next()
-                .map(|c| c.iter().map(Entity::to_json).collect())
+                .map(|c| c.iter().map(|&e| table[e].to_json()).collect())
                 .unwrap_or_default();
             let of = (parts > 1).then_some((part, parts));
-            out.push(event(
-                ctx, &g.first, key.2, entities, period, g.requests, of,
-            ));
+            out.push(event(ctx, first, code, entities, period, g.requests, of));
         }
     }
     out
@@ -362,11 +405,8 @@ fn event(
         format!(
             "{:?} {}{} -> {}",
             r.method,
-            r.path,
-            r.query
-                .as_deref()
-                .map(|q| format!("?{q}"))
-                .unwrap_or_default(),
+            r.uri.path(),
+            r.uri.query().map(|q| format!("?{q}")).unwrap_or_default(),
             r.status
         )
     };

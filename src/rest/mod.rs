@@ -130,8 +130,7 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
             .record(interaction::audit::Record {
                 at: crate::time::now_micros(),
                 method: Method::parse(parts.method.as_str()),
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().map(str::to_string),
+                uri: parts.uri.clone(),
                 status: response.status().as_u16(),
                 grant: granted,
                 address,
