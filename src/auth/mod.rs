@@ -126,7 +126,9 @@ impl Auth {
         if let Some(grant) = self.cached(token, now) {
             return Ok(grant);
         }
-        match lookup(store, &token_hash(token), "access", now).await? {
+        // Boxed: the database read's future is kilobytes, carried otherwise by every
+        // request's future though the cache answers almost all of them.
+        match Box::pin(lookup(store, &token_hash(token), "access", now)).await? {
             Some(grant) => {
                 let grant = Arc::new(grant);
                 let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());

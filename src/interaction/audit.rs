@@ -146,12 +146,23 @@ async fn write_batch(ctx: &SharedCtx, records: Vec<Record>) {
 pub struct Record {
     pub at: Micros,
     pub method: Method,
-    /// The request target (`/fhir/Patient/1?...`); cloning a `Uri` shares its bytes.
-    pub uri: axum::http::Uri,
+    /// The request target, path and query (`/fhir/Patient/1?...`), copied: a `Uri`
+    /// clone would share, and keep alive, the connection's whole read buffer.
+    pub target: String,
     pub status: u16,
     /// `None`: no valid token (a 401).
     pub grant: Option<Arc<Grant>>,
     pub address: Option<IpAddr>,
+}
+
+impl Record {
+    fn path(&self) -> &str {
+        self.target.split_once('?').map_or(&self.target, |(p, _)| p)
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
 }
 
 /// The restful-interaction code of a routed interaction.
@@ -206,7 +217,6 @@ struct Seen {
 
 fn understand(ctx: &Ctx, r: &Record) -> Seen {
     let routed = r
-        .uri
         .path()
         .strip_prefix(crate::rest::FHIR_PREFIX)
         .and_then(|p| {
@@ -225,7 +235,7 @@ fn understand(ctx: &Ctx, r: &Record) -> Seen {
     {
         entities.push(Entity::Resource(format!("{t}/{id}")));
     }
-    if let Some(q) = r.uri.query().filter(|q| !q.is_empty()) {
+    if let Some(q) = r.query().filter(|q| !q.is_empty()) {
         entities.push(Entity::Query(q.to_string()));
     }
     Seen { code, entities }
@@ -279,7 +289,7 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
     let mut out = Vec::new();
     for (i, r) in records.iter().enumerate() {
         let (code, ids) = if matches!(r.method, Method::Get) {
-            let target = r.uri.path_and_query().map_or("", |p| p.as_str());
+            let target = r.target.as_str();
             routed
                 .entry(target)
                 .or_insert_with(|| {
@@ -405,8 +415,8 @@ fn event(
         format!(
             "{:?} {}{} -> {}",
             r.method,
-            r.uri.path(),
-            r.uri.query().map(|q| format!("?{q}")).unwrap_or_default(),
+            r.path(),
+            r.query().map(|q| format!("?{q}")).unwrap_or_default(),
             r.status
         )
     };

@@ -596,36 +596,41 @@ pub async fn dispatch(
     mut req: FhirRequest,
 ) -> Result<FhirResponse> {
     use Interaction as I;
+    // Each interaction's future is boxed, so this one is small (without it: 11 KB, the
+    // largest interaction's state), and so are the futures of `handle`, the request handler
+    // and the middleware around it, which are copied each time a layer wraps them.
     match interaction {
         I::Capabilities => Ok(FhirResponse::json(200, capabilities::statement(ctx))),
-        I::Bundle => transaction::bundle(ctx, &mut req).await,
-        I::DeviceData => device_data::http(ctx, req).await,
-        I::DeviceDataErrors => device_data::http_errors(ctx, &req).await,
-        I::DeviceDataReplay => device_data::http_replay(ctx, &req).await,
+        I::Bundle => Box::pin(transaction::bundle(ctx, &mut req)).await,
+        I::DeviceData => Box::pin(device_data::http(ctx, req)).await,
+        I::DeviceDataErrors => Box::pin(device_data::http_errors(ctx, &req)).await,
+        I::DeviceDataReplay => Box::pin(device_data::http_replay(ctx, &req)).await,
         I::DeviceDataTemplates => Ok(device_data::http_templates(ctx)),
-        I::Hl7v2 => hl7v2::http(ctx, req).await,
-        I::Hl7v2Messages => hl7v2::http_list(ctx, &req).await,
-        I::Hl7v2Replay => hl7v2::http_replay(ctx, &req).await,
-        I::HistorySystem => history::history(ctx, &req, None, None).await,
-        I::HistoryType(t) => history::history(ctx, &req, Some(&t), None).await,
-        I::HistoryInstance(t, id) => history::history(ctx, &req, Some(&t), Some(&id)).await,
-        I::SearchType(t) => search_type::search(ctx, &t, &req).await,
-        I::SearchSystem => search_type::search_system(ctx, &req).await,
-        I::Reindex => reindex::http(ctx, &req).await,
-        I::SearchCompartment(c, id, t) => {
-            search_type::search_compartment(ctx, &c, &id, &t, &req).await
+        I::Hl7v2 => Box::pin(hl7v2::http(ctx, req)).await,
+        I::Hl7v2Messages => Box::pin(hl7v2::http_list(ctx, &req)).await,
+        I::Hl7v2Replay => Box::pin(hl7v2::http_replay(ctx, &req)).await,
+        I::HistorySystem => Box::pin(history::history(ctx, &req, None, None)).await,
+        I::HistoryType(t) => Box::pin(history::history(ctx, &req, Some(&t), None)).await,
+        I::HistoryInstance(t, id) => {
+            Box::pin(history::history(ctx, &req, Some(&t), Some(&id))).await
         }
-        I::Everything(id) => search_type::everything(ctx, &id, &req).await,
-        I::Read(t, id) => read::read(ctx, &t, &id, &req).await,
-        I::Vread(t, id, vid) => read::vread(ctx, &t, &id, &vid).await,
-        I::Create(t) => create::create(ctx, &t, req).await,
-        I::Update(t, id) => update::update(ctx, &t, &id, req).await,
-        I::ConditionalUpdate(t) => update::conditional_update(ctx, &t, req).await,
-        I::Patch(t, id) => patch::patch(ctx, &t, Some(id), req).await,
-        I::ConditionalPatch(t) => patch::patch(ctx, &t, None, req).await,
-        I::Delete(t, id) => delete::delete(ctx, &t, &id, req).await,
-        I::ConditionalDelete(t) => delete::conditional_delete(ctx, &t, req).await,
-        I::ValidateType(t) => validate::validate(ctx, &t, None, req).await,
-        I::ValidateInstance(t, id) => validate::validate(ctx, &t, Some(&id), req).await,
+        I::SearchType(t) => Box::pin(search_type::search(ctx, &t, &req)).await,
+        I::SearchSystem => Box::pin(search_type::search_system(ctx, &req)).await,
+        I::Reindex => Box::pin(reindex::http(ctx, &req)).await,
+        I::SearchCompartment(c, id, t) => {
+            Box::pin(search_type::search_compartment(ctx, &c, &id, &t, &req)).await
+        }
+        I::Everything(id) => Box::pin(search_type::everything(ctx, &id, &req)).await,
+        I::Read(t, id) => Box::pin(read::read(ctx, &t, &id, &req)).await,
+        I::Vread(t, id, vid) => Box::pin(read::vread(ctx, &t, &id, &vid)).await,
+        I::Create(t) => Box::pin(create::create(ctx, &t, req)).await,
+        I::Update(t, id) => Box::pin(update::update(ctx, &t, &id, req)).await,
+        I::ConditionalUpdate(t) => Box::pin(update::conditional_update(ctx, &t, req)).await,
+        I::Patch(t, id) => Box::pin(patch::patch(ctx, &t, Some(id), req)).await,
+        I::ConditionalPatch(t) => Box::pin(patch::patch(ctx, &t, None, req)).await,
+        I::Delete(t, id) => Box::pin(delete::delete(ctx, &t, &id, req)).await,
+        I::ConditionalDelete(t) => Box::pin(delete::conditional_delete(ctx, &t, req)).await,
+        I::ValidateType(t) => Box::pin(validate::validate(ctx, &t, None, req)).await,
+        I::ValidateInstance(t, id) => Box::pin(validate::validate(ctx, &t, Some(&id), req)).await,
     }
 }

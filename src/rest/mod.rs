@@ -130,7 +130,10 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
             .record(interaction::audit::Record {
                 at: crate::time::now_micros(),
                 method: Method::parse(parts.method.as_str()),
-                uri: parts.uri.clone(),
+                target: parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string()),
                 status: response.status().as_u16(),
                 grant: granted,
                 address,

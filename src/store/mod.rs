@@ -292,12 +292,19 @@ impl Store {
             if let Some(s) = cache.get(ty, id) {
                 return Ok(Some(s));
             }
-            let stored = self.reader().await?.read(ty, id).await?;
+            let stored = Box::pin(self.read_database(ty, id)).await?;
             if let Some(s) = &stored {
                 cache.observed(s);
             }
             return Ok(stored);
         }
+        Box::pin(self.read_database(ty, id)).await
+    }
+
+    /// [`Store::read`] from the database. Boxed by the caller: the pool's and the query's
+    /// futures are kilobytes, which every future awaiting a read would otherwise carry (and
+    /// copy) even when the read cache answers.
+    async fn read_database(&self, ty: &str, id: &str) -> Result<Option<resource::Stored>> {
         self.reader().await?.read(ty, id).await
     }
 
