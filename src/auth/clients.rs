@@ -244,7 +244,9 @@ pub async fn origin_registered(ctx: &crate::interaction::Ctx, origin: &str) -> b
             return set.contains(origin);
         }
     }
-    let set: std::collections::HashSet<String> = match list(&ctx.store).await {
+    // Boxed: the database read's future is kilobytes, and the CORS layer awaiting this
+    // one is copied on every request.
+    let set: std::collections::HashSet<String> = match Box::pin(list(&ctx.store)).await {
         Ok(clients) => clients.into_iter().flat_map(|c| c.origins).collect(),
         Err(_) => return false,
     };
