@@ -115,15 +115,27 @@ pub async fn run(
 }
 
 async fn write_batch(ctx: &SharedCtx, records: Vec<Record>) {
-    let events = events(ctx, records);
-    let mut prepared = Vec::with_capacity(events.len());
-    for e in events {
-        let id = new_id();
-        match write::prepare_with_id(ctx, e, &id) {
-            Ok(p) => prepared.push((id, p)),
-            Err(err) => tracing::error!(error = %err, "an AuditEvent could not be prepared"),
+    // Tens of thousands of records take milliseconds to coalesce: off the request workers.
+    let c = ctx.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let mut prepared = Vec::new();
+        for e in events(&c, records) {
+            let id = new_id();
+            match write::prepare_with_id(&c, e, &id) {
+                Ok(p) => prepared.push((id, p)),
+                Err(err) => tracing::error!(error = %err, "an AuditEvent could not be prepared"),
+            }
         }
-    }
+        prepared
+    })
+    .await;
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "preparing AuditEvents failed");
+            return;
+        }
+    };
     let c = ctx.clone();
     let n = prepared.len();
     let result = ctx
