@@ -124,14 +124,7 @@ impl Grant {
         };
         for s in self.scopes_for(ty, perms) {
             if self.compartment_of(s).is_some() && ty != "Patient" {
-                for code in ctx
-                    .defs
-                    .compartments
-                    .get("Patient")
-                    .and_then(|m| m.get(ty))
-                    .into_iter()
-                    .flatten()
-                {
+                for code in ctx.defs.compartments.params("Patient", ty).unwrap_or(&[]) {
                     add(code)?;
                 }
             }
@@ -194,7 +187,7 @@ pub fn in_patient_compartment(ctx: &Ctx, ty: &str, resource: &Value, patient: &s
     if ty == "Patient" {
         return resource.get("id").and_then(Value::as_str) == Some(patient);
     }
-    let Some(params) = ctx.defs.compartments.get("Patient").and_then(|m| m.get(ty)) else {
+    let Some(params) = ctx.defs.compartments.params("Patient", ty) else {
         return true;
     };
     let registry = ctx.registry();

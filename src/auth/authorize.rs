@@ -9,6 +9,7 @@
 use serde_json::{Value, json};
 
 use crate::auth::clients::{self, Client};
+use crate::auth::federation::Federation;
 use crate::auth::oauth::IssuedToken;
 use crate::auth::scope::{self, Scope};
 use crate::auth::{new_token, param, repeated, token_hash};
@@ -311,6 +312,30 @@ fn login_page(ctx: &Ctx, client: &Client, request: &Value, problem: Option<&str>
     )
 }
 
+/// The client of a pending request, if it is still registered.
+async fn registered_client(ctx: &Ctx, request: &Value) -> Result<Client, Outcome> {
+    match clients::get(&ctx.store, request["client_id"].as_str().unwrap_or("")).await {
+        Ok(Some(client)) => Ok(client),
+        _ => Err(page(
+            400,
+            "Unknown application",
+            "<p>The application is no longer registered.</p>",
+        )),
+    }
+}
+
+/// The hospital's provider and the sealing key, when single sign-on is configured.
+fn federation(ctx: &Ctx) -> Result<(&Federation, &crate::auth::seal::Sealer), Outcome> {
+    match (&ctx.auth.federation, sealer(ctx)) {
+        (Some(f), Ok(s)) => Ok((f, s)),
+        _ => Err(page(
+            404,
+            "Not found",
+            "<p>No single sign-on is configured.</p>",
+        )),
+    }
+}
+
 /// `POST /auth/login`.
 pub async fn login(ctx: &Ctx, params: &[(String, String)]) -> Outcome {
     let sealer = match sealer(ctx) {
@@ -321,14 +346,9 @@ pub async fn login(ctx: &Ctx, params: &[(String, String)]) -> Outcome {
         Ok(r) => r,
         Err(o) => return o,
     };
-    let Ok(Some(client)) =
-        clients::get(&ctx.store, request["client_id"].as_str().unwrap_or("")).await
-    else {
-        return page(
-            400,
-            "Unknown application",
-            "<p>The application is no longer registered.</p>",
-        );
+    let client = match registered_client(ctx, &request).await {
+        Ok(c) => c,
+        Err(o) => return o,
     };
     let (user, password) = (
         param(params, "username").unwrap_or(""),
@@ -369,8 +389,9 @@ fn oidc_callback_url(ctx: &Ctx) -> String {
 /// sign-in, the pending request kept in the browser's sealed cookie with the state, nonce
 /// and PKCE verifier of this sign-in.
 pub async fn oidc_start(ctx: &Ctx, params: &[(String, String)]) -> Outcome {
-    let (Some(federation), Ok(sealer)) = (&ctx.auth.federation, sealer(ctx)) else {
-        return page(404, "Not found", "<p>No single sign-on is configured.</p>");
+    let (federation, sealer) = match federation(ctx) {
+        Ok(f) => f,
+        Err(o) => return o,
     };
     let request = match open_form(ctx, params, "sign-in") {
         Ok(r) => r,
@@ -397,8 +418,9 @@ pub async fn oidc_callback(
     params: &[(String, String)],
     cookie: Option<&str>,
 ) -> Outcome {
-    let (Some(federation), Ok(sealer)) = (&ctx.auth.federation, sealer(ctx)) else {
-        return page(404, "Not found", "<p>No single sign-on is configured.</p>");
+    let (federation, sealer) = match federation(ctx) {
+        Ok(f) => f,
+        Err(o) => return o,
     };
     let refused = |why: &str| page(401, "Not signed in", &format!("<p>{}</p>", esc(why)));
     let Some(pending) = cookie.and_then(|c| sealer.open(c, now_s())) else {
@@ -436,14 +458,9 @@ pub async fn oidc_callback(
         Err(e) => return refused(&e.0),
     };
     let request = pending["request"].clone();
-    let Ok(Some(client)) =
-        clients::get(&ctx.store, request["client_id"].as_str().unwrap_or("")).await
-    else {
-        return page(
-            400,
-            "Unknown application",
-            "<p>The application is no longer registered.</p>",
-        );
+    let client = match registered_client(ctx, &request).await {
+        Ok(c) => c,
+        Err(o) => return o,
     };
     let user = crate::auth::federation::display_name(&claims);
     signed_in(ctx, sealer, &client, request, &user, &fhir_user).await

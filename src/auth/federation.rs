@@ -22,13 +22,12 @@ use openidconnect::{
 };
 use serde_json::{Map, Value, json};
 
+use crate::auth::users::{FHIR_USER_TYPES, is_fhir_user};
 use crate::interaction::Ctx;
 
 /// How long the provider's metadata and JWK Set are kept before they are fetched again
 /// (a failed id_token check fetches them at once: the provider may have rotated its keys).
 const METADATA_TTL: Duration = Duration::from_secs(600);
-/// Resource types a `fhirUser` may be (SMART App Launch).
-pub const USER_TYPES: [&str; 4] = ["Practitioner", "Patient", "RelatedPerson", "Person"];
 
 /// `--oidc-*`.
 #[derive(Debug, Clone)]
@@ -62,12 +61,13 @@ impl Config {
         let ty = self.fhir_user.split(['/', '?']).next().unwrap_or_default();
         let literal = self.fhir_user.contains('/') && !self.fhir_user.contains('?');
         let search = self.fhir_user.contains('?');
-        if self.fhir_user != DEFAULT_TEMPLATE && !(USER_TYPES.contains(&ty) && (literal || search))
+        if self.fhir_user != DEFAULT_TEMPLATE
+            && !(FHIR_USER_TYPES.contains(&ty) && (literal || search))
         {
             return Err(format!(
                 "--oidc-fhir-user {}: give TYPE/{{claim}} or TYPE?param={{claim}} with TYPE one of {}, or {DEFAULT_TEMPLATE}",
                 self.fhir_user,
-                USER_TYPES.join(", ")
+                FHIR_USER_TYPES.join(", ")
             ));
         }
         Ok(())
@@ -266,18 +266,6 @@ fn fill(
     Ok(out)
 }
 
-/// Escapes a value for a search parameter (search.html#escaping).
-fn search_escape(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
-    for c in v.chars() {
-        if matches!(c, '\\' | ',' | '|' | '$') {
-            s.push('\\');
-        }
-        s.push(c);
-    }
-    s
-}
-
 /// The `fhirUser` the claims map to by `--oidc-fhir-user`.
 pub async fn fhir_user(
     ctx: &Ctx,
@@ -291,37 +279,31 @@ pub async fn fhir_user(
             .strip_prefix(&format!("{}/", ctx.base))
             .unwrap_or(&filled)
             .to_string();
-        let (ty, id) = reference.split_once('/').unwrap_or(("", ""));
-        if !USER_TYPES.contains(&ty) || !crate::interaction::is_valid_id(id) {
+        if !is_fhir_user(&reference) {
             return Err(Refused(format!(
                 "your account maps to {reference}, which is not a Practitioner, Patient, RelatedPerson or Person; ask the administrator"
             )));
         }
         return Ok(reference);
     };
-    let mut params = Vec::new();
-    for (k, v) in crate::interaction::parse_query(query) {
-        params.push((k, fill(&v, claims, search_escape)?));
-    }
-    params.push(("_count".into(), "2".into()));
-    params.push(("_elements".into(), "id".into()));
-    let found = async {
+    // The same resolution as a conditional reference: the ids the query matches, two at
+    // most (one is the answer; two says "ambiguous").
+    let filled = {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in crate::interaction::parse_query(query) {
+            q.append_pair(&k, &fill(&v, claims, crate::search::query::escape)?);
+        }
+        q.finish()
+    };
+    let ids = async {
         let mut db = ctx.store.reader().await?;
-        crate::interaction::search_type::search_in(&mut db, ctx, ty, params, false).await
+        crate::interaction::write::matching_ids(&mut db, ctx, ty, &filled, 2).await
     }
     .await
     .map_err(|e| {
         tracing::warn!(error = %e.diagnostics(), template, "--oidc-fhir-user search failed");
         Refused("this server cannot look up your account now; try again later".into())
     })?;
-    let bundle: Value = serde_json::from_str(&found).unwrap_or_default();
-    let ids: Vec<&str> = bundle["entry"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["search"]["mode"].as_str() != Some("outcome"))
-        .filter_map(|e| e["resource"]["id"].as_str())
-        .collect();
     match ids.as_slice() {
         [id] => Ok(format!("{ty}/{id}")),
         [] => Err(Refused(format!(
@@ -354,9 +336,13 @@ mod tests {
             Ok("Practitioner/42")
         );
         assert_eq!(
-            fill("identifier=s|{employee_id}", &c, search_escape)
-                .map_err(|e| e.0)
-                .as_deref(),
+            fill(
+                "identifier=s|{employee_id}",
+                &c,
+                crate::search::query::escape
+            )
+            .map_err(|e| e.0)
+            .as_deref(),
             Ok("identifier=s|E\\,1\\|x")
         );
         assert!(fill("Practitioner/{missing}", &c, str::to_string).is_err());

@@ -64,6 +64,16 @@ pub fn verify_password(stored: &str, password: &str) -> bool {
     .is_ok()
 }
 
+/// Resource types a `fhirUser` may be (SMART App Launch).
+pub const FHIR_USER_TYPES: [&str; 4] = ["Practitioner", "Patient", "RelatedPerson", "Person"];
+
+/// `reference` is `TYPE/id` with TYPE one of [`FHIR_USER_TYPES`].
+pub fn is_fhir_user(reference: &str) -> bool {
+    reference.split_once('/').is_some_and(|(ty, id)| {
+        FHIR_USER_TYPES.contains(&ty) && crate::interaction::is_valid_id(id)
+    })
+}
+
 /// Adds (or replaces) an account.
 pub async fn add(store: &Store, username: &str, password: &str, fhir_user: &str) -> Result<()> {
     if username.is_empty() || username.len() > 128 {
@@ -72,10 +82,7 @@ pub async fn add(store: &Store, username: &str, password: &str, fhir_user: &str)
     if password.chars().count() < 8 {
         return Err(FhirError::invalid("a password has at least 8 characters"));
     }
-    let (ty, id) = fhir_user.split_once('/').unwrap_or(("", ""));
-    if !matches!(ty, "Practitioner" | "Patient" | "RelatedPerson" | "Person")
-        || !crate::interaction::is_valid_id(id)
-    {
+    if !is_fhir_user(fhir_user) {
         return Err(FhirError::invalid(
             "--fhir-user must be Practitioner/ID, Patient/ID, RelatedPerson/ID or Person/ID",
         ));

@@ -253,6 +253,31 @@ fn understand(ctx: &Ctx, r: &Record) -> Seen {
     Seen { code, entities }
 }
 
+/// The entities of one batch, each once.
+#[derive(Default)]
+struct Entities {
+    table: Vec<Entity>,
+    index: HashMap<Entity, usize>,
+}
+
+impl Entities {
+    /// `r`'s interaction code and its entities' indexes in `table`.
+    fn understand(&mut self, ctx: &Ctx, r: &Record) -> (&'static str, Vec<usize>) {
+        let seen = understand(ctx, r);
+        let ids = seen
+            .entities
+            .into_iter()
+            .map(|e| {
+                *self.index.entry(e).or_insert_with_key(|e| {
+                    self.table.push(e.clone());
+                    self.table.len() - 1
+                })
+            })
+            .collect();
+        (seen.code, ids)
+    }
+}
+
 /// Successful reads of one caller (token), address and interaction in one batch.
 struct Group {
     /// The first request's record.
@@ -286,14 +311,7 @@ fn is_reading(code: &str) -> bool {
 /// (dashboards poll the same resources), so each distinct GET target is routed once.
 fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
     // Every entity of the batch once; records refer to them by index.
-    let mut table: Vec<Entity> = Vec::new();
-    let mut index: HashMap<Entity, usize> = HashMap::new();
-    let mut intern = |e: Entity, table: &mut Vec<Entity>| -> usize {
-        *index.entry(e).or_insert_with_key(|e| {
-            table.push(e.clone());
-            table.len() - 1
-        })
-    };
+    let mut entities = Entities::default();
     let mut routed: HashMap<&str, (&'static str, Vec<usize>)> = HashMap::new();
     // A token is one `Arc<Grant>` (records hold their grants, so no address is reused
     // within a batch).
@@ -301,34 +319,19 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
     let mut out = Vec::new();
     for (i, r) in records.iter().enumerate() {
         let (code, ids) = if matches!(r.method, Method::Get) {
-            let target = r.target.as_str();
             routed
-                .entry(target)
-                .or_insert_with(|| {
-                    let seen = understand(ctx, r);
-                    let ids = seen
-                        .entities
-                        .into_iter()
-                        .map(|e| intern(e, &mut table))
-                        .collect();
-                    (seen.code, ids)
-                })
+                .entry(r.target.as_str())
+                .or_insert_with(|| entities.understand(ctx, r))
                 .clone()
         } else {
-            let seen = understand(ctx, r);
-            let ids = seen
-                .entities
-                .into_iter()
-                .map(|e| intern(e, &mut table))
-                .collect();
-            (seen.code, ids)
+            entities.understand(ctx, r)
         };
         let Some(grant) = r
             .grant
             .as_ref()
             .filter(|_| is_reading(code) && r.status < 400)
         else {
-            let entities = ids.iter().map(|&e| table[e].to_json()).collect();
+            let entities = ids.iter().map(|&e| entities.table[e].to_json()).collect();
             out.push(event(ctx, r, code, entities, None, 1, None));
             continue;
         };
@@ -357,7 +360,7 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
         for part in 1..=parts {
             let entities = chunks
                 .next()
-                .map(|c| c.iter().map(|&e| table[e].to_json()).collect())
+                .map(|c| c.iter().map(|&e| entities.table[e].to_json()).collect())
                 .unwrap_or_default();
             let of = (parts > 1).then_some((part, parts));
             out.push(event(ctx, first, code, entities, period, g.requests, of));

@@ -44,11 +44,7 @@ pub async fn handle(
                         req.query.push(p);
                     }
                 }
-                let member = ctx
-                    .defs
-                    .compartments
-                    .get("Patient")
-                    .is_some_and(|m| m.contains_key(&t));
+                let member = ctx.defs.compartments.params("Patient", &t).is_some();
                 match patient {
                     Some(p) if t == "Patient" => {
                         req.query.push(("_id".into(), p));

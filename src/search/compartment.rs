@@ -53,4 +53,10 @@ impl Compartments {
     pub fn get(&self, compartment_type: &str) -> Option<&HashMap<String, Vec<String>>> {
         self.by_type.get(compartment_type)
     }
+
+    /// The search parameters that place a `ty` resource in a `compartment_type`
+    /// compartment; `None` when `ty` is not a member.
+    pub fn params(&self, compartment_type: &str, ty: &str) -> Option<&[String]> {
+        self.get(compartment_type)?.get(ty).map(Vec::as_slice)
+    }
 }

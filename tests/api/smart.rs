@@ -1512,13 +1512,9 @@ fn hidden_request(html: &str) -> String {
 
 /// A PKCE pair: (verifier, S256 challenge).
 fn pkce(seed: &str) -> (String, String) {
-    use base64::Engine;
     let verifier = format!("{seed:-<50}");
-    let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
-    (
-        verifier,
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()),
-    )
+    let challenge = s256(&verifier);
+    (verifier, challenge)
 }
 
 fn query_of(location: &str) -> Vec<(String, String)> {
@@ -2261,6 +2257,7 @@ async fn start_idp() -> Idp {
     idp
 }
 
+/// The PKCE S256 challenge of `verifier`.
 fn s256(verifier: &str) -> String {
     use base64::Engine;
     let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());

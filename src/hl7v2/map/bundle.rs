@@ -64,20 +64,9 @@ impl Entry {
 pub(crate) fn token_query(param: &str, system: &str, value: &str) -> String {
     format!(
         "{param}={}|{}",
-        encode(&escape(system)),
-        encode(&escape(value))
+        encode(&crate::search::query::escape(system)),
+        encode(&crate::search::query::escape(value))
     )
-}
-
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '\\' | '|' | ',' | '$') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn encode(s: &str) -> String {
