@@ -90,7 +90,8 @@ impl Hash for IndexValue {
 }
 
 /// Index entries for every evaluable parameter of the resource's type, without duplicates.
-/// A resource without `resourceType` yields nothing.
+/// Aliases (`Registry::alias`) get none: their values are the rows of the parameters they
+/// unite. A resource without `resourceType` yields nothing.
 pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str) else {
         return Vec::new();
@@ -98,8 +99,11 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     let mut entries = Vec::new();
     let mut values = Vec::new();
     let mut extra = Vec::new();
+    let aliases = registry.aliases_of(resource_type);
     for param in registry.for_type(resource_type) {
-        if matches!(param.code.as_str(), "_id" | "_lastUpdated") {
+        if matches!(param.code.as_str(), "_id" | "_lastUpdated")
+            || aliases.is_some_and(|a| a.contains_key(&param.code))
+        {
             continue;
         }
         let Some(expression) = &param.expression else {
@@ -1119,10 +1123,14 @@ mod tests {
             observation.clone(),
             &[quantity(1.0, None, "mm[Hg]", None)],
         );
-        check(
-            "combo-value-quantity",
-            observation.clone(),
-            &[heart_rate, quantity(1.0, None, "mm[Hg]", None)],
+        // An alias (`value-quantity` | `component-value-quantity`) has no rows of its own.
+        check("combo-value-quantity", observation.clone(), &[]);
+        let param = registry()
+            .get("Observation", "combo-value-quantity")
+            .expect("combo-value-quantity");
+        assert_eq!(
+            extract_param(param, &observation),
+            [heart_rate, quantity(1.0, None, "mm[Hg]", None)]
         );
         check("value-string", observation.clone(), &[]);
         check(

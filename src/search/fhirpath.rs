@@ -165,6 +165,33 @@ impl Expr {
         root_fields(&self.ast, true, resource_type, out)
     }
 
+    /// The branches of a top-level union (`A.x | A.y`; one branch when there is no union),
+    /// each with the type name its path starts from; `None` when a branch starts elsewhere
+    /// (`%resource`, a literal, `$this`), so its reach cannot be told by its root.
+    pub fn rooted_branches(&self) -> Option<Vec<(&str, Expr)>> {
+        fn root(ast: &Ast) -> Option<&str> {
+            match ast {
+                Ast::Path {
+                    start: Start::TypeName(t),
+                    ..
+                } => Some(t),
+                Ast::Path {
+                    start: Start::Expr(inner),
+                    ..
+                } => root(inner),
+                _ => None,
+            }
+        }
+        let branches = match &self.ast {
+            Ast::Union(branches) => branches.as_slice(),
+            single => std::slice::from_ref(single),
+        };
+        branches
+            .iter()
+            .map(|b| Some((root(b)?, Expr { ast: b.clone() })))
+            .collect()
+    }
+
     /// Evaluates against a resource, which is both the focus and `%resource`.
     pub fn evaluate<'a>(&self, resource: &'a Value) -> Vec<Node<'a>> {
         let focus = Node {

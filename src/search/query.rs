@@ -148,6 +148,40 @@ struct QuantityValue {
     code: Option<String>,
 }
 
+/// The index codes holding one parameter's rows: its own code, or for an alias
+/// (`Registry::alias`, e.g. Observation `combo-code`) the codes of the parameters it unites.
+#[derive(Debug, Clone, PartialEq)]
+struct Codes(Vec<String>);
+
+impl Codes {
+    fn of(registry: &Registry, ty: Option<&str>, code: &str) -> Codes {
+        match ty.and_then(|t| registry.alias(t, code)) {
+            Some(codes) => Codes(codes.to_vec()),
+            None => Codes(vec![code.to_string()]),
+        }
+    }
+
+    /// The codes of derived rows (`:of-type`, `:identifier`), which follow their parameter's.
+    fn suffixed(&self, suffix: &str) -> Codes {
+        Codes(self.0.iter().map(|c| format!("{c}{suffix}")).collect())
+    }
+
+    fn single(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+
+    /// `{col} = code` or `{col} IN (codes)`.
+    fn sql(&self, b: &mut SqlBuilder, col: &str) {
+        match self.single() {
+            Some(one) => b.push(&format!("{col} = ")).text(one),
+            None => b.push(&format!("{col} IN ")).list(&self.0),
+        };
+    }
+}
+
 /// What one index filter matches: an OR of values of one type.
 #[derive(Debug, Clone, PartialEq)]
 enum Cond {
@@ -169,14 +203,14 @@ enum Filter {
     LastUpdated(Vec<(Prefix, i64, i64)>),
     Index {
         table: Table,
-        code: String,
+        code: Codes,
         cond: Cond,
         /// `:not` / `:not-in`: resources with no matching value (including none at all).
         negate: bool,
     },
     Missing {
         table: Table,
-        code: String,
+        code: Codes,
         missing: bool,
     },
     /// `code[:Type].rest=...`: a reference whose target matches `inner` (one list per type).
@@ -215,7 +249,7 @@ enum Filter {
     },
     /// `:in` / `:not-in` before [`SearchQuery::bind_value_sets`] turns it into a token filter.
     ValueSet {
-        code: String,
+        code: Codes,
         url: String,
         negate: bool,
     },
@@ -268,7 +302,7 @@ enum CompositeKey {
 enum SortKey {
     Id,
     LastUpdated,
-    Param { table: Table, code: String },
+    Param { table: Table, code: Codes },
 }
 
 /// `_include` / `_revinclude` (search.html#include).
@@ -652,7 +686,7 @@ fn parse_filter(
     }
     if param.kind == ParamType::Composite && param.expression.is_some() {
         return match modifier {
-            None => composite_filter(param, value),
+            None => composite_filter(registry, ty, param, value),
             Some(m) => Err(unsupported_modifier(name, m)),
         };
     }
@@ -662,7 +696,7 @@ fn parse_filter(
             param.kind
         )));
     };
-    let code = param.code.clone();
+    let code = Codes::of(registry, ty, &param.code);
     if modifier == Some("missing") {
         let missing = match value {
             "true" => true,
@@ -713,7 +747,7 @@ fn parse_filter(
                 .collect::<Result<Vec<_>>>()?;
             Ok(Filter::Index {
                 table: Table::Token,
-                code: format!("{code}:of-type"),
+                code: code.suffixed(":of-type"),
                 cond: Cond::Token(values),
                 negate: false,
             })
@@ -752,7 +786,7 @@ fn parse_filter(
         }
         (ParamType::Reference, Some("identifier")) => Ok(Filter::Index {
             table: Table::Token,
-            code: format!("{code}:identifier"),
+            code: code.suffixed(":identifier"),
             cond: Cond::Token(token_values(value)),
             negate: false,
         }),
@@ -857,8 +891,14 @@ fn plain_cond(kind: ParamType, name: &str, value: &str) -> Result<Cond> {
 }
 
 /// `param=a$b[,a$b...]` for a composite of the supported shape (see `extract::composite`).
-fn composite_filter(param: &crate::search::registry::SearchParam, value: &str) -> Result<Filter> {
+fn composite_filter(
+    registry: &Registry,
+    ty: Option<&str>,
+    param: &crate::search::registry::SearchParam,
+    value: &str,
+) -> Result<Filter> {
     let name = param.code.as_str();
+    let codes = Codes::of(registry, ty, name);
     let (Some(k0), Some(k1)) = (
         param.components.first().and_then(|c| c.kind),
         param.components.get(1).and_then(|c| c.kind),
@@ -885,24 +925,32 @@ fn composite_filter(param: &crate::search::registry::SearchParam, value: &str) -
                     let Some(code) = t.code else {
                         return Err(FhirError::invalid(format!("{name}: {head:?} needs a code")));
                     };
-                    let key = crate::search::extract::composite_token_key(
-                        name,
-                        &code,
-                        t.system.as_deref(),
-                    );
-                    keys.push(match t.system {
-                        None => CompositeKey::Prefix(key),
-                        Some(_) => CompositeKey::Exact(key),
-                    });
+                    for c in &codes.0 {
+                        let key = crate::search::extract::composite_token_key(
+                            c,
+                            &code,
+                            t.system.as_deref(),
+                        );
+                        keys.push(match t.system {
+                            None => CompositeKey::Prefix(key),
+                            Some(_) => CompositeKey::Exact(key),
+                        });
+                    }
                 }
             }
             _ => {
                 for r in split_or(head).iter().map(|v| reference_value(v, None)) {
-                    keys.push(CompositeKey::Exact(match r {
-                        RefValue::Url(u) => format!("{name}${u}"),
-                        RefValue::Local(Some(t), id) => format!("{name}${t}/{id}"),
-                        RefValue::Local(None, id) => format!("{name}$*/{id}"),
-                    }));
+                    let tail = match r {
+                        RefValue::Url(u) => u,
+                        RefValue::Local(Some(t), id) => format!("{t}/{id}"),
+                        RefValue::Local(None, id) => format!("*/{id}"),
+                    };
+                    keys.extend(
+                        codes
+                            .0
+                            .iter()
+                            .map(|c| CompositeKey::Exact(format!("{c}${tail}"))),
+                    );
                 }
             }
         }
@@ -979,7 +1027,7 @@ fn parse_sort(registry: &Registry, ty: Option<&str>, value: &str) -> Result<Vec<
                         })?;
                     SortKey::Param {
                         table,
-                        code: param.code.clone(),
+                        code: Codes::of(registry, ty, &param.code),
                     }
                 }
             };
@@ -1267,7 +1315,9 @@ impl SearchQuery {
                     table, code, cond, ..
                 } => {
                     b.push(table.name()).push(" WHERE res_type = ").text(ty);
-                    b.push(" AND code = ").text(code.clone()).push(" AND (");
+                    b.push(" AND ");
+                    code.sql(&mut b, "code");
+                    b.push(" AND (");
                     cond_sql(&mut b, cond);
                     b.push(")");
                 }
@@ -1413,11 +1463,11 @@ impl SearchQuery {
                     let (asc_col, desc_col) = table.sort_columns();
                     let col = if desc { desc_col } else { asc_col };
                     b.push(&format!(
-                        "(SELECT {col} FROM {} s WHERE s.rid = r.rid AND s.code = ",
+                        "(SELECT {col} FROM {} s WHERE s.rid = r.rid AND ",
                         table.name()
-                    ))
-                    .text(code.clone())
-                    .push(&format!(") {dir} NULLS LAST, "));
+                    ));
+                    code.sql(b, "s.code");
+                    b.push(&format!(") {dir} NULLS LAST, "));
                 }
             }
         }
@@ -1514,7 +1564,7 @@ impl SearchQuery {
             }
             _ => false,
         };
-        exact.then_some((ty, *table, code.as_str(), cond))
+        exact.then_some((ty, *table, code.single()?, cond))
     }
 
     /// SQL selecting the ids of at most `limit` matches (conditional interactions).
@@ -1596,7 +1646,7 @@ fn index_sql(
     b: &mut SqlBuilder,
     ty: Option<&str>,
     alias: &str,
-    (table, code): (Table, Option<&str>),
+    (table, code): (Table, Option<&Codes>),
     (negate, drive): (bool, bool),
     cond: impl FnOnce(&mut SqlBuilder),
 ) {
@@ -1623,7 +1673,8 @@ fn index_sql(
     }
     // A composite's condition carries its own codes.
     if let Some(code) = code {
-        b.push("code = ").text(code).push(" AND ");
+        code.sql(b, "code");
+        b.push(" AND ");
     }
     b.push("(");
     cond(b);
@@ -1692,7 +1743,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Reference, Some(code)),
+                (Table::Reference, Some(&Codes(vec![code.clone()]))),
                 (false, drive),
                 |b| {
                     or_list(b, targets, |b, (t, inner)| {
@@ -1799,7 +1850,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Number, Some("near:lat")),
+                (Table::Number, Some(&Codes(vec!["near:lat".into()]))),
                 (false, false),
                 |b| cond_sql(b, &lat_cond),
             );
@@ -1809,7 +1860,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Number, Some("near:long")),
+                (Table::Number, Some(&Codes(vec!["near:long".into()]))),
                 (false, false),
                 |b| cond_sql(b, &long_cond),
             );

@@ -97,6 +97,8 @@ pub struct Registry {
     merged: HashMap<String, Vec<usize>>,
     inherited_by_resources: Vec<usize>,
     inherited_by_domain_resources: Vec<usize>,
+    /// Per type, the parameters that are unions of others there (see [`Registry::alias`]).
+    aliases: HashMap<String, HashMap<String, Vec<String>>>,
 }
 
 impl Registry {
@@ -184,6 +186,25 @@ impl Registry {
         indices.iter().filter_map(|&i| self.params.get(i)).collect()
     }
 
+    /// When `code` on `resource_type` is an alias, the codes whose index rows together hold
+    /// exactly its values: parameters such as Observation `combo-code`
+    /// (`Observation.code | Observation.component.code`) whose expression on that type is
+    /// the union of other parameters' of the same type and shape (`code`, `component-code`).
+    /// An alias has no index rows of its own; searches, sorts and `:missing` read the rows
+    /// of these codes instead. Reference parameters are never aliases (chains, `_has` and
+    /// `_include` join on a single code).
+    pub fn alias(&self, resource_type: &str, code: &str) -> Option<&[String]> {
+        self.aliases
+            .get(resource_type)?
+            .get(code)
+            .map(Vec::as_slice)
+    }
+
+    /// The aliases of one type (see [`Registry::alias`]), for index extraction to skip.
+    pub fn aliases_of(&self, resource_type: &str) -> Option<&HashMap<String, Vec<String>>> {
+        self.aliases.get(resource_type)
+    }
+
     fn merge(&mut self) {
         self.merged = self
             .by_type
@@ -193,6 +214,76 @@ impl Registry {
             .collect();
         self.inherited_by_resources = self.merge_for(self.chain(None, false));
         self.inherited_by_domain_resources = self.merge_for(self.chain(None, true));
+        self.aliases = self
+            .merged
+            .iter()
+            .map(|(t, indices)| (t.clone(), self.aliases_for(t, indices)))
+            .filter(|(_, found)| !found.is_empty())
+            .collect();
+    }
+
+    /// Finds the aliases among one type's parameters: a parameter whose expression's branches
+    /// for this type are exactly those of two or more other parameters of the same type
+    /// (for composites: with the same components), no branch counted twice.
+    fn aliases_for(&self, ty: &str, indices: &[usize]) -> HashMap<String, Vec<String>> {
+        struct Candidate<'r> {
+            param: &'r SearchParam,
+            branches: Vec<Expr>,
+        }
+        let mut candidates: Vec<Candidate> = indices
+            .iter()
+            .filter_map(|&i| self.params.get(i))
+            .filter(|p| !matches!(p.kind, ParamType::Reference | ParamType::Special))
+            .filter_map(|param| {
+                let branches: Vec<Expr> = param
+                    .expression
+                    .as_ref()?
+                    .rooted_branches()?
+                    .into_iter()
+                    .filter(|(root, _)| fhirpath::resource_type_matches(ty, root))
+                    .map(|(_, e)| e)
+                    .collect();
+                (!branches.is_empty()).then_some(Candidate { param, branches })
+            })
+            .collect();
+        // Parts before the wholes made of them; the largest parts are tried first.
+        candidates.sort_by_key(|c| c.branches.len());
+        let mut found: HashMap<String, Vec<String>> = HashMap::new();
+        for (i, whole) in candidates.iter().enumerate() {
+            if whole.branches.len() < 2 {
+                continue;
+            }
+            let mut covered = vec![false; whole.branches.len()];
+            let mut parts: Vec<String> = Vec::new();
+            for part in candidates[..i].iter().rev() {
+                if part.param.kind != whole.param.kind || !same_components(part.param, whole.param)
+                {
+                    continue;
+                }
+                let Some(at) = part
+                    .branches
+                    .iter()
+                    .map(|b| whole.branches.iter().position(|w| w == b))
+                    .collect::<Option<Vec<usize>>>()
+                else {
+                    continue;
+                };
+                if at.iter().any(|&k| covered[k]) {
+                    continue;
+                }
+                for k in at {
+                    covered[k] = true;
+                }
+                match found.get(&part.param.code) {
+                    Some(codes) => parts.extend(codes.iter().cloned()),
+                    None => parts.push(part.param.code.clone()),
+                }
+            }
+            if parts.len() >= 2 && covered.iter().all(|c| *c) {
+                found.insert(whole.param.code.clone(), parts);
+            }
+        }
+        found
     }
 
     /// The type's own parameters in registration order, then inherited ones whose code it
@@ -252,6 +343,16 @@ impl Registry {
         }
         self.params.push(param);
     }
+}
+
+/// Whether two parameters' components (none for simple parameters) index alike: the same
+/// types and the same expressions, in order.
+fn same_components(a: &SearchParam, b: &SearchParam) -> bool {
+    a.components.len() == b.components.len()
+        && a.components
+            .iter()
+            .zip(&b.components)
+            .all(|(x, y)| x.kind == y.kind && x.expression == y.expression)
 }
 
 /// Resolves a composite's component types; returns why it cannot be evaluated (and clears
@@ -460,6 +561,47 @@ mod tests {
                 .iter()
                 .all(|p| p.code != "_text")
         );
+    }
+
+    #[test]
+    fn observation_combinations_are_aliases() {
+        let (registry, _) = official();
+        let alias = |code: &str| {
+            registry
+                .alias("Observation", code)
+                .map(|codes| codes.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let sorted = |code: &str| {
+            let mut codes = alias(code).unwrap_or_default();
+            codes.sort_unstable();
+            codes
+        };
+        assert_eq!(sorted("combo-code"), ["code", "component-code"]);
+        assert_eq!(
+            sorted("combo-value-quantity"),
+            ["component-value-quantity", "value-quantity"]
+        );
+        assert_eq!(
+            sorted("combo-value-concept"),
+            ["component-value-concept", "value-concept"]
+        );
+        assert_eq!(
+            sorted("combo-data-absent-reason"),
+            ["component-data-absent-reason", "data-absent-reason"]
+        );
+        assert_eq!(
+            sorted("combo-code-value-quantity"),
+            ["code-value-quantity", "component-code-value-quantity"]
+        );
+        assert_eq!(
+            sorted("combo-code-value-concept"),
+            ["code-value-concept", "component-code-value-concept"]
+        );
+        // Parts are no aliases, and no other R4 parameter is one.
+        assert_eq!(alias("code"), None);
+        assert_eq!(alias("value-quantity"), None);
+        let total: usize = registry.aliases.values().map(HashMap::len).sum();
+        assert_eq!(total, 6, "{:?}", registry.aliases);
     }
 
     #[test]

@@ -268,6 +268,32 @@ const CASES: &[(&str, &[&str])] = &[
         "Observation?combo-code-value-quantity=8867-4$60",
         &["Observation/ob4"],
     ),
+    // Aliases (`combo-*` = the parameter | its `component-*`), read from their parts' rows.
+    ("Observation?combo-code=8462-4", &["Observation/ob3"]),
+    (
+        "Observation?combo-code=http://loinc.org|8867-4",
+        &["Observation/ob1", "Observation/ob2", "Observation/ob4"],
+    ),
+    (
+        "Observation?combo-code:not=8867-4",
+        &["Observation/ob3", "Observation/ob5", "Observation/ob6"],
+    ),
+    (
+        "Observation?combo-value-quantity=95||mm[Hg]",
+        &["Observation/ob3"],
+    ),
+    (
+        "Observation?combo-value-quantity=gt100",
+        &["Observation/ob2", "Observation/ob3"],
+    ),
+    (
+        "Observation?combo-value-quantity:missing=true",
+        &["Observation/ob6"],
+    ),
+    (
+        "Observation?combo-code=8462-4&combo-value-quantity=lt100",
+        &["Observation/ob3"],
+    ),
     (
         "Observation?combo-code-value-quantity=8462-4$95||mm[Hg]",
         &["Observation/ob3"],
@@ -412,6 +438,21 @@ async fn sort_include_and_revinclude(app: &TestApp) {
     assert_eq!(
         ids(&b, "match"),
         ["Observation/ob4", "Observation/ob1", "Observation/ob2"]
+    );
+    // By an alias: each resource's lowest value under either part (ob3: 150 and 95).
+    let b = search(
+        app,
+        "Observation?code=8480-6,8867-4&_sort=combo-value-quantity",
+    )
+    .await;
+    assert_eq!(
+        ids(&b, "match"),
+        [
+            "Observation/ob4",
+            "Observation/ob1",
+            "Observation/ob3",
+            "Observation/ob2"
+        ]
     );
     let b = search(app, "Patient?_sort=family,-birthdate").await;
     assert_eq!(ids(&b, "match"), ["Patient/p2", "Patient/p1", "Patient/p3"]);
