@@ -162,7 +162,9 @@ fn quantity(value: f64, u: &Unit) -> Value {
 
 /// The Observation id for one reading and Observation type: the same device, type, time
 /// and value-set id always give the same id, so a redelivered message rewrites the same
-/// Observation with the same content (which stores nothing new).
+/// Observation with the same content (which stores nothing new). The id starts with the
+/// reading's time (a version 7 style UUID prefix), so a feed's new Observations are written
+/// at the end of the id indexes rather than all over them.
 pub fn observation_id(r: &Reading, code: &str) -> String {
     let key = format!(
         "{}|{}\n{}\n{}\n{}",
@@ -172,9 +174,9 @@ pub fn observation_id(r: &Reading, code: &str) -> String {
         r.time,
         r.set_id.as_deref().unwrap_or("")
     );
-    crate::hl7v2::map::bundle::uuid_urn(&key)
-        .trim_start_matches("urn:uuid:")
-        .to_string()
+    let millis = crate::search::extract::parse_fhir_date_range(&r.time)
+        .map_or(0, |(start, _)| u64::try_from(start / 1000).unwrap_or(0));
+    crate::hl7v2::map::bundle::uuid_time_ordered(&key, millis)
 }
 
 /// Stage two: the Observations of one reading. `device` and `subject` are references

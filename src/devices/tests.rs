@@ -145,6 +145,21 @@ fn glucose_set_id_separates_two_readings_of_one_instant() {
 }
 
 #[test]
+fn observation_ids_sort_by_reading_time() {
+    let at = |device: &str, time: &str| {
+        let (_, o) = map_one(
+            json!({"type": "thermometer", "deviceId": device, "time": time, "temperature": 36.6}),
+        );
+        o[0]["id"].as_str().unwrap().to_string()
+    };
+    // 2024-03-06T10:15:00Z is 0x018e13425ca0 ms since 1970.
+    let first = at("Z-9", "2024-03-06T10:15:00Z");
+    assert!(first.starts_with("018e1342-5ca0-8"), "{first}");
+    assert!(first < at("A-1", "2024-03-06T10:15:00.001Z"));
+    assert!(first > at("A-1", "2024-03-06T10:14:59.999Z"));
+}
+
+#[test]
 fn ecg_waveform_as_sampled_data() {
     let (_, obs) = map_one(
         json!({"type": "ecg", "deviceId": "E", "start": "2024-03-06T10:15:00.000Z", "leadI": [0.1, 0.25, -0.05]}),
