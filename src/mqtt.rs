@@ -6,6 +6,7 @@
 //! back-off. Back-pressure: a bounded channel between the network task and the writer, plus
 //! the shared device queue; when they are full the network task stops reading.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -122,26 +123,47 @@ pub async fn run(
         connection.clone(),
         shutdown.clone(),
     ));
+    // Up to PIPELINE batches are mapped and committed at once, so the next batch is being
+    // prepared while the writer commits the last; acknowledgements still go out in the
+    // order the PUBLISH packets came (MQTT 3.1.1 4.6), each batch's after its commit.
+    let mut inflight: VecDeque<Batch> = VecDeque::with_capacity(PIPELINE);
     loop {
-        let first = tokio::select! {
-            p = rx.recv() => match p { Some(p) => p, None => break },
+        tokio::select! {
+            // The oldest batch first: its acknowledgements may not wait behind newer ones.
+            biased;
+            committed = async {
+                match inflight.front_mut() {
+                    Some(b) => (&mut b.commit).await.unwrap_or(false),
+                    None => std::future::pending().await,
+                }
+            }, if !inflight.is_empty() => {
+                if let Some(done) = inflight.pop_front() {
+                    acknowledge(&client, &connection, committed, done.publishes).await;
+                }
+            }
+            p = rx.recv(), if inflight.len() < PIPELINE => {
+                let Some(first) = p else { break };
+                let mut publishes = vec![first];
+                while publishes.len() < batch {
+                    match rx.try_recv() {
+                        Ok(p) => publishes.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let packets: Vec<Publish> = publishes.iter().map(|(_, p)| p.clone()).collect();
+                let (ctx, mut shutdown) = (ctx.clone(), shutdown.clone());
+                let commit =
+                    tokio::spawn(async move { commit(&ctx, &packets, &mut shutdown).await });
+                inflight.push_back(Batch { commit, publishes });
+            }
             _ = shutdown.changed() => break,
-        };
-        let mut publishes = vec![first];
-        while publishes.len() < batch {
-            match rx.try_recv() {
-                Ok(p) => publishes.push(p),
-                Err(_) => break,
-            }
         }
-        let packets: Vec<Publish> = publishes.iter().map(|(_, p)| p.clone()).collect();
-        commit(&ctx, &packets, &mut shutdown).await;
-        let current = connection.load(Ordering::SeqCst);
-        for (_, p) in publishes.iter().filter(|(c, _)| *c == current) {
-            if let Err(e) = client.ack(p).await {
-                tracing::warn!(error = %e, "MQTT ack not sent; the broker will redeliver");
-            }
-        }
+    }
+    // Batches already being committed finish (a failing one stops retrying at shutdown)
+    // and are acknowledged if they committed on this connection.
+    while let Some(done) = inflight.pop_front() {
+        let committed = done.commit.await.unwrap_or(false);
+        acknowledge(&client, &connection, committed, done.publishes).await;
     }
     // Unacknowledged messages stay with the broker's session and come back on the next
     // connection. Nothing here may wait on the network task.
@@ -152,9 +174,44 @@ pub async fn run(
     tracing::info!("MQTT subscriber stopped");
 }
 
+/// How many batches are mapped and committed at once (see [`run`]).
+const PIPELINE: usize = 3;
+
+/// A batch being committed, with the packets to acknowledge after.
+struct Batch {
+    /// Answers whether the batch committed.
+    commit: tokio::task::JoinHandle<bool>,
+    publishes: Vec<(u64, Publish)>,
+}
+
+/// Acknowledges a committed batch's packets that came on the current connection (packet ids
+/// of an earlier one mean nothing now; the broker redelivers those). A batch that did not
+/// commit (the server is stopping) is not acknowledged: the broker keeps it.
+async fn acknowledge(
+    client: &AsyncClient,
+    connection: &AtomicU64,
+    committed: bool,
+    publishes: Vec<(u64, Publish)>,
+) {
+    if !committed {
+        return;
+    }
+    let current = connection.load(Ordering::SeqCst);
+    for (_, p) in publishes.iter().filter(|(c, _)| *c == current) {
+        if let Err(e) = client.ack(p).await {
+            tracing::warn!(error = %e, "MQTT ack not sent; the broker will redeliver");
+        }
+    }
+}
+
 /// Writes one batch, retrying while the database fails (nothing received is dropped:
-/// unacknowledged messages would only come back after a reconnect).
-async fn commit(ctx: &SharedCtx, publishes: &[Publish], shutdown: &mut watch::Receiver<bool>) {
+/// unacknowledged messages would only come back after a reconnect). Answers whether it
+/// committed: only a stop of the server ends the retries without.
+async fn commit(
+    ctx: &SharedCtx,
+    publishes: &[Publish],
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
     let mut messages = Vec::new();
     for p in publishes {
         let source = format!("mqtt:{}", p.topic);
@@ -172,7 +229,8 @@ async fn commit(ctx: &SharedCtx, publishes: &[Publish], shutdown: &mut watch::Re
     }
     let n = u32::try_from(messages.len()).unwrap_or(u32::MAX);
     let queue = ctx.devices.queue.clone();
-    let permit = queue
+    // Held until this function returns: the batch counts against the device queue.
+    let _permit = queue
         .acquire_many_owned(n.min(ctx.devices.queue_capacity as u32))
         .await;
     let mut wait = Duration::from_millis(200);
@@ -184,19 +242,18 @@ async fn commit(ctx: &SharedCtx, publishes: &[Publish], shutdown: &mut watch::Re
                     rejected = o.rejected.len(),
                     "MQTT batch committed"
                 );
-                break;
+                return true;
             }
             Err(e) => {
                 tracing::warn!(error = %e.diagnostics(), "MQTT batch not committed; retrying");
                 if *shutdown.borrow() {
-                    break;
+                    return false;
                 }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
         }
     }
-    drop(permit);
 }
 
 /// Polls the connection: subscribes after every CONNACK, hands PUBLISH packets to the

@@ -47,6 +47,12 @@ struct Options {
     mqtt_inflight: usize,
     /// Device bench: only the MQTT burst.
     devices_mqtt_only: bool,
+    /// Device bench over HTTP: concurrent clients, readings per POST.
+    devices_clients: usize,
+    devices_batch: usize,
+    /// Device bench over MQTT: publish at this many readings/s (paced) and measure each
+    /// reading's publish-to-searchable latency, instead of one burst.
+    devices_rate: Option<usize>,
     /// Run only the SMART scenarios (authorization overhead, token endpoint).
     smart_only: bool,
 }
@@ -66,6 +72,9 @@ fn options() -> Result<Options, String> {
         devices: None,
         mqtt_inflight: 1000,
         devices_mqtt_only: false,
+        devices_clients: 8,
+        devices_batch: 100,
+        devices_rate: None,
         smart_only: false,
     };
     let mut args = std::env::args().skip(1);
@@ -94,6 +103,23 @@ fn options() -> Result<Options, String> {
                 o.devices = Some(value()?.parse().map_err(|e| format!("--devices: {e}"))?)
             }
             "--devices-mqtt-only" => o.devices_mqtt_only = true,
+            "--devices-clients" => {
+                o.devices_clients = value()?
+                    .parse()
+                    .map_err(|e| format!("--devices-clients: {e}"))?
+            }
+            "--devices-rate" => {
+                o.devices_rate = Some(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--devices-rate: {e}"))?,
+                )
+            }
+            "--devices-batch" => {
+                o.devices_batch = value()?
+                    .parse()
+                    .map_err(|e| format!("--devices-batch: {e}"))?
+            }
             "--mqtt-inflight" => {
                 o.mqtt_inflight = value()?
                     .parse()
@@ -158,7 +184,10 @@ impl Server {
                 database,
             ])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -542,6 +571,21 @@ async fn run_backend(o: &Options, backend: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Paced readings carry their number in their time: reading `i` is taken at
+/// `PACED_EPOCH_MS + i` milliseconds, so the newest searchable Observation tells how far
+/// the server has come. Their devices (`P-...`) differ from the other readings', so no paced
+/// reading is the same Observation as an earlier one.
+const PACED_EPOCH_MS: i64 = 1_700_000_000_000;
+
+fn paced_reading(i: usize) -> String {
+    format!(
+        "{{\"type\":\"thermometer\",\"deviceId\":\"P-{:03}\",\"time\":{},\"temperature\":{}}}",
+        i % 100,
+        PACED_EPOCH_MS + i as i64,
+        36.0 + (i % 30) as f64 / 10.0
+    )
+}
+
 /// One device reading (a thermometer: one Observation per message), distinct per `i`.
 fn device_reading(i: usize) -> String {
     let (secs, device) = (1_700_000_000 + i / 100, i % 100);
@@ -633,10 +677,10 @@ async fn run_devices(o: &Options, backend: &str, n: usize) -> Result<(), String>
     println!("\n### Device feeds, {backend} (durable commits)\n");
     println!("| scenario | readings/s | p50 | p99 | notes |");
     println!("|---|---|---|---|---|");
-    // HTTP: 8 clients, batches of 100 (skipped with --devices-mqtt-only).
+    // HTTP: 8 clients, batches of 100 unless told (skipped with --devices-mqtt-only).
     let n_http = if o.devices_mqtt_only { 0 } else { n };
-    let batch = 100;
-    let clients = 8;
+    let batch = o.devices_batch.max(1);
+    let clients = o.devices_clients.max(1);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -671,7 +715,7 @@ async fn run_devices(o: &Options, backend: &str, n: usize) -> Result<(), String>
     lat.sort_by(|a, b| a.total_cmp(b));
     if n_http > 0 {
         println!(
-            "| HTTP `$device-data`, 8 clients, NDJSON batches of {batch} | {:.0} | {:.1} ms | {:.1} ms | {n} readings in {secs:.1} s; latency = one batch until its 202 (after commit) |",
+            "| HTTP `$device-data`, {clients} clients, NDJSON batches of {batch} | {:.0} | {:.1} ms | {:.1} ms | {n} readings in {secs:.1} s; latency = one batch until its 202 (after commit) |",
             n as f64 / secs,
             percentile(&lat, 0.5),
             percentile(&lat, 0.99)
@@ -726,20 +770,63 @@ async fn run_devices(o: &Options, backend: &str, n: usize) -> Result<(), String>
         return Err("the server never received MQTT data".into());
     }
     let total = 2 * n + 1;
+    let total_count = n_http + n + 1;
+    // Paced: a poller reads the newest Observation every 10 ms (one index seek, unlike a
+    // count) and records which reading it is, so each reading's publish-to-searchable
+    // latency is known to the poll interval (the subscriber commits in publish order, up to
+    // its few batches in flight).
+    let polls = o.devices_rate.map(|_| {
+        let (client, base) = (client.clone(), server.base.clone());
+        tokio::spawn(async move {
+            let mut seen: Vec<(Instant, usize)> = Vec::new();
+            loop {
+                let v: Value = match client
+                    .get(format!(
+                        "{base}/Observation?_sort=-_lastUpdated&_count=1&_total=none"
+                    ))
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.json().await.unwrap_or(Value::Null),
+                    Err(_) => Value::Null,
+                };
+                let newest = v["entry"][0]["resource"]["effectiveDateTime"]
+                    .as_str()
+                    .and_then(iomt_fhir::search::extract::parse_fhir_date_range)
+                    .map(|(start, _)| start / 1000 - PACED_EPOCH_MS)
+                    .and_then(|k| usize::try_from(k).ok())
+                    // The warm-up reading is newer than every paced one: not one of them.
+                    .filter(|k| *k < n);
+                if let Some(k) = newest {
+                    seen.push((Instant::now(), k));
+                    if k + 1 >= n {
+                        return seen;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    });
     let started = Instant::now();
-    for i in (n + 1)..total {
+    let mut sent_at = Vec::with_capacity(n);
+    for (k, i) in ((n + 1)..total).enumerate() {
+        if let Some(rate) = o.devices_rate {
+            let due = started + Duration::from_secs_f64(k as f64 / rate.max(1) as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        sent_at.push(Instant::now());
+        let body = match o.devices_rate {
+            Some(_) => paced_reading(k),
+            None => device_reading(i),
+        };
         publisher
-            .publish(
-                probe(i),
-                QoS::AtLeastOnce,
-                false,
-                device_reading(i).into_bytes(),
-            )
+            .publish(probe(i), QoS::AtLeastOnce, false, body.into_bytes())
             .await
             .map_err(|e| e.to_string())?;
     }
     let published = started.elapsed().as_secs_f64();
-    let total_count = n_http + n + 1;
     let sampler = {
         let pid = server.child.id();
         tokio::spawn(async move {
@@ -770,10 +857,36 @@ async fn run_devices(o: &Options, backend: &str, n: usize) -> Result<(), String>
     sampler.abort();
     let secs = done.duration_since(started).as_secs_f64();
     let rss = server.status_mib("RssAnon:");
-    println!(
-        "| MQTT, 1 publisher, QoS 1, 1 reading per message | {:.0} | | | {n} readings published in {published:.1} s, all searchable after {secs:.1} s; server RssAnon {rss:.0} MiB |",
-        n as f64 / secs
-    );
+    if let (Some(rate), Some(polls)) = (o.devices_rate, polls) {
+        let seen = tokio::time::timeout(Duration::from_secs(30), polls)
+            .await
+            .map_err(|_| "the newest Observation never was the last paced reading")?
+            .map_err(|e| e.to_string())?;
+        // Reading k is searchable once the newest searchable reading is k or later.
+        let mut lat = Vec::with_capacity(n);
+        let mut at = 0;
+        for (k, sent) in sent_at.iter().enumerate() {
+            while seen.get(at).is_some_and(|(_, newest)| *newest < k) {
+                at += 1;
+            }
+            if let Some((t, _)) = seen.get(at) {
+                lat.push(t.duration_since(*sent).as_secs_f64() * 1000.0);
+            }
+        }
+        lat.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "| MQTT, 1 publisher paced at {rate}/s, QoS 1, 1 reading per message | {:.0} | {:.0} ms | {:.0} ms | {n} readings published in {published:.1} s, all searchable after {secs:.1} s; latency = publish until the newest Observation found by a search (polled every 10 ms) is this one or later, max {:.0} ms; server RssAnon {rss:.0} MiB |",
+            n as f64 / secs,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat.last().copied().unwrap_or(0.0)
+        );
+    } else {
+        println!(
+            "| MQTT, 1 publisher, QoS 1, 1 reading per message | {:.0} | | | {n} readings published in {published:.1} s, all searchable after {secs:.1} s; server RssAnon {rss:.0} MiB |",
+            n as f64 / secs
+        );
+    }
     let _ = publisher.disconnect().await;
     let _ = acks.await;
     println!(
