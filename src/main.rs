@@ -4,6 +4,12 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
 use clap::Parser;
+
+/// mimalloc instead of the system allocator: on the device-feed path (many short-lived JSON
+/// values and strings per reading) glibc's malloc/free took ~45 % of the request threads'
+/// CPU, much of it consolidating and unlinking free chunks (BENCHMARKS.md, Device feeds).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use iomt_fhir::app::{Application, context, shutdown_signal};
 use iomt_fhir::config::{
     Cli, ClientsCommand, Command, DevicesCommand, Hl7Command, KeysCommand, ServerArgs, Settings,
