@@ -30,6 +30,10 @@ fn broker() -> Option<(String, u16)> {
 async fn publish(host: &str, port: u16, topic: &str, payloads: &[String]) {
     let mut o = MqttOptions::new(format!("pub-{}", uuid::Uuid::new_v4()), host, port);
     o.set_keep_alive(Duration::from_secs(5));
+    publish_with(o, topic, payloads).await;
+}
+
+async fn publish_with(o: MqttOptions, topic: &str, payloads: &[String]) {
     let (client, mut events) = AsyncClient::new(o, 64);
     for p in payloads {
         client
@@ -307,4 +311,101 @@ async fn mqtt_kill_mid_stream_loses_and_duplicates_nothing() {
     assert_eq!(v["total"], total, "{v}");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The subscriber's TLS and login options against a Mosquitto of its own (TLS listener with
+/// the test CA's certificate, anonymous access off, one user in a password file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_a_login() {
+    // Runs where the broker tests run (CI sets the variable); needs the mosquitto binaries.
+    if broker().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+    let passwords = dir.path().join("passwords");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["gateway", "s3cret-pass"])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto) is needed for the TLS broker test");
+    assert!(made.success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\ncertfile {tls}/server.pem\nkeyfile {tls}/server.key\n\
+             allow_anonymous false\npassword_file {}\npersistence false\n",
+            passwords.display()
+        ),
+    )
+    .unwrap();
+    let mut broker = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto is needed for the TLS broker test");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let url = format!("mqtts://127.0.0.1:{port}");
+    let ca = std::path::PathBuf::from(format!("{tls}/ca.pem"));
+    let login = |client_id: String, password: &str| iomt_fhir::mqtt::MqttConfig {
+        url: url.clone(),
+        topics: vec![format!("tls-{run}/+/telemetry")],
+        client_id,
+        username: Some("gateway".into()),
+        password: Some(password.into()),
+        tls_ca: Some(ca.clone()),
+        batch: 500,
+    };
+    let server_login = login(format!("iomt-fhir-tls-{run}"), "s3cret-pass");
+    let database = format!("sqlite://{}/tls.db", dir.path().display());
+    let app = spawn_with(Backend::Sqlite, move |a| {
+        a.database = Some(database);
+        a.mqtt_url = Some(server_login.url.clone());
+        a.mqtt_topic = server_login.topics.clone();
+        a.mqtt_client_id = Some(server_login.client_id.clone());
+        a.mqtt_username = server_login.username.clone();
+        a.mqtt_password = server_login.password.clone();
+        a.mqtt_tls_ca = server_login.tls_ca.clone();
+    })
+    .await
+    .unwrap();
+    let publisher = || {
+        iomt_fhir::mqtt::options(&login(
+            format!("pub-{}", uuid::Uuid::new_v4()),
+            "s3cret-pass",
+        ))
+        .unwrap()
+    };
+    let topic = format!("tls-{run}/PO-9/telemetry");
+    let reading = json!({"type": "pulse-oximeter", "deviceId": "PO-9", "time": "2024-03-06T11:00:00Z", "spo2": 98}).to_string();
+    // Published until it comes through: the server subscribes after it starts.
+    let mut arrived = false;
+    for _ in 0..50 {
+        publish_with(publisher(), &topic, std::slice::from_ref(&reading)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = json(app.get("Observation?code=http://loinc.org|2708-6").await).await;
+        if b["total"] == 1 {
+            arrived = true;
+            break;
+        }
+    }
+    let _ = app.stop().await;
+    let _ = broker.kill();
+    let _ = broker.wait();
+    assert!(arrived, "no reading arrived over MQTT with TLS and a login");
 }
