@@ -14,6 +14,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Publish, QoS, Transport};
 use tokio::sync::{mpsc, watch};
 
+use crate::error::ErrorKind;
 use crate::interaction::SharedCtx;
 use crate::interaction::device_data::{Message, ingest, split_body};
 
@@ -206,7 +207,9 @@ async fn acknowledge(
 
 /// Writes one batch, retrying while the database fails (nothing received is dropped:
 /// unacknowledged messages would only come back after a reconnect). Answers whether it
-/// committed: only a stop of the server ends the retries without.
+/// committed: only a stop of the server ends the retries without. A batch that fails
+/// [`ISOLATE_AFTER`] times for a reason other than an unavailable database is written
+/// message by message, and a message that still fails becomes a dead letter.
 async fn commit(
     ctx: &SharedCtx,
     publishes: &[Publish],
@@ -233,21 +236,75 @@ async fn commit(
     let _permit = queue
         .acquire_many_owned(n.min(ctx.devices.queue_capacity as u32))
         .await;
+    match write(ctx, &messages, shutdown, Some(ISOLATE_AFTER)).await {
+        Attempt::Committed => return true,
+        Attempt::Stopped => return false,
+        Attempt::Poisoned(_) => {}
+    }
+    // A batch that keeps failing for a reason other than an unavailable database: write its
+    // messages one by one, so that one poisoned message cannot stall the feed. A message that
+    // still fails is kept as a dead letter with the reason (listable and replayable), and the
+    // batch is acknowledged; nothing is dropped.
+    for m in messages {
+        let one = std::slice::from_ref(&m);
+        let reason = match write(ctx, one, shutdown, Some(ISOLATE_AFTER)).await {
+            Attempt::Committed => continue,
+            Attempt::Stopped => return false,
+            Attempt::Poisoned(reason) => reason,
+        };
+        tracing::error!(error = %reason, "MQTT message could not be committed; kept as a dead letter");
+        let dead = Message {
+            json: Err(format!("could not be committed: {reason}")),
+            ..m
+        };
+        if let Attempt::Stopped = write(ctx, &[dead], shutdown, None).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Failed attempts before a batch is split up (see [`commit`]).
+const ISOLATE_AFTER: u32 = 3;
+
+enum Attempt {
+    Committed,
+    /// The server is stopping and the messages are not committed.
+    Stopped,
+    /// Failed `give_up` times for a reason other than an unavailable database.
+    Poisoned(String),
+}
+
+/// Ingests `messages` in one transaction, retrying with back-off; an unavailable database is
+/// waited out however long it takes, other errors `give_up` times at most.
+async fn write(
+    ctx: &SharedCtx,
+    messages: &[Message],
+    shutdown: &mut watch::Receiver<bool>,
+    give_up: Option<u32>,
+) -> Attempt {
     let mut wait = Duration::from_millis(200);
+    let mut failures = 0;
     loop {
-        match ingest(ctx, messages.clone(), "mqtt").await {
+        match ingest(ctx, messages.to_vec(), "mqtt").await {
             Ok(o) => {
                 tracing::debug!(
                     messages = o.accepted,
                     rejected = o.rejected.len(),
                     "MQTT batch committed"
                 );
-                return true;
+                return Attempt::Committed;
             }
             Err(e) => {
                 tracing::warn!(error = %e.diagnostics(), "MQTT batch not committed; retrying");
                 if *shutdown.borrow() {
-                    return false;
+                    return Attempt::Stopped;
+                }
+                if e.kind != ErrorKind::Unavailable {
+                    failures += 1;
+                    if give_up.is_some_and(|n| failures >= n) {
+                        return Attempt::Poisoned(e.diagnostics());
+                    }
                 }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(10));

@@ -29,7 +29,8 @@ fn broker() -> Option<(String, u16)> {
 /// Publishes each payload with QoS 1 and waits for every PUBACK.
 async fn publish(host: &str, port: u16, topic: &str, payloads: &[String]) {
     let mut o = MqttOptions::new(format!("pub-{}", uuid::Uuid::new_v4()), host, port);
-    o.set_keep_alive(Duration::from_secs(5));
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(1 << 20, 1 << 20);
     publish_with(o, topic, payloads).await;
 }
 
@@ -408,4 +409,77 @@ async fn mqtt_over_tls_with_a_login() {
     let _ = broker.kill();
     let _ = broker.wait();
     assert!(arrived, "no reading arrived over MQTT with TLS and a login");
+}
+
+/// A message that maps but can never be committed must not stall the feed: after a few
+/// failed attempts the batch is written message by message, and the one that still fails is
+/// kept as a dead letter with the reason. The poison here is real: PostgreSQL cannot index a
+/// value over ~2.7 KB (B-tree row size), and this device id is 10,000 incompressible bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_poisoned_message_becomes_a_dead_letter() {
+    let Some((host, port)) = broker() else { return };
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("iomt-poison/{run}");
+    let (topic_filter, client_id) = (format!("{prefix}/+/telemetry"), format!("poison-{run}"));
+    let url = format!("mqtt://{host}:{port}");
+    let Some(app) = spawn_with(Backend::Postgres, move |a| {
+        a.mqtt_url = Some(url);
+        a.mqtt_topic = vec![topic_filter];
+        a.mqtt_client_id = Some(client_id);
+    })
+    .await
+    else {
+        return;
+    };
+    let reading = |device: &str, minute: u32| {
+        json!({"type": "pulse-oximeter", "deviceId": device, "time": format!("2024-03-06T12:{minute:02}:00Z"), "spo2": 97}).to_string()
+    };
+    // 10,000 characters of a simple pseudo-random sequence: nothing for compression to find.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let poison_id: String = (0..10_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                    [(x % 62) as usize],
+            )
+        })
+        .collect();
+    let topic = format!("{prefix}/G-1/telemetry");
+    // The subscription is up once a first reading comes through.
+    let mut arrived = false;
+    for _ in 0..50 {
+        publish(&host, port, &topic, &[reading("G-0", 0)]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = json(app.get("Observation?code=http://loinc.org|2708-6").await).await;
+        if b["total"] == 1 {
+            arrived = true;
+            break;
+        }
+    }
+    assert!(arrived, "no reading arrived over MQTT");
+    let batch = [reading("G-1", 1), reading(&poison_id, 2), reading("G-2", 3)].join("\n");
+    publish(&host, port, &topic, &[batch]).await;
+    // The good readings of the poisoned batch arrive; later readings are not held up.
+    publish(&host, port, &topic, &[reading("G-3", 4)]).await;
+    let mut errors = serde_json::Value::Null;
+    for _ in 0..150 {
+        errors = json(app.get("$device-data/errors").await).await;
+        if errors["messages"].as_array().is_some_and(|m| !m.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_total(&app, "Observation?code=http://loinc.org|2708-6", 4).await;
+    let messages = errors["messages"].as_array().expect("dead letters");
+    assert_eq!(messages.len(), 1, "{errors}");
+    let reason = messages[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("could not be committed"), "{reason}");
+    assert_eq!(
+        messages[0]["payload"]["deviceId"], poison_id,
+        "the message is kept"
+    );
+    let _ = app.stop().await;
 }
