@@ -203,6 +203,17 @@ impl From<sqlx::Error> for FhirError {
                 tracing::warn!(error = %e, "database unavailable");
                 FhirError::new(ErrorKind::Unavailable, "database unavailable, retry later")
             }
+            // PostgreSQL `program_limit_exceeded`: in practice a search-index value larger
+            // than a B-tree entry may be (about 2,700 bytes after compression). The input's
+            // fault, so a 422 that says so rather than a 500.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("54000") => {
+                tracing::warn!(error = %e, "value too large for a PostgreSQL index");
+                FhirError::new(
+                    ErrorKind::Unprocessable,
+                    "a value in this resource is too long to be indexed for search: PostgreSQL \
+                     indexes at most about 2,700 bytes per value (identifiers, codes, strings)",
+                )
+            }
             _ => {
                 tracing::error!(error = %e, "database error");
                 FhirError::internal(e.to_string())
