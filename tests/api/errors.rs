@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, json, spawn_with};
+use crate::helpers::{Backend, TestApp, incompressible, json, spawn_with};
 
 async fn expect(r: reqwest::Response, status: u16) -> serde_json::Value {
     assert_eq!(r.status(), status);
@@ -183,15 +183,7 @@ async fn status_codes_and_outcomes(app: &TestApp) {
 /// A search-index value PostgreSQL cannot hold in a B-tree (over ~2.7 KB, incompressible):
 /// a 422 that says why, never a 500. SQLite has no such limit and stores it.
 async fn over_long_index_values(app: &TestApp) {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let value: String = (0..10_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize])
-        })
-        .collect();
+    let value = incompressible(10_000);
     let body =
         json!({"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": value}]});
     let r = app

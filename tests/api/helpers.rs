@@ -204,3 +204,20 @@ macro_rules! both_backends {
         }
     };
 }
+
+/// `n` letters and digits from a fixed pseudo-random sequence (xorshift): a value that
+/// compression cannot shrink, for tests of size limits.
+pub fn incompressible(n: usize) -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                    [(x % 62) as usize],
+            )
+        })
+        .collect()
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, json, spawn_with};
+use crate::helpers::{Backend, TestApp, incompressible, json, spawn_with};
 
 const MQTT_ENV: &str = "IOMT_FHIR_TEST_MQTT_URL";
 
@@ -26,12 +26,37 @@ fn broker() -> Option<(String, u16)> {
     Some((h.to_string(), p.parse().unwrap()))
 }
 
-/// Publishes each payload with QoS 1 and waits for every PUBACK.
-async fn publish(host: &str, port: u16, topic: &str, payloads: &[String]) {
+/// A publisher's options for the plain test broker.
+fn plain(host: &str, port: u16) -> MqttOptions {
     let mut o = MqttOptions::new(format!("pub-{}", uuid::Uuid::new_v4()), host, port);
     o.set_keep_alive(Duration::from_secs(5))
         .set_max_packet_size(1 << 20, 1 << 20);
-    publish_with(o, topic, payloads).await;
+    o
+}
+
+/// Publishes each payload with QoS 1 and waits for every PUBACK.
+async fn publish(host: &str, port: u16, topic: &str, payloads: &[String]) {
+    publish_with(plain(host, port), topic, payloads).await;
+}
+
+/// The server subscribes after it starts; until then a publish reaches nobody, so a first
+/// pulse-oximeter reading is published until its SpO2 Observation is found (repeats are
+/// harmless). Answers whether it was.
+async fn publish_until_found(
+    app: &TestApp,
+    options: impl Fn() -> MqttOptions,
+    topic: &str,
+    reading: String,
+) -> bool {
+    for _ in 0..50 {
+        publish_with(options(), topic, std::slice::from_ref(&reading)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = json(app.get("Observation?code=http://loinc.org|2708-6").await).await;
+        if b["total"] == 1 {
+            return true;
+        }
+    }
+    false
 }
 
 async fn publish_with(o: MqttOptions, topic: &str, payloads: &[String]) {
@@ -96,18 +121,8 @@ async fn mqtt_readings_exactly_once_across_a_restart() {
     let topic = format!("{prefix}/PO-7/telemetry");
 
     let app = start(&database, &host, port, &prefix, &client_id).await;
-    // The server subscribes after it starts; until then a publish reaches nobody, so the
-    // first reading is published until it comes through (repeats are harmless).
-    let mut arrived = false;
-    for _ in 0..50 {
-        publish(&host, port, &topic, &[reading("PO-7", 0, 95)]).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let b = json(app.get("Observation?code=http://loinc.org|2708-6").await).await;
-        if b["total"] == 1 {
-            arrived = true;
-            break;
-        }
-    }
+    let first = reading("PO-7", 0, 95);
+    let arrived = publish_until_found(&app, || plain(&host, port), &topic, first).await;
     assert!(arrived, "no reading arrived over MQTT");
     // The same reading twice more (a redelivery): still one Observation, one version.
     publish(
@@ -394,17 +409,7 @@ async fn mqtt_over_tls_with_a_login() {
     };
     let topic = format!("tls-{run}/PO-9/telemetry");
     let reading = json!({"type": "pulse-oximeter", "deviceId": "PO-9", "time": "2024-03-06T11:00:00Z", "spo2": 98}).to_string();
-    // Published until it comes through: the server subscribes after it starts.
-    let mut arrived = false;
-    for _ in 0..50 {
-        publish_with(publisher(), &topic, std::slice::from_ref(&reading)).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let b = json(app.get("Observation?code=http://loinc.org|2708-6").await).await;
-        if b["total"] == 1 {
-            arrived = true;
-            break;
-        }
-    }
+    let arrived = publish_until_found(&app, publisher, &topic, reading).await;
     let _ = app.stop().await;
     let _ = broker.kill();
     let _ = broker.wait();
@@ -434,31 +439,9 @@ async fn mqtt_poisoned_message_becomes_a_dead_letter() {
     let reading = |device: &str, minute: u32| {
         json!({"type": "pulse-oximeter", "deviceId": device, "time": format!("2024-03-06T12:{minute:02}:00Z"), "spo2": 97}).to_string()
     };
-    // 10,000 characters of a simple pseudo-random sequence: nothing for compression to find.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let poison_id: String = (0..10_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-                    [(x % 62) as usize],
-            )
-        })
-        .collect();
+    let poison_id = incompressible(10_000);
     let topic = format!("{prefix}/G-1/telemetry");
-    // The subscription is up once a first reading comes through.
-    let mut arrived = false;
-    for _ in 0..50 {
-        publish(&host, port, &topic, &[reading("G-0", 0)]).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let b = json(app.get("Observation?code=http://loinc.org|2708-6").await).await;
-        if b["total"] == 1 {
-            arrived = true;
-            break;
-        }
-    }
+    let arrived = publish_until_found(&app, || plain(&host, port), &topic, reading("G-0", 0)).await;
     assert!(arrived, "no reading arrived over MQTT");
     let batch = [reading("G-1", 1), reading(&poison_id, 2), reading("G-2", 3)].join("\n");
     publish(&host, port, &topic, &[batch]).await;
