@@ -406,7 +406,13 @@ async fn commit(db: &mut Db, ctx: &crate::interaction::Ctx, plan: Planned) -> Re
     let now = crate::time::now_micros();
     let mut created = 0;
     for (id, p) in &plan.new_devices {
-        if db.current("Device", id).await?.is_none_or(|c| c.deleted) {
+        // Locked on PostgreSQL: another process or batch may be creating the same device
+        // at this moment; the second waits for the first and then finds it.
+        if db
+            .current_for_update("Device", id)
+            .await?
+            .is_none_or(|c| c.deleted)
+        {
             db.write_version("Device", id, None, Some(p), "PUT", now)
                 .await?;
             created += 1;

@@ -192,9 +192,47 @@ async fn rtls_tags_move_devices_between_zone_locations(app: &TestApp) {
     );
 }
 
+/// Eight clients at once, each sending readings of the same five devices the server has
+/// never seen: every request is committed, and each device is created once.
+async fn concurrent_first_sight_creates_each_device_once(app: &TestApp) {
+    let mut requests = Vec::new();
+    for client in 0..8u32 {
+        let lines: Vec<Value> = (0..5)
+            .map(|d| {
+                json!({"type": "thermometer", "deviceId": format!("NEW-{d}"),
+                    "time": format!("2024-03-06T13:{client:02}:0{d}Z"), "temperature": 36.5})
+            })
+            .collect();
+        let (client, url) = (app.client.clone(), app.url("$device-data"));
+        requests.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/x-ndjson")
+                .body(ndjson(&lines))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for r in requests {
+        assert_eq!(r.await.unwrap(), 202);
+    }
+    assert_eq!(
+        total(app, "Device?identifier=urn:iomt-fhir:device-id|NEW-0,urn:iomt-fhir:device-id|NEW-1,urn:iomt-fhir:device-id|NEW-2,urn:iomt-fhir:device-id|NEW-3,urn:iomt-fhir:device-id|NEW-4").await,
+        5
+    );
+    assert_eq!(
+        total(app, "Observation?code=http://loinc.org|8310-5").await,
+        40
+    );
+}
+
 crate::both_backends!(
     readings_are_committed_searchable_and_exactly_once,
-    rtls_tags_move_devices_between_zone_locations
+    rtls_tags_move_devices_between_zone_locations,
+    concurrent_first_sight_creates_each_device_once
 );
 
 /// Without auto-creation, an unknown device's reading is a dead letter until its Device is
