@@ -206,6 +206,15 @@ impl From<sqlx::Error> for FhirError {
             // PostgreSQL `program_limit_exceeded`: in practice a search-index value larger
             // than a B-tree entry may be (about 2,700 bytes after compression). The input's
             // fault, so a 422 that says so rather than a 500.
+            // PostgreSQL `unique_violation`: two transactions created the same row at once
+            // (a race the losing request can retry), not a fault of the server.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                tracing::warn!(error = %e, "concurrent write conflict");
+                FhirError::new(
+                    ErrorKind::Conflict,
+                    "another request wrote the same resource at the same time; retry",
+                )
+            }
             sqlx::Error::Database(db) if db.code().as_deref() == Some("54000") => {
                 tracing::warn!(error = %e, "value too large for a PostgreSQL index");
                 FhirError::new(
@@ -219,5 +228,55 @@ impl From<sqlx::Error> for FhirError {
                 FhirError::internal(e.to_string())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod database_error_tests {
+    use super::*;
+
+    /// A database error with only a SQLSTATE, as a driver would report it.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            "test"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn status(code: &'static str) -> u16 {
+        FhirError::from(sqlx::Error::Database(Box::new(Sqlstate(code)))).status()
+    }
+
+    #[test]
+    fn database_errors_caused_by_input_or_races_are_not_500() {
+        assert_eq!(status("54000"), 422); // value too large for a B-tree entry
+        assert_eq!(status("23505"), 409); // unique violation: a concurrent create won
+        assert_eq!(status("42601"), 500); // a syntax error is our bug
+        assert_eq!(FhirError::from(sqlx::Error::PoolTimedOut).status(), 503);
     }
 }
