@@ -206,6 +206,17 @@ impl From<sqlx::Error> for FhirError {
             // PostgreSQL `program_limit_exceeded`: in practice a search-index value larger
             // than a B-tree entry may be (about 2,700 bytes after compression). The input's
             // fault, so a 422 that says so rather than a 500.
+            // PostgreSQL `deadlock_detected` / `serialization_failure`: this transaction was
+            // chosen to give way to another; retrying it succeeds.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                tracing::warn!(error = %e, "transaction aborted to resolve a conflict");
+                FhirError::new(
+                    ErrorKind::Unavailable,
+                    "the database aborted this transaction to resolve a conflict with another; retry",
+                )
+            }
             // PostgreSQL `unique_violation`: two transactions created the same row at once
             // (a race the losing request can retry), not a fault of the server.
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
@@ -276,6 +287,8 @@ mod database_error_tests {
     fn database_errors_caused_by_input_or_races_are_not_500() {
         assert_eq!(status("54000"), 422); // value too large for a B-tree entry
         assert_eq!(status("23505"), 409); // unique violation: a concurrent create won
+        assert_eq!(status("40P01"), 503); // deadlock victim: retry
+        assert_eq!(status("40001"), 503); // serialization failure: retry
         assert_eq!(status("42601"), 500); // a syntax error is our bug
         assert_eq!(FhirError::from(sqlx::Error::PoolTimedOut).status(), 503);
     }

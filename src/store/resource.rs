@@ -409,12 +409,15 @@ impl Db {
     }
 
     /// Reads the current rows and bodies of many resources in one query, so that the
-    /// [`Db::current`] and [`Db::vread`] calls of a job's entries (a transaction Bundle, an
-    /// import chunk) cost no round trip each. SQLite's single writer only: nothing else can
-    /// change those rows before the job ends. On PostgreSQL rows are read (and locked) one by
-    /// one with `FOR UPDATE`, so this does nothing there.
+    /// [`Db::current`], [`Db::current_for_update`] and [`Db::vread`] calls of a job's entries
+    /// (a transaction Bundle, a device batch, an import chunk) cost no round trip each. On
+    /// SQLite the single writer guarantees nothing else changes those rows before the job
+    /// ends. On PostgreSQL the job first takes the advisory locks of all the keys (in one
+    /// statement, in ascending key order) and reads the rows `FOR UPDATE`: the same locks
+    /// [`Db::current_for_update`] takes one by one, taken at once.
     pub async fn prefetch(&mut self, keys: &[(String, String)]) -> Result<()> {
-        if self.is_postgres() || self.alloc.is_none() || keys.len() < 2 {
+        let pg = self.is_postgres();
+        if (!pg && self.alloc.is_none()) || keys.len() < 2 {
             return Ok(());
         }
         let wanted: Vec<&(String, String)> = keys
@@ -430,9 +433,24 @@ impl Db {
                 .map(|(t, i)| Value::Array(vec![t.as_str().into(), i.as_str().into()]))
                 .collect(),
         );
+        if pg {
+            let mut locks: Vec<i64> = wanted.iter().map(|(t, i)| lock_key(&[t, i])).collect();
+            locks.sort_unstable();
+            locks.dedup();
+            self.execute(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT (e #>> '{}')::bigint AS k FROM json_array_elements($1::json) AS e ORDER BY 1) AS s",
+                &[Arg::Text(Value::from(locks).to_string())],
+            )
+            .await?;
+        }
+        let sql = if pg {
+            "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_array_elements($1::json) AS e JOIN resource r ON r.res_type = e->>0 AND r.res_id = e->>1 JOIN resource_version v ON v.seq = r.seq FOR UPDATE OF r"
+        } else {
+            "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_each($1) AS e JOIN resource r ON r.res_type = e.value->>0 AND r.res_id = e.value->>1 JOIN resource_version v ON v.seq = r.seq"
+        };
         let rows = self
             .fetch_all(
-                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_each($1) AS e JOIN resource r ON r.res_type = e.value->>0 AND r.res_id = e.value->>1 JOIN resource_version v ON v.seq = r.seq",
+                sql,
                 &[Arg::Text(list.to_string())],
                 &[
                     Ty::Text,
@@ -532,7 +550,12 @@ impl Db {
     /// On PostgreSQL an advisory lock on (type, id) also serialises two creators of the
     /// same new id; SQLite has a single writer, so reading is enough.
     pub async fn current_for_update(&mut self, ty: &str, id: &str) -> Result<Option<Current>> {
-        if !self.is_postgres() {
+        // Prefetched on PostgreSQL means locked already (see `Db::prefetch`).
+        if !self.is_postgres()
+            || self
+                .prefetched
+                .contains_key(&(ty.to_string(), id.to_string()))
+        {
             return self.current(ty, id).await;
         }
         self.execute(
