@@ -203,9 +203,6 @@ impl From<sqlx::Error> for FhirError {
                 tracing::warn!(error = %e, "database unavailable");
                 FhirError::new(ErrorKind::Unavailable, "database unavailable, retry later")
             }
-            // PostgreSQL `program_limit_exceeded`: in practice a search-index value larger
-            // than a B-tree entry may be (about 2,700 bytes after compression). The input's
-            // fault, so a 422 that says so rather than a 500.
             // PostgreSQL `deadlock_detected` / `serialization_failure`: this transaction was
             // chosen to give way to another; retrying it succeeds.
             sqlx::Error::Database(db)
@@ -226,6 +223,9 @@ impl From<sqlx::Error> for FhirError {
                     "another request wrote the same resource at the same time; retry",
                 )
             }
+            // PostgreSQL `program_limit_exceeded`: in practice a search-index value larger
+            // than a B-tree entry may be (about 2,700 bytes after compression). The input's
+            // fault, so a 422 that says so rather than a 500.
             sqlx::Error::Database(db) if db.code().as_deref() == Some("54000") => {
                 tracing::warn!(error = %e, "value too large for a PostgreSQL index");
                 FhirError::new(

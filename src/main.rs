@@ -4,12 +4,6 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
 use clap::Parser;
-
-/// mimalloc instead of the system allocator: on the device-feed path (many short-lived JSON
-/// values and strings per reading) glibc's malloc/free took ~45 % of the request threads'
-/// CPU, much of it consolidating and unlinking free chunks (BENCHMARKS.md, Device feeds).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use iomt_fhir::app::{Application, context, shutdown_signal};
 use iomt_fhir::config::{
     Cli, ClientsCommand, Command, DevicesCommand, Hl7Command, KeysCommand, ServerArgs, Settings,
@@ -17,6 +11,12 @@ use iomt_fhir::config::{
 };
 use iomt_fhir::error::FhirError;
 use iomt_fhir::interaction::SharedCtx;
+
+/// mimalloc instead of the system allocator: on the device-feed path (many short-lived JSON
+/// values and strings per reading) glibc's malloc/free took ~45 % of the request threads'
+/// CPU, much of it consolidating and unlinking free chunks (BENCHMARKS.md, Device feeds).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The context of a command that works on the database without serving (`import`, `hl7`,
 /// `devices`, `reindex`): the settings a server with these options would use.

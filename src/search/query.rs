@@ -375,9 +375,6 @@ pub struct SearchQuery {
     pub revincludes: Vec<Include>,
 }
 
-/// Splits `value` on `sep` where `sep` is not escaped by `\`. After a `\`, a character for
-/// which `unescape` holds is kept alone; any other keeps its `\` for a later split. A
-/// trailing lone `\` is dropped.
 /// `value` with the search grammar's own characters (`\ , | $`) escaped
 /// (search.html#escaping), to be one value of a parameter.
 pub fn escape(value: &str) -> String {
@@ -391,6 +388,9 @@ pub fn escape(value: &str) -> String {
     out
 }
 
+/// Splits `value` on `sep` where `sep` is not escaped by `\`. After a `\`, a character for
+/// which `unescape` holds is kept alone; any other keeps its `\` for a later split. A
+/// trailing lone `\` is dropped.
 fn split_escaped(value: &str, sep: char, unescape: impl Fn(char) -> bool) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut chars = value.chars();
