@@ -15,6 +15,9 @@
 //! `target/release/bench --smart [--backend ...]`: reads and searches at 32 clients with
 //! `--auth off` and with `--auth smart` (a wide and a restricted token), and the token
 //! endpoint (client_credentials with pre-signed ES384 and RS384 assertions, 16 clients).
+//! `target/release/bench --devices-grouped N [--devices-clients 8] [--devices-batch 100]`:
+//! N streamed heart-rate readings (100 patches, one reading a second each) over HTTP into
+//! the grouped `heart-rate-stream` template, then checks every reading has its slot.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,8 @@ struct Options {
     /// Device bench over MQTT: publish at this many readings/s (paced) and measure each
     /// reading's publish-to-searchable latency, instead of one burst.
     devices_rate: Option<usize>,
+    /// Readings for the grouped-template scenario.
+    devices_grouped: Option<usize>,
     /// Run only the SMART scenarios (authorization overhead, token endpoint).
     smart_only: bool,
 }
@@ -75,6 +80,7 @@ fn options() -> Result<Options, String> {
         devices_clients: 8,
         devices_batch: 100,
         devices_rate: None,
+        devices_grouped: None,
         smart_only: false,
     };
     let mut args = std::env::args().skip(1);
@@ -103,6 +109,13 @@ fn options() -> Result<Options, String> {
                 o.devices = Some(value()?.parse().map_err(|e| format!("--devices: {e}"))?)
             }
             "--devices-mqtt-only" => o.devices_mqtt_only = true,
+            "--devices-grouped" => {
+                o.devices_grouped = Some(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--devices-grouped: {e}"))?,
+                )
+            }
             "--devices-clients" => {
                 o.devices_clients = value()?
                     .parse()
@@ -593,6 +606,109 @@ fn device_reading(i: usize) -> String {
         "{{\"type\":\"thermometer\",\"deviceId\":\"T-{device:03}\",\"time\":{secs},\"temperature\":{}}}",
         36.0 + (i % 30) as f64 / 10.0
     )
+}
+
+/// Streamed heart rate: reading `i` is patch `i % 100` at second `i / 100`.
+fn grouped_reading(i: usize) -> String {
+    let (secs, patch) = (1_700_000_000 + i / 100, i % 100);
+    format!(
+        "{{\"kind\":\"heartrate-stream\",\"device\":{{\"id\":\"HR-{patch:03}\"}},\"at\":{secs},\"bpm\":{}}}",
+        60 + i % 40
+    )
+}
+
+/// HTTP `$device-data` into the grouped `heart-rate-stream` template (one Observation per
+/// patch and hour, a slot a second): every batch merges its readings into the stored
+/// Observations. Afterwards every reading must be found in its slot.
+async fn run_grouped(o: &Options, backend: &str, n: usize) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (database, cleanup) = fresh_database(o, backend, dir.path(), "bench_grouped").await?;
+    let server = Server::start(&database)?;
+    let client = reqwest::Client::new();
+    let (batch, clients) = (o.devices_batch.max(1), o.devices_clients.max(1));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (client, base) = (client.clone(), server.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = c * batch;
+            while i < n {
+                let body: Vec<String> = (i..(i + batch).min(n)).map(grouped_reading).collect();
+                let t = Instant::now();
+                let r = client
+                    .post(format!("{base}/$device-data"))
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.join("\n"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status().as_u16() != 202 {
+                    return Err(format!("status {}", r.status()));
+                }
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                i += clients * batch;
+            }
+            Ok::<Vec<f64>, String>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.map_err(|e| e.to_string())??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    // Every reading in its slot: count the filled slots of all the grouped Observations.
+    let mut url = format!(
+        "{}/Observation?code=http://loinc.org|8867-4&_count=1000",
+        server.base
+    );
+    let (mut observations, mut filled) = (0usize, 0usize);
+    loop {
+        let page: Value = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        for e in page["entry"].as_array().into_iter().flatten() {
+            observations += 1;
+            let data = e["resource"]["valueSampledData"]["data"]
+                .as_str()
+                .unwrap_or("");
+            filled += data.split(' ').filter(|x| *x != "E").count();
+        }
+        let next = page["link"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["relation"] == "next")
+            .and_then(|l| l["url"].as_str());
+        match next {
+            Some(u) => url = u.to_string(),
+            None => break,
+        }
+    }
+    let mut cleanup = cleanup;
+    let size = mib(database_bytes(&database, &mut cleanup).await);
+    let peak = server.peak_mib();
+    drop(server);
+    drop_database(cleanup).await;
+    if filled != n {
+        return Err(format!("{filled} of {n} readings found in their slots"));
+    }
+    println!("\n### Grouped device readings, {backend} (durable commits)\n");
+    println!("| scenario | readings/s | p50 | p99 | notes |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| HTTP `$device-data`, heart-rate-stream (hourly, 1 s slots), {clients} clients, NDJSON batches of {batch} | {:.0} | {:.1} ms | {:.1} ms | {n} readings of 100 patches in {secs:.1} s into {observations} Observations, every reading found in its slot; database {size}; server peak {peak:.0} MiB |",
+        n as f64 / secs,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    Ok(())
 }
 
 /// Polls `Observation?_summary=count` until it reaches `want`; returns when it did.
@@ -1682,6 +1798,15 @@ async fn main() {
             .unwrap_or_default(),
         o.seconds
     );
+    if let Some(n) = o.devices_grouped {
+        for b in o.backends.clone() {
+            if let Err(e) = run_grouped(&o, &b, n).await {
+                eprintln!("bench (grouped devices, {b}): {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let Some(n) = o.devices {
         for b in o.backends.clone() {
             if let Err(e) = run_devices(&o, &b, n).await {

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-use crate::devices::template::{ObservationKind, Template, Templates, UCUM, Unit};
+use crate::devices::template::{
+    Grouping, ObservationDef, ObservationKind, Template, Templates, UCUM, Unit,
+};
 
 /// Identifier system of the Observations made from device readings; the value is the
 /// Observation's id, derived from the reading's identity.
@@ -54,11 +56,7 @@ pub fn instant(v: &Value) -> Result<String, String> {
             if micros > 253_402_300_799e6 {
                 return Err(format!("timestamp {n} is after the year 9999"));
             }
-            let t = crate::time::format_instant(micros as i64);
-            Ok(match t.strip_suffix(".000000Z") {
-                Some(whole) => format!("{whole}Z"),
-                None => t,
-            })
+            Ok(instant_text(micros as i64))
         }
         Value::String(s) => {
             let s = s.trim();
@@ -76,6 +74,15 @@ pub fn instant(v: &Value) -> Result<String, String> {
             }
         }
         _ => Err("timestamp is neither a date-time string nor a number".into()),
+    }
+}
+
+/// Microseconds since 1970 as a FHIR instant, without a fraction when it is zero.
+fn instant_text(micros: i64) -> String {
+    let t = crate::time::format_instant(micros);
+    match t.strip_suffix(".000000Z") {
+        Some(whole) => format!("{whole}Z"),
+        None => t,
     }
 }
 
@@ -179,9 +186,74 @@ pub fn observation_id(r: &Reading, code: &str) -> String {
     crate::hl7v2::map::bundle::uuid_time_ordered(&key, millis)
 }
 
-/// Stage two: the Observations of one reading. `device` and `subject` are references
-/// (`Device/x`, `Patient/y`). Observations whose values are absent are skipped; a value of
-/// the wrong shape is an error for the whole message.
+/// An Observation of `def` without its effective time and value: id, identifier, status,
+/// category, code (with the LOINC code the shared ConceptMap gives an MDC code), subject.
+fn base(
+    def: &ObservationDef,
+    id: &str,
+    subject: Option<&str>,
+    loinc_for_mdc: &dyn Fn(&str) -> Option<(String, String)>,
+) -> Map<String, Value> {
+    let mut o = Map::new();
+    o.insert("resourceType".into(), json!("Observation"));
+    o.insert("id".into(), json!(id));
+    o.insert(
+        "identifier".into(),
+        json!([{"system": OBSERVATION_ID_SYSTEM, "value": id}]),
+    );
+    o.insert("status".into(), json!("final"));
+    if let Some(c) = &def.category {
+        o.insert(
+            "category".into(),
+            json!([{"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                "code": c
+            }]}]),
+        );
+    }
+    let mut codings = serde_json::to_value(&def.code).unwrap_or_default();
+    if !def.code.iter().any(|c| c.system == LOINC)
+        && let Some((code, display)) = def
+            .code
+            .iter()
+            .find(|c| c.system == MDC)
+            .and_then(|c| loinc_for_mdc(&c.code))
+        && let Some(list) = codings.as_array_mut()
+    {
+        list.insert(
+            0,
+            json!({"system": LOINC, "code": code, "display": display}),
+        );
+    }
+    let mut code = json!({"coding": codings});
+    if let Some(text) = &def.text {
+        code["text"] = json!(text);
+    }
+    o.insert("code".into(), code);
+    if let Some(s) = subject {
+        o.insert("subject".into(), json!({"reference": s}));
+    }
+    o
+}
+
+/// The samples of a `sampledData` value, as decimal texts.
+fn samples(value: &str, v: &Value) -> Result<Vec<String>, String> {
+    let samples = v
+        .as_array()
+        .ok_or_else(|| format!("value {value:?} is not an array of samples"))?;
+    if samples.is_empty() {
+        return Err(format!("value {value:?} holds no samples"));
+    }
+    samples
+        .iter()
+        .map(|s| number(value, s).map(|f| f.to_string()))
+        .collect()
+}
+
+/// Stage two: the Observations of one reading (those of grouped definitions come from
+/// [`grouped`]). `device` and `subject` are references (`Device/x`, `Patient/y`).
+/// Observations whose values are absent are skipped; a value of the wrong shape is an error
+/// for the whole message.
 pub fn observations(
     t: &Template,
     r: &Reading,
@@ -190,52 +262,13 @@ pub fn observations(
     loinc_for_mdc: &dyn Fn(&str) -> Option<(String, String)>,
 ) -> Result<Vec<Value>, String> {
     let mut out = Vec::new();
-    for def in &t.observations {
+    for def in t.observations.iter().filter(|d| d.grouping.is_none()) {
         if def.value_names().iter().any(|n| !r.values.contains_key(*n)) {
             continue;
         }
         let first = &def.code[0];
         let id = observation_id(r, &format!("{}|{}", first.system, first.code));
-        let mut o = Map::new();
-        o.insert("resourceType".into(), json!("Observation"));
-        o.insert("id".into(), json!(id));
-        o.insert(
-            "identifier".into(),
-            json!([{"system": OBSERVATION_ID_SYSTEM, "value": id}]),
-        );
-        o.insert("status".into(), json!("final"));
-        if let Some(c) = &def.category {
-            o.insert(
-                "category".into(),
-                json!([{"coding": [{
-                    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                    "code": c
-                }]}]),
-            );
-        }
-        // MDC codes get their LOINC code from the shared ConceptMap (terminology/).
-        let mut codings = serde_json::to_value(&def.code).unwrap_or_default();
-        if !def.code.iter().any(|c| c.system == LOINC)
-            && let Some((code, display)) = def
-                .code
-                .iter()
-                .find(|c| c.system == MDC)
-                .and_then(|c| loinc_for_mdc(&c.code))
-            && let Some(list) = codings.as_array_mut()
-        {
-            list.insert(
-                0,
-                json!({"system": LOINC, "code": code, "display": display}),
-            );
-        }
-        let mut code = json!({"coding": codings});
-        if let Some(text) = &def.text {
-            code["text"] = json!(text);
-        }
-        o.insert("code".into(), code);
-        if let Some(s) = subject {
-            o.insert("subject".into(), json!({"reference": s}));
-        }
+        let mut o = base(def, &id, subject, loinc_for_mdc);
         o.insert("effectiveDateTime".into(), json!(r.time));
         match &def.kind {
             ObservationKind::Quantity { value, unit } => {
@@ -258,17 +291,7 @@ pub fn observations(
                 unit,
                 origin,
             } => {
-                let samples = r.values[value]
-                    .as_array()
-                    .ok_or_else(|| format!("value {value:?} is not an array of samples"))?;
-                if samples.is_empty() {
-                    return Err(format!("value {value:?} holds no samples"));
-                }
-                let data = samples
-                    .iter()
-                    .map(|s| number(value, s).map(|f| f.to_string()))
-                    .collect::<Result<Vec<_>, _>>()?
-                    .join(" ");
+                let data = samples(value, &r.values[value])?.join(" ");
                 o.insert(
                     "valueSampledData".into(),
                     json!({
@@ -284,6 +307,153 @@ pub fn observations(
         out.push(Value::Object(o));
     }
     Ok(out)
+}
+
+/// What one batch puts into one grouped Observation: the Observation without its value, and
+/// the samples for its slots. The writer merges them into the stored version
+/// ([`merge_group`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupPoints {
+    pub id: String,
+    /// The Observation without `valueSampledData`.
+    pub skeleton: Value,
+    pub grouping: Grouping,
+    /// `valueSampledData.origin`.
+    pub origin: Value,
+    /// (slot, decimal) in arrival order: a later value for a slot replaces an earlier one.
+    pub points: Vec<(usize, String)>,
+}
+
+/// The id of the grouped Observation for one device, type and period (and set id, if the
+/// template has one): time-ordered like [`observation_id`], and never equal to a reading's.
+fn group_id(r: &Reading, code: &str, g: &Grouping, start: i64) -> String {
+    let key = format!(
+        "{}|{}\n{}\ngroup of {} minutes from {}\n{}",
+        r.device_system,
+        r.device_id,
+        code,
+        g.period_minutes,
+        start,
+        r.set_id.as_deref().unwrap_or("")
+    );
+    let millis = u64::try_from(start / 1000).unwrap_or(0);
+    crate::hl7v2::map::bundle::uuid_time_ordered(&key, millis)
+}
+
+/// Stage two for grouped definitions: each reading's samples, placed in the slot of the
+/// period that holds their time (slot k covers `[start + k·sampleMs, start + (k+1)·sampleMs)`).
+/// A waveform that crosses a period's end continues in the next period's Observation.
+pub fn grouped(
+    t: &Template,
+    r: &Reading,
+    device: &str,
+    subject: Option<&str>,
+    loinc_for_mdc: &dyn Fn(&str) -> Option<(String, String)>,
+) -> Result<Vec<GroupPoints>, String> {
+    let mut out = Vec::new();
+    for def in &t.observations {
+        let Some(g) = def.grouping else { continue };
+        if def.value_names().iter().any(|n| !r.values.contains_key(*n)) {
+            continue;
+        }
+        let time = crate::search::extract::parse_fhir_date_range(&r.time)
+            .map(|(start, _)| start)
+            .ok_or_else(|| format!("timestamp {:?} is not a valid date-time", r.time))?;
+        let sample_us = g.sample_ms * 1000.0;
+        // (time in µs, value) of every sample.
+        let (unit, origin, timed): (&Unit, f64, Vec<(i64, String)>) = match &def.kind {
+            ObservationKind::Quantity { value, unit } => {
+                let v = number(value, &r.values[value])?;
+                (unit, 0.0, vec![(time, v.to_string())])
+            }
+            ObservationKind::Sampled {
+                value,
+                unit,
+                origin,
+                ..
+            } => {
+                let timed = samples(value, &r.values[value])?
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, v)| (time + (j as f64 * sample_us).round() as i64, v))
+                    .collect();
+                (unit, *origin, timed)
+            }
+            ObservationKind::Components(_) => continue,
+        };
+        let first = &def.code[0];
+        let code = format!("{}|{}", first.system, first.code);
+        let period = g.period_micros();
+        let last = g.slots().saturating_sub(1);
+        let mut by_start: BTreeMap<i64, Vec<(usize, String)>> = BTreeMap::new();
+        for (at, v) in timed {
+            let start = at.div_euclid(period) * period;
+            let slot = (((at - start) as f64) / sample_us).floor() as usize;
+            by_start.entry(start).or_default().push((slot.min(last), v));
+        }
+        for (start, points) in by_start {
+            let id = group_id(r, &code, &g, start);
+            let mut o = base(def, &id, subject, loinc_for_mdc);
+            o.insert(
+                "effectivePeriod".into(),
+                json!({"start": instant_text(start), "end": instant_text(start + period)}),
+            );
+            o.insert("device".into(), json!({"reference": device}));
+            out.push(GroupPoints {
+                id,
+                skeleton: Value::Object(o),
+                grouping: g,
+                origin: quantity(origin, unit),
+                points,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The grouped Observation after `g`: the stored slots (if the stored version has the same
+/// sample period), overwritten by `g`'s; "E" marks slots no reading filled. The same points
+/// merged again give the same Observation, so a redelivery writes nothing.
+pub fn merge_group(stored: Option<&Value>, g: &GroupPoints) -> Value {
+    let mut slots: Vec<Option<String>> = stored
+        .filter(|s| {
+            s.pointer("/valueSampledData/period")
+                .and_then(Value::as_f64)
+                == Some(g.grouping.sample_ms)
+        })
+        .and_then(|s| s.pointer("/valueSampledData/data"))
+        .and_then(Value::as_str)
+        .map(|d| {
+            d.split_whitespace()
+                .take(g.grouping.slots())
+                .map(|x| (x != "E").then(|| x.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (slot, v) in &g.points {
+        if slots.len() <= *slot {
+            slots.resize(slot + 1, None);
+        }
+        slots[*slot] = Some(v.clone());
+    }
+    let data = slots
+        .iter()
+        .map(|s| s.as_deref().unwrap_or("E"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut o = g.skeleton.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.insert(
+            "valueSampledData".into(),
+            json!({
+                "origin": g.origin,
+                "period": g.grouping.sample_ms,
+                "dimensions": 1,
+                "data": data,
+            }),
+        );
+    }
+    o
 }
 
 /// The Location of an RTLS reading's zone: (id, resource). One Location per zone, its id

@@ -106,6 +106,16 @@ struct ObservationFile {
     components: Vec<ComponentFile>,
     #[serde(default)]
     sampled_data: Option<SampledFile>,
+    #[serde(default)]
+    grouping: Option<GroupingFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GroupingFile {
+    period_minutes: u32,
+    #[serde(default)]
+    sample_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +170,30 @@ pub struct ObservationDef {
     pub text: Option<String>,
     pub category: Option<String>,
     pub kind: ObservationKind,
+    pub grouping: Option<Grouping>,
+}
+
+/// Readings of one device and type within one period (aligned to UTC midnight) go into
+/// one Observation: `effectivePeriod` is the period, `valueSampledData` holds a slot per
+/// `sample_ms` ("E" where no reading arrived).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grouping {
+    pub period_minutes: u32,
+    pub sample_ms: f64,
+}
+
+/// Most slots one grouped Observation may have (a day at one sample a second).
+pub const MAX_SLOTS: f64 = 86_400.0;
+
+impl Grouping {
+    pub fn period_micros(&self) -> i64 {
+        i64::from(self.period_minutes) * 60_000_000
+    }
+
+    /// Number of slots in one period.
+    pub fn slots(&self) -> usize {
+        (f64::from(self.period_minutes) * 60_000.0 / self.sample_ms).ceil() as usize
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +244,50 @@ fn unit(field: &str, u: &Unit) -> Result<(), String> {
         return Err(format!("{field}.code: a UCUM code is required"));
     }
     Ok(())
+}
+
+/// Checks a `grouping`: the period divides a day, and the slots fit in [`MAX_SLOTS`].
+fn grouping(at: &str, g: &GroupingFile, kind: &ObservationKind) -> Result<Grouping, String> {
+    let at = format!("{at}.grouping");
+    if g.period_minutes == 0 || 1440 % g.period_minutes != 0 {
+        return Err(format!(
+            "{at}.periodMinutes: must divide a day (1440 minutes), e.g. 60 or 1440"
+        ));
+    }
+    let sample_ms = match (kind, g.sample_ms) {
+        (ObservationKind::Quantity { .. }, Some(ms)) => ms,
+        (ObservationKind::Quantity { .. }, None) => {
+            return Err(format!(
+                "{at}.sampleMs: a grouped value needs the time between its slots"
+            ));
+        }
+        (ObservationKind::Sampled { period_ms, .. }, None) => *period_ms,
+        (ObservationKind::Sampled { .. }, Some(_)) => {
+            return Err(format!(
+                "{at}.sampleMs: sampledData.periodMs already gives the time between samples"
+            ));
+        }
+        (ObservationKind::Components(_), _) => {
+            return Err(format!(
+                "{at}: only value or sampledData observations can be grouped"
+            ));
+        }
+    };
+    if !(sample_ms.is_finite() && sample_ms > 0.0) {
+        return Err(format!("{at}.sampleMs: must be positive"));
+    }
+    let g = Grouping {
+        period_minutes: g.period_minutes,
+        sample_ms,
+    };
+    if g.slots() as f64 > MAX_SLOTS {
+        return Err(format!(
+            "{at}: {} slots of {sample_ms} ms in {} minutes; at most {MAX_SLOTS} are allowed",
+            g.slots(),
+            g.period_minutes
+        ));
+    }
+    Ok(g)
 }
 
 impl Template {
@@ -312,11 +390,16 @@ impl Template {
                     ));
                 }
             };
+            let grouping = match &o.grouping {
+                None => None,
+                Some(g) => Some(grouping(&at, g, &kind)?),
+            };
             observations.push(ObservationDef {
                 code: o.code.clone(),
                 text: o.text.clone(),
                 category: o.category.clone(),
                 kind,
+                grouping,
             });
         }
         let location = match &f.location {
@@ -405,6 +488,10 @@ const SHIPPED: &[(&str, &str)] = &[
     (
         "respiratory-rate.json",
         include_str!("../../conformance/device-mappings/respiratory-rate.json"),
+    ),
+    (
+        "heart-rate-stream.json",
+        include_str!("../../conformance/device-mappings/heart-rate-stream.json"),
     ),
     (
         "ecg-waveform.json",

@@ -41,7 +41,7 @@ fn codes(o: &Value) -> Vec<String> {
 #[test]
 fn every_shipped_template_loads() {
     let t = Templates::shipped().unwrap();
-    assert_eq!(t.all.len(), 10);
+    assert_eq!(t.all.len(), 11);
 }
 
 #[test]
@@ -246,5 +246,116 @@ fn bad_templates_name_the_field() {
         .contains("unit")
     );
     assert!(broken(&|v| v["extra"] = json!(1)).contains("unknown field"));
+    // Grouping: the period divides a day, a value needs its slot width, slots are bounded.
+    assert!(
+        broken(
+            &|v| v["observations"][0]["grouping"] = json!({"periodMinutes": 7, "sampleMs": 1000})
+        )
+        .contains("grouping.periodMinutes")
+    );
+    assert!(
+        broken(&|v| v["observations"][0]["grouping"] = json!({"periodMinutes": 60}))
+            .contains("grouping.sampleMs")
+    );
+    assert!(
+        broken(
+            &|v| v["observations"][0]["grouping"] = json!({"periodMinutes": 1440, "sampleMs": 100})
+        )
+        .contains("at most")
+    );
+    assert!(
+        broken(&|v| v["observations"][0]["grouping"] = json!({"periodMinutes": 60, "sampleMs": 0}))
+            .contains("positive")
+    );
     assert!(broken(&|v| v["match"] = json!([])).contains("match"));
+}
+
+/// The grouped points of `msg` under the shipped templates.
+fn group_one(msg: Value) -> Vec<GroupPoints> {
+    let templates = Templates::shipped().unwrap();
+    let mut out = Vec::new();
+    for r in normalise(&templates, &msg).unwrap() {
+        let t = templates.all.iter().find(|t| t.name == r.template).unwrap();
+        assert!(
+            observations(t, &r, "Device/d1", None, &loinc)
+                .unwrap()
+                .is_empty()
+        );
+        out.extend(grouped(t, &r, "Device/d1", Some("Patient/p1"), &loinc).unwrap());
+    }
+    out
+}
+
+fn hr(at: &str, bpm: f64) -> Value {
+    json!({"kind": "heartrate-stream", "device": {"id": "PATCH-1"}, "user": "MRN-1", "at": at, "bpm": bpm})
+}
+
+#[test]
+fn grouped_readings_fill_the_slots_of_one_observation_per_period() {
+    let a = group_one(hr("2024-03-06T10:00:02Z", 71.0));
+    let b = group_one(hr("2024-03-06T10:00:00.400Z", 70.0));
+    let c = group_one(hr("2024-03-06T10:59:59.999Z", 90.0));
+    let next = group_one(hr("2024-03-06T11:00:00Z", 91.0));
+    assert_eq!((a.len(), b.len(), c.len(), next.len()), (1, 1, 1, 1));
+    // One id per device, type and hour; the next hour is another Observation.
+    assert_eq!(a[0].id, b[0].id);
+    assert_eq!(a[0].id, c[0].id);
+    assert_ne!(a[0].id, next[0].id);
+    assert_eq!(a[0].points, [(2, "71".to_string())]);
+    assert_eq!(b[0].points, [(0, "70".to_string())]);
+    assert_eq!(c[0].points, [(3599, "90".to_string())]);
+    let o = merge_group(None, &a[0]);
+    assert_eq!(
+        o["effectivePeriod"],
+        json!({"start": "2024-03-06T10:00:00Z", "end": "2024-03-06T11:00:00Z"})
+    );
+    assert_eq!(codes(&o)[0], "http://loinc.org|8867-4");
+    assert_eq!(o["subject"]["reference"], "Patient/p1");
+    assert_eq!(o["device"]["reference"], "Device/d1");
+    let s = &o["valueSampledData"];
+    assert_eq!(s["period"], 1000.0);
+    assert_eq!(s["origin"]["code"], "/min");
+    assert_eq!(s["data"], "E E 71");
+    // Merged into the stored version, out of order; merging the same points again changes
+    // nothing (a redelivery).
+    let o = merge_group(Some(&o), &b[0]);
+    assert_eq!(o["valueSampledData"]["data"], "70 E 71");
+    assert_eq!(merge_group(Some(&o), &b[0]), o);
+    assert_eq!(merge_group(Some(&o), &a[0]), o);
+    // A corrected value replaces the slot's.
+    let mut fixed = a[0].clone();
+    fixed.points = vec![(2, "72".into())];
+    assert_eq!(
+        merge_group(Some(&o), &fixed)["valueSampledData"]["data"],
+        "70 E 72"
+    );
+    let full = merge_group(Some(&o), &c[0]);
+    let data = full["valueSampledData"]["data"].as_str().unwrap();
+    assert_eq!(data.split(' ').count(), 3600);
+    assert!(data.ends_with(" E 90"));
+}
+
+#[test]
+fn a_grouped_waveform_crossing_a_period_end_continues_in_the_next() {
+    let t = crate::devices::Template::parse(
+        "w.json",
+        &json!({"name": "w", "match": [{"path": "$.w"}], "deviceId": "$.d", "timestamp": "$.t",
+            "values": [{"name": "s", "path": "$.w"}],
+            "observations": [{"code": [{"system": "urn:iso:std:iso:11073:10101", "code": "131329"}],
+                "sampledData": {"value": "s", "periodMs": 250, "unit": {"code": "mV"}},
+                "grouping": {"periodMinutes": 1}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let templates = Templates { all: vec![t] };
+    let msg = json!({"d": "E1", "t": "2024-03-06T10:00:59.500Z", "w": [1, 2, 3, 4]});
+    let r = &normalise(&templates, &msg).unwrap()[0];
+    let g = grouped(&templates.all[0], r, "Device/e", None, &loinc).unwrap();
+    assert_eq!(g.len(), 2);
+    assert_eq!(g[0].points, [(238, "1".into()), (239, "2".into())]);
+    assert_eq!(g[1].points, [(0, "3".into()), (1, "4".into())]);
+    assert_eq!(
+        merge_group(None, &g[1])["effectivePeriod"]["start"],
+        "2024-03-06T10:01:00Z"
+    );
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::devices::map::{self, Reading};
+use crate::devices::map::{self, GroupPoints, Reading};
 use crate::devices::{Template, Templates};
 use crate::error::{ErrorKind, FhirError, Result};
 use crate::interaction::update::update_in;
@@ -131,6 +131,8 @@ struct Planned {
     new_devices: Vec<(String, Prepared)>,
     /// Resources to write by id: Observations, zone Locations.
     writes: Vec<(&'static str, String, Prepared)>,
+    /// Grouped Observations' new samples, one entry per Observation.
+    groups: Vec<GroupPoints>,
     /// Devices whose location changes: (id, zone Location id).
     moves: Vec<(String, String)>,
     /// (source, payload, reason)
@@ -234,12 +236,14 @@ async fn ingest_with(
     let mut plan = Planned {
         new_devices: Vec::new(),
         writes: Vec::new(),
+        groups: Vec::new(),
         moves: Vec::new(),
         dead: Vec::new(),
     };
     let mut creating: HashSet<String> = HashSet::new();
     for (i, readings) in normalised {
         let mut staged = Vec::new();
+        let mut staged_groups = Vec::new();
         let mut error = None;
         let (mut obs, mut without) = (0, 0);
         for r in &readings {
@@ -281,13 +285,14 @@ async fn ingest_with(
                 subject.as_deref(),
                 &loinc,
             ) {
-                Ok((writes, moved)) => {
-                    let n = writes.iter().filter(|w| w.0 == "Observation").count();
+                Ok((writes, groups, moved)) => {
+                    let n = writes.iter().filter(|w| w.0 == "Observation").count() + groups.len();
                     obs += n;
                     if subject.is_none() {
                         without += n;
                     }
                     staged.extend(writes);
+                    staged_groups.extend(groups);
                     if let Some(zone) = moved {
                         plan.moves.push((device_id.clone(), zone));
                     }
@@ -320,6 +325,7 @@ async fn ingest_with(
                 outcome.observations += obs;
                 outcome.without_patient += without;
                 plan.writes.extend(staged);
+                plan.groups.extend(staged_groups);
             }
         }
     }
@@ -333,6 +339,7 @@ async fn ingest_with(
         }
     }
     outcome.rejected = dead;
+    plan.groups = coalesce(std::mem::take(&mut plan.groups));
     let c = ctx.clone();
     let created = ctx
         .store
@@ -342,8 +349,28 @@ async fn ingest_with(
     Ok(outcome)
 }
 
+/// One entry per grouped Observation: points in arrival order, the last skeleton (subject)
+/// seen.
+fn coalesce(groups: Vec<GroupPoints>) -> Vec<GroupPoints> {
+    let mut out: Vec<GroupPoints> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for g in groups {
+        match at.get(&g.id) {
+            Some(&i) => {
+                out[i].points.extend(g.points);
+                out[i].skeleton = g.skeleton;
+            }
+            None => {
+                at.insert(g.id.clone(), out.len());
+                out.push(g);
+            }
+        }
+    }
+    out
+}
+
 fn prepare(
-    ctx: &SharedCtx,
+    ctx: &crate::interaction::Ctx,
     ty: &str,
     mut r: Value,
     id: &str,
@@ -363,13 +390,20 @@ fn plan_reading(
     device_id: &str,
     subject: Option<&str>,
     loinc: &dyn Fn(&str) -> Option<(String, String)>,
-) -> std::result::Result<(Writes, Option<String>), String> {
+) -> std::result::Result<(Writes, Vec<GroupPoints>, Option<String>), String> {
     let mut out = Vec::new();
     let device_ref = format!("Device/{device_id}");
     for o in map::observations(t, r, &device_ref, subject, loinc)? {
         let id = o["id"].as_str().unwrap_or_default().to_string();
         let p = prepare(ctx, "Observation", o, &id)?;
         out.push(("Observation", id, p));
+    }
+    let groups = map::grouped(t, r, &device_ref, subject, loinc)?;
+    for g in &groups {
+        // Checked here so that a template's mistake is this message's dead letter; the
+        // writer merges the samples into the stored version and prepares that.
+        let mut o = map::merge_group(None, g);
+        write::check(ctx, "Observation", &mut o, Some(&g.id)).map_err(|e| e.diagnostics())?;
     }
     let mut moved = None;
     if let Some(msg) = msg
@@ -379,7 +413,7 @@ fn plan_reading(
         out.push(("Location", id.clone(), p));
         moved = Some(id);
     }
-    Ok((out, moved))
+    Ok((out, groups, moved))
 }
 
 /// The writer job: create missing Devices, write resources (no-ops when unchanged), move
@@ -394,6 +428,11 @@ async fn commit(db: &mut Db, ctx: &crate::interaction::Ctx, plan: Planned) -> Re
         plan.new_devices
             .iter()
             .map(|(id, _)| ("Device".to_string(), id.clone())),
+    );
+    keys.extend(
+        plan.groups
+            .iter()
+            .map(|g| ("Observation".to_string(), g.id.clone())),
     );
     keys.extend(
         plan.moves
@@ -420,6 +459,20 @@ async fn commit(db: &mut Db, ctx: &crate::interaction::Ctx, plan: Planned) -> Re
     }
     for (ty, id, p) in &plan.writes {
         update_in(db, ty, id, p, None).await?;
+    }
+    for g in &plan.groups {
+        // Locked first on PostgreSQL (if `prefetch` did not): the samples merge into the
+        // version another process or batch may be writing right now.
+        db.current_for_update("Observation", &g.id).await?;
+        let stored = db
+            .read("Observation", &g.id)
+            .await?
+            .and_then(|s| s.body)
+            .and_then(|b| serde_json::from_str::<Value>(&b).ok());
+        let mut merged = map::merge_group(stored.as_ref(), g);
+        write::check(ctx, "Observation", &mut merged, Some(&g.id))?;
+        let p = write::prepare_with_id(ctx, merged, &g.id)?;
+        update_in(db, "Observation", &g.id, &p, None).await?;
     }
     let mut moved: HashMap<&str, &str> = HashMap::new();
     for (device, zone) in &plan.moves {

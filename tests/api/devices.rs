@@ -118,7 +118,7 @@ async fn readings_are_committed_searchable_and_exactly_once(app: &TestApp) {
     assert_eq!(list[0]["source"], "http");
     // Templates are listed, read-only.
     let t = json(app.get("$device-data/templates").await).await;
-    assert_eq!(t["templates"].as_array().unwrap().len(), 10);
+    assert_eq!(t["templates"].as_array().unwrap().len(), 11);
     assert_eq!(app.get("$device-data").await.status(), 405);
     // Garbage gets a 400, not a 500.
     assert_eq!(
@@ -229,7 +229,73 @@ async fn concurrent_first_sight_creates_each_device_once(app: &TestApp) {
     );
 }
 
+/// A grouped template (`heart-rate-stream`: one Observation per device and hour, a slot per
+/// second) merges readings into the stored Observation: out of order, across requests,
+/// from concurrent requests, and a redelivery writes no new version.
+async fn grouped_readings_build_one_observation_per_hour(app: &TestApp) {
+    let hr = |at: &str, bpm: i64| json!({"kind": "heartrate-stream", "device": {"id": "PATCH-1"}, "at": at, "bpm": bpm});
+    let batch = ndjson(&[
+        hr("2024-03-06T10:00:02Z", 71),
+        hr("2024-03-06T10:00:00Z", 70),
+        hr("2024-03-06T11:00:00Z", 91),
+        hr("2024-03-06T10:00:02Z", 71),
+    ]);
+    let r = json(post_data(app, batch, "application/x-ndjson").await).await;
+    assert_eq!(r["mapped"], 4, "{r}");
+    let code = "Observation?code=http://loinc.org|8867-4";
+    assert_eq!(total(app, code).await, 2);
+    // The 10:00 hour's Observation: its period overlaps 10:30-11:00, the 11:00 one's does not.
+    async fn hour(app: &TestApp) -> Value {
+        let b = json(
+            app.get("Observation?code=http://loinc.org|8867-4&date=ge2024-03-06T10:30:00Z&date=lt2024-03-06T11:00:00Z")
+                .await,
+        )
+        .await;
+        assert_eq!(b["total"], 1, "{b}");
+        b["entry"][0]["resource"].clone()
+    }
+    let o = hour(app).await;
+    assert_eq!(o["valueSampledData"]["data"], "70 E 71", "{o}");
+    assert_eq!(o["effectivePeriod"]["end"], "2024-03-06T11:00:00Z");
+    let id = o["id"].as_str().unwrap().to_string();
+    assert_eq!(o["meta"]["versionId"], "1");
+
+    // Four concurrent requests fill slots 3..=6: none of them is lost.
+    let mut tasks = Vec::new();
+    for k in 3..=6 {
+        let (client, url) = (app.client.clone(), app.url("$device-data"));
+        let body = hr(&format!("2024-03-06T10:00:0{k}Z"), 70 + k).to_string();
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let o = hour(app).await;
+    assert_eq!(o["valueSampledData"]["data"], "70 E 71 73 74 75 76", "{o}");
+    assert_eq!(o["id"], id.as_str());
+    let version = o["meta"]["versionId"].clone();
+    // Redelivering readings already merged writes nothing.
+    let again = ndjson(&[
+        hr("2024-03-06T10:00:00Z", 70),
+        hr("2024-03-06T10:00:05Z", 75),
+    ]);
+    let r = json(post_data(app, again, "application/x-ndjson").await).await;
+    assert_eq!(r["mapped"], 2, "{r}");
+    assert_eq!(hour(app).await["meta"]["versionId"], version);
+    assert_eq!(total(app, code).await, 2);
+}
+
 crate::both_backends!(
+    grouped_readings_build_one_observation_per_hour,
     readings_are_committed_searchable_and_exactly_once,
     rtls_tags_move_devices_between_zone_locations,
     concurrent_first_sight_creates_each_device_once
