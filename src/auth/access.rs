@@ -5,6 +5,9 @@
 //! the server even where a rewrite does not reach (`_include`, `_revinclude`, history).
 //! Pure code over a [`Grant`]; the caller does the I/O.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use serde_json::Value;
 
 use crate::auth::scope::{Context, Perms, ResourceScope};
@@ -28,6 +31,47 @@ pub struct Grant {
     pub fhir_user: Option<String>,
     pub issued_at: Micros,
     pub expires_at: Micros,
+    /// Verdicts on stored versions already checked under this grant.
+    pub verdicts: Verdicts,
+}
+
+/// What [`Grant::permits_stored`] decided per (resource, version, permissions). A stored
+/// version never changes, and neither do the grant or (until a `$reindex` installs new
+/// ones) the search parameters a restriction is evaluated with, so the verdict can be
+/// reused: a restricted token reading the same resources again pays a map lookup instead of
+/// a parse. Bounded: emptied when full or when the search parameters change.
+#[derive(Default)]
+pub struct Verdicts(Mutex<VerdictMap>);
+
+#[derive(Default)]
+struct VerdictMap {
+    /// The registry the verdicts were made with (held, so its address is never reused).
+    registry: Option<Arc<crate::search::registry::Registry>>,
+    map: HashMap<(String, i64, Perms), bool>,
+}
+
+/// Verdicts one grant keeps at most.
+const VERDICTS: usize = 16_384;
+
+impl Clone for Verdicts {
+    /// A copy of a grant starts without verdicts.
+    fn clone(&self) -> Self {
+        Verdicts::default()
+    }
+}
+
+impl PartialEq for Verdicts {
+    /// Remembered verdicts do not make two grants differ.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Verdicts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |m| m.map.len());
+        write!(f, "Verdicts({n})")
+    }
 }
 
 /// The audit trail is for administrators: `patient/*` and `user/*` wildcards do not reach
@@ -100,6 +144,46 @@ impl Grant {
             None => serde_json::from_str::<Value>(text).ok(),
         };
         parsed.is_some_and(|v| self.permits(ctx, perms, &v))
+    }
+
+    /// [`Grant::permits_text`] for version `version` of the stored resource `ty/id`,
+    /// remembered (see [`Verdicts`]).
+    pub fn permits_stored(
+        &self,
+        ctx: &Ctx,
+        ty: &str,
+        id: &str,
+        version: i64,
+        perms: Perms,
+        text: &str,
+    ) -> bool {
+        if self.unrestricted(ty, perms) {
+            return true;
+        }
+        let registry = ctx.registry();
+        let key = (format!("{ty}/{id}"), version, perms);
+        if let Ok(v) = self.verdicts.0.lock()
+            && v.registry
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &registry))
+            && let Some(&ok) = v.map.get(&key)
+        {
+            return ok;
+        }
+        let ok = self.permits_text(ctx, ty, perms, text);
+        if let Ok(mut v) = self.verdicts.0.lock() {
+            if !v
+                .registry
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &registry))
+                || v.map.len() >= VERDICTS
+            {
+                v.map.clear();
+                v.registry = Some(registry);
+            }
+            v.map.insert(key, ok);
+        }
+        ok
     }
 
     /// Adds to `out` the top-level elements [`Grant::permits`] reads of a `ty` resource;

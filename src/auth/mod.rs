@@ -130,17 +130,25 @@ impl Auth {
         // request's future though the cache answers almost all of them.
         match Box::pin(lookup(store, &token_hash(token), "access", now)).await? {
             Some(grant) => {
-                let grant = Arc::new(grant);
                 let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+                // Revalidated and unchanged: the same `Grant` goes on (with the verdicts it
+                // has remembered).
+                let grant = match cache.get(token) {
+                    Some((old, _)) if **old == grant => old.clone(),
+                    _ => Arc::new(grant),
+                };
                 if cache.len() >= CACHE_MAX {
                     cache.clear();
                 }
                 cache.insert(token.to_string(), (grant.clone(), Instant::now()));
                 Ok(grant)
             }
-            None => Err(unauthorized(
-                "the access token is not valid (unknown, expired or revoked)",
-            )),
+            None => {
+                self.forget(token);
+                Err(unauthorized(
+                    "the access token is not valid (unknown, expired or revoked)",
+                ))
+            }
         }
     }
 
@@ -150,6 +158,10 @@ impl Auth {
             let (grant, seen) = cache.get(token)?;
             if grant.expires_at > now && seen.elapsed() <= REVALIDATE {
                 return Some(grant.clone());
+            }
+            if grant.expires_at > now {
+                // Due for revalidation: kept until then, so an unchanged grant is reused.
+                return None;
             }
         }
         self.cache
@@ -240,6 +252,7 @@ impl TokenRow {
             fhir_user: self.fhir_user,
             issued_at: self.issued_at,
             expires_at: self.expires_at,
+            verdicts: access::Verdicts::default(),
         }
     }
 }

@@ -15,6 +15,10 @@
 //! `target/release/bench --smart [--backend ...]`: reads and searches at 32 clients with
 //! `--auth off` and with `--auth smart` (a wide and a restricted token), and the token
 //! endpoint (client_credentials with pre-signed ES384 and RS384 assertions, 16 clients).
+//! `--rounds N` repeats the throughput scenarios N times, interleaved (off, wide,
+//! restricted, audited, then again), and reports medians and the median of each round's
+//! difference from that round's `--auth off`: this VM drifts by more than the margins
+//! judged, and pairing within a round takes the drift out.
 //! `target/release/bench --devices-grouped N [--devices-clients 8] [--devices-batch 100]`:
 //! N streamed heart-rate readings (100 patches, one reading a second each) over HTTP into
 //! the grouped `heart-rate-stream` template, then checks every reading has its slot.
@@ -56,6 +60,8 @@ struct Options {
     /// Device bench over MQTT: publish at this many readings/s (paced) and measure each
     /// reading's publish-to-searchable latency, instead of one burst.
     devices_rate: Option<usize>,
+    /// Rounds of the SMART throughput scenarios.
+    rounds: usize,
     /// Readings for the grouped-template scenario.
     devices_grouped: Option<usize>,
     /// Run only the SMART scenarios (authorization overhead, token endpoint).
@@ -81,6 +87,7 @@ fn options() -> Result<Options, String> {
         devices_batch: 100,
         devices_rate: None,
         devices_grouped: None,
+        rounds: 1,
         smart_only: false,
     };
     let mut args = std::env::args().skip(1);
@@ -104,6 +111,7 @@ fn options() -> Result<Options, String> {
             }
             "--search" => o.search_only = true,
             "--smart" => o.smart_only = true,
+            "--rounds" => o.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
             "--generate" => o.generate_to = Some(PathBuf::from(value()?)),
             "--devices" => {
                 o.devices = Some(value()?.parse().map_err(|e| format!("--devices: {e}"))?)
@@ -1937,6 +1945,15 @@ async fn drain_audit(client: &reqwest::Client, base: &str, token: &str) -> Resul
     Err("the audit backlog did not drain".into())
 }
 
+/// The median of sorted values.
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
     use iomt_fhir::auth::jwt::sign::Key;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -1982,74 +1999,118 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
             ));
         }
     }
-    println!("\n### {backend}: authorization overhead (HTTP on loopback, 32 clients)\n");
-    println!("| scenario | throughput | p50 | p99 | non-2xx |");
-    println!("|---|---|---|---|---|");
-    let mut results = Vec::new();
-    {
-        let server = Server::start_with(&database, &["--auth", "off"])?;
-        let url = format!("{}/Observation", server.base);
-        for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
-            let r = wrk(script, &url, 32, o.seconds)?;
-            row(&format!("{label}, --auth off"), &r, "requests");
-            results.push((label, r.rps));
-        }
-    }
-    let mut server = Server::start_with(&database, &["--auth", "smart", "--audit-reads", "false"])?;
-    let mut origin = server.base.trim_end_matches("/fhir").to_string();
-    let mut jti = 0u64;
-    let mut tokens = Vec::new();
-    for scope in [
+    let rounds = o.rounds.max(1);
+    println!(
+        "\n### {backend}: authorization overhead (HTTP on loopback, 32 clients, {rounds} round(s) of {} s per scenario)\n",
+        o.seconds
+    );
+    println!("| round | scenario | throughput | p50 | p99 | non-2xx |");
+    println!("|---|---|---|---|---|---|");
+    const SCOPES: [&str; 2] = [
         "system/*.rs",
         "system/Observation.rs?code=http://loinc.org|8867-4",
-    ] {
-        tokens.push((
-            scope,
-            smart_token(&client, &origin, &es, "bench-es", scope, &mut jti).await?,
-        ));
-    }
-    let url = format!("{}/Observation", server.base);
-    for (scope, token) in &tokens {
+    ];
+    // (scenario, per round: (requests/s, that round's --auth off requests/s))
+    let mut results: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut record =
+        |label: String, rps: f64, off: f64| match results.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, v)) => v.push((rps, off)),
+            None => results.push((label, vec![(rps, off)])),
+        };
+    let mut jti = 0u64;
+    let mut origin = String::new();
+    let mut server = None;
+    for round in 1..=rounds {
+        // One process per SQLite database: the last round's server goes first.
+        drop(server.take());
+        let mut off = Vec::new();
+        {
+            let server = Server::start_with(&database, &["--auth", "off"])?;
+            let url = format!("{}/Observation", server.base);
+            for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
+                let r = wrk(script, &url, 32, o.seconds)?;
+                row(&format!("{round} | {label}, --auth off"), &r, "requests");
+                off.push((label, r.rps));
+                record(format!("{label}, --auth off"), r.rps, r.rps);
+            }
+        }
+        let off_of = |label: &str| off.iter().find(|x| x.0 == label).map_or(f64::NAN, |x| x.1);
+        let s = Server::start_with(&database, &["--auth", "smart", "--audit-reads", "false"])?;
+        origin = s.base.trim_end_matches("/fhir").to_string();
+        let url = format!("{}/Observation", s.base);
+        let mut tokens = Vec::new();
+        for scope in SCOPES {
+            tokens.push((
+                scope,
+                smart_token(&client, &origin, &es, "bench-es", scope, &mut jti).await?,
+            ));
+        }
+        // Reads of both tokens back to back, then searches; which token goes first alternates
+        // by round, so neither always follows a search run.
+        if round % 2 == 0 {
+            tokens.reverse();
+        }
         for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
-            let r = wrk(&with_token(script, Some(token)), &url, 32, o.seconds)?;
-            let off = results
-                .iter()
-                .find(|(l, _)| *l == label)
-                .map_or(f64::NAN, |x| x.1);
+            for (scope, token) in &tokens {
+                let r = wrk(&with_token(script, Some(token)), &url, 32, o.seconds)?;
+                let name = format!("{label}, --auth smart --audit-reads false, {scope}");
+                row(&format!("{round} | {name}"), &r, "requests");
+                record(name, r.rps, off_of(label));
+            }
+        }
+        drop(s);
+        // With every read audited (the default): the audit writer's backlog is drained
+        // before each scenario, so each pays only for its own events.
+        let s = Server::start_with(&database, &["--auth", "smart"])?;
+        origin = s.base.trim_end_matches("/fhir").to_string();
+        let wide = smart_token(&client, &origin, &es, "bench-es", SCOPES[0], &mut jti).await?;
+        let url = format!("{}/Observation", s.base);
+        for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
+            drain_audit(&client, &s.base, &wide).await?;
+            let r = wrk(&with_token(script, Some(&wide)), &url, 32, o.seconds)?;
+            let started = Instant::now();
+            drain_audit(&client, &s.base, &wide).await?;
+            let name = format!("{label}, --auth smart (reads audited), system/*.rs");
             row(
                 &format!(
-                    "{label}, --auth smart --audit-reads false, {scope} ({:+.1}% vs off)",
-                    (r.rps / off - 1.0) * 100.0
+                    "{round} | {name} (audit backlog written {:.1} s after)",
+                    started.elapsed().as_secs_f64()
                 ),
                 &r,
                 "requests",
             );
+            record(name, r.rps, off_of(label));
         }
+        server = Some(s);
     }
-    drop(server);
-    // With every read audited (the default): the audit writer's backlog is drained before
-    // each scenario, so each pays only for its own events.
-    server = Server::start_with(&database, &["--auth", "smart"])?;
-    origin = server.base.trim_end_matches("/fhir").to_string();
-    let wide = smart_token(&client, &origin, &es, "bench-es", "system/*.rs", &mut jti).await?;
-    let url = format!("{}/Observation", server.base);
-    for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
-        drain_audit(&client, &server.base, &wide).await?;
-        let r = wrk(&with_token(script, Some(&wide)), &url, 32, o.seconds)?;
-        let off = results
-            .iter()
-            .find(|(l, _)| *l == label)
-            .map_or(f64::NAN, |x| x.1);
-        let started = Instant::now();
-        drain_audit(&client, &server.base, &wide).await?;
-        row(
-            &format!(
-                "{label}, --auth smart (reads audited), system/*.rs ({:+.1}% vs off; audit backlog written {:.1} s after)",
-                (r.rps / off - 1.0) * 100.0,
-                started.elapsed().as_secs_f64()
-            ),
-            &r,
-            "requests",
+    let server = server.ok_or("no round ran")?;
+    println!("\n### {backend}: medians over {rounds} round(s)\n");
+    println!(
+        "| scenario | median requests/s | range | median of the rounds' differences from --auth off |"
+    );
+    println!("|---|---|---|---|");
+    for (label, v) in &results {
+        let mut rps: Vec<f64> = v.iter().map(|x| x.0).collect();
+        rps.sort_by(|a, b| a.total_cmp(b));
+        let mut diff: Vec<f64> = v.iter().map(|(r, off)| (r / off - 1.0) * 100.0).collect();
+        diff.sort_by(|a, b| a.total_cmp(b));
+        let d = if label.ends_with("--auth off") {
+            String::new()
+        } else {
+            format!(
+                "{:+.1} % (rounds: {})",
+                median(&diff),
+                diff.iter()
+                    .map(|d| format!("{d:+.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        println!(
+            "| {label} | {:.0} | {:.0}–{:.0} | {d} |",
+            median(&rps),
+            rps[0],
+            rps[rps.len() - 1]
         );
     }
     let token_url = format!("{origin}/auth/token");

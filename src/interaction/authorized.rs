@@ -121,10 +121,10 @@ pub async fn handle(
             Err(no_version(t, id, vid))
         }
         (I::Read(t, id), Ok(r)) => {
-            single(ctx, &grant, t, r, Perms::R).ok_or_else(|| not_known(t, id))
+            single(ctx, &grant, t, id, r, Perms::R).ok_or_else(|| not_known(t, id))
         }
         (I::Vread(t, id, vid), Ok(r)) => {
-            single(ctx, &grant, t, r, Perms::R).ok_or_else(|| no_version(t, id, vid))
+            single(ctx, &grant, t, id, r, Perms::R).ok_or_else(|| no_version(t, id, vid))
         }
         (I::HistoryInstance(t, id), Ok(r)) => {
             let (r, kept) = filtered(ctx, &grant, r, rs, false);
@@ -198,6 +198,7 @@ fn single(
     ctx: &SharedCtx,
     grant: &Grant,
     ty: &str,
+    id: &str,
     r: FhirResponse,
     perm: Perms,
 ) -> Option<FhirResponse> {
@@ -205,7 +206,10 @@ fn single(
         Body::None | Body::Bytes(..) => true,
         Body::Json(v) => grant.permits(ctx, perm, v),
         // The stored text goes out as is: only what the check reads is parsed.
-        Body::Raw(s) => grant.permits_text(ctx, ty, perm, s),
+        Body::Raw(s) => match r.version {
+            Some(version) => grant.permits_stored(ctx, ty, id, version, perm, s),
+            None => grant.permits_text(ctx, ty, perm, s),
+        },
     };
     ok.then_some(r)
 }

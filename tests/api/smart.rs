@@ -954,6 +954,37 @@ async fn scope_matrix(app: &TestApp) {
     assert_eq!(s, 403);
     let (s, _) = send(app, &admin, reqwest::Method::POST, "", &tx).await;
     assert_eq!(s, 200);
+
+    // A restricted token's verdict on a resource is remembered per version: a new version
+    // is judged again, and each old version keeps its own verdict.
+    let put = |cat: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let (s, _) = send(
+                app,
+                &admin,
+                reqwest::Method::PUT,
+                "Observation/a-moved",
+                &observation("a-moved", "a", cat),
+            )
+            .await;
+            assert!(s == 200 || s == 201, "{s}");
+        }
+    };
+    let vitals = vitals.as_str();
+    let status = |path: &'static str| async move { get(app, Some(vitals), path).await.0 };
+    put("vital-signs").await;
+    for _ in 0..2 {
+        assert_eq!(status("Observation/a-moved").await, 200);
+    }
+    put("laboratory").await;
+    for _ in 0..2 {
+        assert_eq!(status("Observation/a-moved").await, 404);
+        assert_eq!(status("Observation/a-moved/_history/2").await, 404);
+        assert_eq!(status("Observation/a-moved/_history/1").await, 200);
+    }
+    put("vital-signs").await;
+    assert_eq!(status("Observation/a-moved").await, 200);
 }
 
 macro_rules! smart_tests {
