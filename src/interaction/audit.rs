@@ -318,13 +318,16 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
     let mut groups: HashMap<(usize, Option<IpAddr>, &'static str), Group> = HashMap::new();
     let mut out = Vec::new();
     for (i, r) in records.iter().enumerate() {
-        let (code, ids) = if matches!(r.method, Method::Get) {
-            routed
+        let own;
+        let (code, ids): (&'static str, &[usize]) = if matches!(r.method, Method::Get) {
+            // Routed once per distinct target; later requests borrow the answer.
+            let (code, ids) = routed
                 .entry(r.target.as_str())
-                .or_insert_with(|| entities.understand(ctx, r))
-                .clone()
+                .or_insert_with(|| entities.understand(ctx, r));
+            (code, ids)
         } else {
-            entities.understand(ctx, r)
+            own = entities.understand(ctx, r);
+            (own.0, &own.1)
         };
         let Some(grant) = r
             .grant
@@ -346,7 +349,7 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
             });
         group.last = r.at;
         group.requests += 1;
-        for e in ids {
+        for &e in ids {
             if group.seen.insert(e) {
                 group.entities.push(e);
             }
