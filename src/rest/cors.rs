@@ -4,10 +4,13 @@
 //! answer cross-origin only to origins registered for some client (`clients add --origin`).
 //! The sign-in and consent pages are navigations, never cross-origin calls.
 
-use axum::extract::{Request, State};
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::{BoxFuture, Either};
 
 use crate::interaction::SharedCtx;
 
@@ -37,18 +40,79 @@ fn policy(path: &str) -> Policy {
     }
 }
 
-/// Installed only under `--auth smart` (see `rest::router`).
-pub async fn layer(State(ctx): State<SharedCtx>, request: Request, next: Next) -> Response {
-    let Some(origin) = request
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-        .map(str::to_string)
-    else {
-        return next.run(request).await;
-    };
+/// The CORS layer, installed only under `--auth smart` (see `rest::router`). A request
+/// without an `Origin` header (every non-browser client) goes straight to the router's own
+/// future: nothing is boxed or copied for it, which `axum::middleware::from_fn` did on
+/// every request.
+#[derive(Clone)]
+pub struct CorsLayer {
+    ctx: SharedCtx,
+}
+
+impl CorsLayer {
+    pub fn new(ctx: SharedCtx) -> CorsLayer {
+        CorsLayer { ctx }
+    }
+}
+
+impl<S> tower::Layer<S> for CorsLayer {
+    type Service = Cors<S>;
+
+    fn layer(&self, inner: S) -> Cors<S> {
+        Cors {
+            inner,
+            ctx: self.ctx.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Cors<S> {
+    inner: S,
+    ctx: SharedCtx,
+}
+
+impl<S> tower::Service<Request> for Cors<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response, Infallible>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let Some(origin) = request
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .map(str::to_string)
+        else {
+            return Either::Left(self.inner.call(request));
+        };
+        // The service made ready by `poll_ready` handles this request; a fresh clone
+        // takes its place for the next one.
+        let fresh = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, fresh);
+        let ctx = self.ctx.clone();
+        Either::Right(Box::pin(async move {
+            Ok(cross_origin(ctx, origin, request, ready).await)
+        }))
+    }
+}
+
+/// A request with an `Origin` header: its CORS answer, or the inner service's answer with
+/// the CORS headers the origin may see.
+async fn cross_origin<S>(ctx: SharedCtx, origin: String, request: Request, mut next: S) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
     let allowed = match policy(request.uri().path()) {
-        Policy::None => return next.run(request).await,
+        Policy::None => return run(&mut next, request).await,
         Policy::Open => Some(HeaderValue::from_static("*")),
         Policy::Registered => {
             if crate::auth::clients::origin_registered(&ctx, &origin).await {
@@ -67,7 +131,7 @@ pub async fn layer(State(ctx): State<SharedCtx>, request: Request, next: Next) -
             return StatusCode::FORBIDDEN.into_response();
         }
         // Answered without CORS headers: the browser withholds the response.
-        return next.run(request).await;
+        return run(&mut next, request).await;
     };
     let mut response = if preflight {
         let mut r = StatusCode::NO_CONTENT.into_response();
@@ -86,7 +150,7 @@ pub async fn layer(State(ctx): State<SharedCtx>, request: Request, next: Next) -
         );
         r
     } else {
-        next.run(request).await
+        run(&mut next, request).await
     };
     let h = response.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
@@ -96,4 +160,15 @@ pub async fn layer(State(ctx): State<SharedCtx>, request: Request, next: Next) -
     );
     h.append(header::VARY, HeaderValue::from_static("Origin"));
     response
+}
+
+/// The inner service's answer (it cannot fail).
+async fn run<S>(next: &mut S, request: Request) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    match next.call(request).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
 }

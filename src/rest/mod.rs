@@ -37,10 +37,7 @@ pub fn router(ctx: SharedCtx) -> Router {
         .fallback(not_found);
     // Cross-origin answers only exist under --auth smart.
     let router = if ctx.auth.enabled() {
-        router.layer(axum::middleware::from_fn_with_state(
-            ctx.clone(),
-            cors::layer,
-        ))
+        router.layer(cors::CorsLayer::new(ctx.clone()))
     } else {
         router
     };
