@@ -77,15 +77,15 @@ pub async fn create(ctx: &SharedCtx, ty: &str, mut req: FhirRequest) -> Result<F
     };
     Ok(match created {
         Created::New(w) => FhirResponse::written(ty, &w, 201, req.prefer_return),
-        Created::Existing(s) => stored_response(&s, 200),
+        Created::Existing(s) => stored_response(s, 200),
     })
 }
 
 /// A response carrying a stored version.
-pub fn stored_response(s: &Stored, status: u16) -> FhirResponse {
+pub fn stored_response(s: Stored, status: u16) -> FhirResponse {
     FhirResponse {
         status,
-        body: s.body.clone().map_or(Body::None, Body::Raw),
+        body: s.body.map_or(Body::None, Body::Raw),
         version: Some(s.version),
         last_modified: Some(s.last_updated),
         location: Some(format!("{}/{}/_history/{}", s.res_type, s.id, s.version)),

@@ -38,7 +38,7 @@ pub async fn read(ctx: &SharedCtx, ty: &str, id: &str, req: &FhirRequest) -> Res
         || req
             .if_modified_since
             .is_some_and(|since| stored.last_updated / 1_000_000 <= since / 1_000_000);
-    let mut r = stored_response(&stored, 200);
+    let mut r = stored_response(stored, 200);
     r.location = None;
     if not_modified {
         r.status = 304;
@@ -63,7 +63,7 @@ pub async fn vread(ctx: &SharedCtx, ty: &str, id: &str, vid: &str) -> Result<Fhi
             format!("{ty}/{id} version {vid} is a deletion"),
         ));
     }
-    let mut r = stored_response(&stored, 200);
+    let mut r = stored_response(stored, 200);
     r.location = None;
     Ok(r)
 }
