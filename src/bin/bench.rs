@@ -616,33 +616,25 @@ fn device_reading(i: usize) -> String {
     )
 }
 
-/// Streamed heart rate: reading `i` is patch `i % 100` at second `i / 100`.
-fn grouped_reading(i: usize) -> String {
-    let (secs, patch) = (1_700_000_000 + i / 100, i % 100);
-    format!(
-        "{{\"kind\":\"heartrate-stream\",\"device\":{{\"id\":\"HR-{patch:03}\"}},\"at\":{secs},\"bpm\":{}}}",
-        60 + i % 40
-    )
-}
-
-/// HTTP `$device-data` into the grouped `heart-rate-stream` template (one Observation per
-/// patch and hour, a slot a second): every batch merges its readings into the stored
-/// Observations. Afterwards every reading must be found in its slot.
-async fn run_grouped(o: &Options, backend: &str, n: usize) -> Result<(), String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let (database, cleanup) = fresh_database(o, backend, dir.path(), "bench_grouped").await?;
-    let server = Server::start(&database)?;
-    let client = reqwest::Client::new();
-    let (batch, clients) = (o.devices_batch.max(1), o.devices_clients.max(1));
-    let started = Instant::now();
+/// POSTs readings `0..n` to `$device-data` as NDJSON batches of `batch` from `clients`
+/// concurrent clients (client c sends batches c, c + clients, ...); returns each batch's
+/// latency until its 202, sorted, in ms.
+async fn post_readings(
+    client: &reqwest::Client,
+    base: &str,
+    n: usize,
+    clients: usize,
+    batch: usize,
+    reading: fn(usize) -> String,
+) -> Result<Vec<f64>, String> {
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (client, base) = (client.clone(), server.base.clone());
+        let (client, base) = (client.clone(), base.to_string());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut i = c * batch;
             while i < n {
-                let body: Vec<String> = (i..(i + batch).min(n)).map(grouped_reading).collect();
+                let body: Vec<String> = (i..(i + batch).min(n)).map(reading).collect();
                 let t = Instant::now();
                 let r = client
                     .post(format!("{base}/$device-data"))
@@ -664,8 +656,31 @@ async fn run_grouped(o: &Options, backend: &str, n: usize) -> Result<(), String>
     for t in tasks {
         lat.extend(t.await.map_err(|e| e.to_string())??);
     }
-    let secs = started.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(lat)
+}
+
+/// Streamed heart rate: reading `i` is patch `i % 100` at second `i / 100`.
+fn grouped_reading(i: usize) -> String {
+    let (secs, patch) = (1_700_000_000 + i / 100, i % 100);
+    format!(
+        "{{\"kind\":\"heartrate-stream\",\"device\":{{\"id\":\"HR-{patch:03}\"}},\"at\":{secs},\"bpm\":{}}}",
+        60 + i % 40
+    )
+}
+
+/// HTTP `$device-data` into the grouped `heart-rate-stream` template (one Observation per
+/// patch and hour, a slot a second): every batch merges its readings into the stored
+/// Observations. Afterwards every reading must be found in its slot.
+async fn run_grouped(o: &Options, backend: &str, n: usize) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (database, cleanup) = fresh_database(o, backend, dir.path(), "bench_grouped").await?;
+    let server = Server::start(&database)?;
+    let client = reqwest::Client::new();
+    let (batch, clients) = (o.devices_batch.max(1), o.devices_clients.max(1));
+    let started = Instant::now();
+    let lat = post_readings(&client, &server.base, n, clients, batch, grouped_reading).await?;
+    let secs = started.elapsed().as_secs_f64();
     // Every reading in its slot: count the filled slots of all the grouped Observations.
     let mut url = format!(
         "{}/Observation?code=http://loinc.org|8867-4&_count=1000",
@@ -806,37 +821,16 @@ async fn run_devices(o: &Options, backend: &str, n: usize) -> Result<(), String>
     let batch = o.devices_batch.max(1);
     let clients = o.devices_clients.max(1);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (client, base) = (client.clone(), server.base.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = c * batch;
-            while i < n_http {
-                let body: Vec<String> = (i..(i + batch).min(n_http)).map(device_reading).collect();
-                let t = Instant::now();
-                let r = client
-                    .post(format!("{base}/$device-data"))
-                    .header("content-type", "application/x-ndjson")
-                    .body(body.join("\n"))
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.status().as_u16() != 202 {
-                    return Err(format!("status {}", r.status()));
-                }
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                i += clients * batch;
-            }
-            Ok::<Vec<f64>, String>(lat)
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.map_err(|e| e.to_string())??);
-    }
+    let lat = post_readings(
+        &client,
+        &server.base,
+        n_http,
+        clients,
+        batch,
+        device_reading,
+    )
+    .await?;
     let secs = started.elapsed().as_secs_f64();
-    lat.sort_by(|a, b| a.total_cmp(b));
     if n_http > 0 {
         println!(
             "| HTTP `$device-data`, {clients} clients, NDJSON batches of {batch} | {:.0} | {:.1} ms | {:.1} ms | {n} readings in {secs:.1} s; latency = one batch until its 202 (after commit) |",
