@@ -461,14 +461,7 @@ async fn commit(db: &mut Db, ctx: &crate::interaction::Ctx, plan: Planned) -> Re
         update_in(db, ty, id, p, None).await?;
     }
     for g in &plan.groups {
-        // Locked first on PostgreSQL (if `prefetch` did not): the samples merge into the
-        // version another process or batch may be writing right now.
-        db.current_for_update("Observation", &g.id).await?;
-        let stored = db
-            .read("Observation", &g.id)
-            .await?
-            .and_then(|s| s.body)
-            .and_then(|b| serde_json::from_str::<Value>(&b).ok());
+        let stored = read_for_update(db, "Observation", &g.id).await?;
         let mut merged = map::merge_group(stored.as_ref(), g);
         write::check(ctx, "Observation", &mut merged, Some(&g.id))?;
         let p = write::prepare_with_id(ctx, merged, &g.id)?;
@@ -479,13 +472,7 @@ async fn commit(db: &mut Db, ctx: &crate::interaction::Ctx, plan: Planned) -> Re
         moved.insert(device, zone);
     }
     for (device, zone) in moved {
-        let Some(stored) = db.read("Device", device).await? else {
-            continue;
-        };
-        let Some(mut body) = stored
-            .body
-            .and_then(|b| serde_json::from_str::<Value>(&b).ok())
-        else {
+        let Some(mut body) = read_for_update(db, "Device", device).await? else {
             continue;
         };
         let reference = format!("Location/{zone}");
@@ -513,6 +500,18 @@ async fn commit(db: &mut Db, ctx: &crate::interaction::Ctx, plan: Planned) -> Re
         .await?;
     }
     Ok(created)
+}
+
+/// The current body of `ty/id`, for a change made from it: locked first on PostgreSQL (if
+/// `prefetch` did not already), since another process or batch may be writing it right now.
+/// `None` if absent or deleted.
+async fn read_for_update(db: &mut Db, ty: &str, id: &str) -> Result<Option<Value>> {
+    db.current_for_update(ty, id).await?;
+    Ok(db
+        .read(ty, id)
+        .await?
+        .and_then(|s| s.body)
+        .and_then(|b| serde_json::from_str::<Value>(&b).ok()))
 }
 
 /// `POST [base]/$device-data`: one JSON message, a JSON array of them, or NDJSON. 202 with
