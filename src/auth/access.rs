@@ -50,6 +50,15 @@ struct VerdictMap {
     map: HashMap<(String, i64, Perms), bool>,
 }
 
+impl VerdictMap {
+    /// Whether the verdicts were made with `registry`'s search parameters.
+    fn made_with(&self, registry: &Arc<crate::search::registry::Registry>) -> bool {
+        self.registry
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, registry))
+    }
+}
+
 /// Verdicts one grant keeps at most.
 const VERDICTS: usize = 16_384;
 
@@ -163,21 +172,14 @@ impl Grant {
         let registry = ctx.registry();
         let key = (format!("{ty}/{id}"), version, perms);
         if let Ok(v) = self.verdicts.0.lock()
-            && v.registry
-                .as_ref()
-                .is_some_and(|r| Arc::ptr_eq(r, &registry))
+            && v.made_with(&registry)
             && let Some(&ok) = v.map.get(&key)
         {
             return ok;
         }
         let ok = self.permits_text(ctx, ty, perms, text);
         if let Ok(mut v) = self.verdicts.0.lock() {
-            if !v
-                .registry
-                .as_ref()
-                .is_some_and(|r| Arc::ptr_eq(r, &registry))
-                || v.map.len() >= VERDICTS
-            {
+            if !v.made_with(&registry) || v.map.len() >= VERDICTS {
                 v.map.clear();
                 v.registry = Some(registry);
             }

@@ -183,7 +183,7 @@ pub struct Grouping {
 }
 
 /// Most slots one grouped Observation may have (a day at one sample a second).
-pub const MAX_SLOTS: f64 = 86_400.0;
+pub const MAX_SLOTS: usize = 86_400;
 
 impl Grouping {
     pub fn period_micros(&self) -> i64 {
@@ -280,7 +280,7 @@ fn grouping(at: &str, g: &GroupingFile, kind: &ObservationKind) -> Result<Groupi
         period_minutes: g.period_minutes,
         sample_ms,
     };
-    if g.slots() as f64 > MAX_SLOTS {
+    if g.slots() > MAX_SLOTS {
         return Err(format!(
             "{at}: {} slots of {sample_ms} ms in {} minutes; at most {MAX_SLOTS} are allowed",
             g.slots(),

@@ -287,6 +287,16 @@ impl Filter {
     fn can_drive(&self) -> bool {
         self.rank() < 9
     }
+
+    /// Whether, driving a scope of one type, this filter's `rid IN (SELECT rid FROM idx_*
+    /// WHERE res_type = T ...)` (see `index_sql`) keeps to that type by itself: an index
+    /// row's `res_type` is its resource's.
+    fn drives_typed(&self) -> bool {
+        matches!(
+            self,
+            Filter::Index { negate: false, .. } | Filter::Chain { .. }
+        )
+    }
 }
 
 /// A combined code of a composite's first component (see `extract::composite_token_key`).
@@ -1618,16 +1628,12 @@ fn scope_sql(
         Driver::Filter(i) => Some(i),
         Driver::Scan => None,
     };
-    // An index row's `res_type` is its resource's: a driving `rid IN (SELECT rid FROM idx_*
-    // WHERE res_type = T ...)` already keeps to type T. Testing `{alias}.res_type` as well
-    // made SQLite look each candidate up through the (res_type, rid) index instead of by
-    // rowid (a third more work per candidate).
-    let typed_driver = driver.and_then(|i| filters.get(i)).is_some_and(|f| {
-        matches!(
-            f,
-            Filter::Index { negate: false, .. } | Filter::Chain { .. }
-        )
-    });
+    // Under a driver that keeps to the type, testing `{alias}.res_type` as well made SQLite
+    // look each candidate up through the (res_type, rid) index instead of by rowid (a third
+    // more work per candidate).
+    let typed_driver = driver
+        .and_then(|i| filters.get(i))
+        .is_some_and(Filter::drives_typed);
     match ty {
         Some(t) if !typed_driver => {
             b.push(&format!("{alias}.res_type = ")).text(t);
