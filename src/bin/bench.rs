@@ -101,68 +101,36 @@ fn options() -> Result<Options, String> {
                     b => return Err(format!("unknown backend {b}")),
                 }
             }
-            "--seconds" => o.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?,
+            "--seconds" => o.seconds = parsed(&a, value())?,
             "--postgres-url" => o.postgres_url = value()?,
             "--hl7" => o.hl7_only = true,
-            "--hl7-messages" => {
-                o.hl7_messages = value()?
-                    .parse()
-                    .map_err(|e| format!("--hl7-messages: {e}"))?
-            }
+            "--hl7-messages" => o.hl7_messages = parsed(&a, value())?,
             "--search" => o.search_only = true,
             "--smart" => o.smart_only = true,
-            "--rounds" => o.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+            "--rounds" => o.rounds = parsed(&a, value())?,
             "--generate" => o.generate_to = Some(PathBuf::from(value()?)),
-            "--devices" => {
-                o.devices = Some(value()?.parse().map_err(|e| format!("--devices: {e}"))?)
-            }
+            "--devices" => o.devices = Some(parsed(&a, value())?),
             "--devices-mqtt-only" => o.devices_mqtt_only = true,
-            "--devices-grouped" => {
-                o.devices_grouped = Some(
-                    value()?
-                        .parse()
-                        .map_err(|e| format!("--devices-grouped: {e}"))?,
-                )
-            }
-            "--devices-clients" => {
-                o.devices_clients = value()?
-                    .parse()
-                    .map_err(|e| format!("--devices-clients: {e}"))?
-            }
-            "--devices-rate" => {
-                o.devices_rate = Some(
-                    value()?
-                        .parse()
-                        .map_err(|e| format!("--devices-rate: {e}"))?,
-                )
-            }
-            "--devices-batch" => {
-                o.devices_batch = value()?
-                    .parse()
-                    .map_err(|e| format!("--devices-batch: {e}"))?
-            }
-            "--mqtt-inflight" => {
-                o.mqtt_inflight = value()?
-                    .parse()
-                    .map_err(|e| format!("--mqtt-inflight: {e}"))?
-            }
-            "--observations" => {
-                o.observations = value()?
-                    .parse()
-                    .map_err(|e| format!("--observations: {e}"))?
-            }
-            "--patients" => {
-                o.patients = Some(value()?.parse().map_err(|e| format!("--patients: {e}"))?)
-            }
-            "--ingest-rounds" => {
-                o.ingest_rounds = value()?
-                    .parse()
-                    .map_err(|e| format!("--ingest-rounds: {e}"))?
-            }
+            "--devices-grouped" => o.devices_grouped = Some(parsed(&a, value())?),
+            "--devices-clients" => o.devices_clients = parsed(&a, value())?,
+            "--devices-rate" => o.devices_rate = Some(parsed(&a, value())?),
+            "--devices-batch" => o.devices_batch = parsed(&a, value())?,
+            "--mqtt-inflight" => o.mqtt_inflight = parsed(&a, value())?,
+            "--observations" => o.observations = parsed(&a, value())?,
+            "--patients" => o.patients = Some(parsed(&a, value())?),
+            "--ingest-rounds" => o.ingest_rounds = parsed(&a, value())?,
             other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(o)
+}
+
+/// The value of option `name` as a number (or other `FromStr`), or why not.
+fn parsed<T: std::str::FromStr>(name: &str, value: Result<String, String>) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    value?.parse().map_err(|e| format!("{name}: {e}"))
 }
 
 /// `iomt-fhir` beside this binary (both are built into `target/release`).
