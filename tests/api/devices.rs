@@ -195,29 +195,18 @@ async fn rtls_tags_move_devices_between_zone_locations(app: &TestApp) {
 /// Eight clients at once, each sending readings of the same five devices the server has
 /// never seen: every request is committed, and each device is created once.
 async fn concurrent_first_sight_creates_each_device_once(app: &TestApp) {
-    let mut requests = Vec::new();
-    for client in 0..8u32 {
+    // Eight requests in flight at once.
+    let requests = (0..8u32).map(|client| {
         let lines: Vec<Value> = (0..5)
             .map(|d| {
                 json!({"type": "thermometer", "deviceId": format!("NEW-{d}"),
                     "time": format!("2024-03-06T13:{client:02}:0{d}Z"), "temperature": 36.5})
             })
             .collect();
-        let (client, url) = (app.client.clone(), app.url("$device-data"));
-        requests.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .header("content-type", "application/x-ndjson")
-                .body(ndjson(&lines))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
-    }
-    for r in requests {
-        assert_eq!(r.await.unwrap(), 202);
+        post_data(app, ndjson(&lines), "application/x-ndjson")
+    });
+    for r in futures_util::future::join_all(requests).await {
+        assert_eq!(r.status(), 202);
     }
     assert_eq!(
         total(app, "Device?identifier=urn:iomt-fhir:device-id|NEW-0,urn:iomt-fhir:device-id|NEW-1,urn:iomt-fhir:device-id|NEW-2,urn:iomt-fhir:device-id|NEW-3,urn:iomt-fhir:device-id|NEW-4").await,
@@ -261,23 +250,12 @@ async fn grouped_readings_build_one_observation_per_hour(app: &TestApp) {
     assert_eq!(o["meta"]["versionId"], "1");
 
     // Four concurrent requests fill slots 3..=6: none of them is lost.
-    let mut tasks = Vec::new();
-    for k in 3..=6 {
-        let (client, url) = (app.client.clone(), app.url("$device-data"));
+    let requests = (3..=6).map(|k| {
         let body = hr(&format!("2024-03-06T10:00:0{k}Z"), 70 + k).to_string();
-        tasks.push(tokio::spawn(async move {
-            let r = client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
+        post_data(app, body, "application/json")
+    });
+    for r in futures_util::future::join_all(requests).await {
+        assert_eq!(r.status(), 202);
     }
     let o = hour(app).await;
     assert_eq!(o["valueSampledData"]["data"], "70 E 71 73 74 75 76", "{o}");

@@ -186,14 +186,7 @@ async fn over_long_index_values(app: &TestApp) {
     let value = incompressible(10_000);
     let body =
         json!({"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": value}]});
-    let r = app
-        .client
-        .post(app.url("Patient"))
-        .header("content-type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = app.post("Patient", &body).await;
     if app.database.starts_with("postgres") {
         let oo = expect(r, 422).await;
         let why = oo["issue"][0]["diagnostics"].as_str().unwrap_or_default();
