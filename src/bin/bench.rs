@@ -1770,43 +1770,33 @@ async fn main() {
     );
     if let Some(n) = o.devices_grouped {
         for b in o.backends.clone() {
-            if let Err(e) = run_grouped(&o, &b, n).await {
-                eprintln!("bench (grouped devices, {b}): {e}");
-                std::process::exit(1);
-            }
+            or_exit(
+                &format!("grouped devices, {b}"),
+                run_grouped(&o, &b, n).await,
+            );
         }
-        return;
-    }
-    if let Some(n) = o.devices {
+    } else if let Some(n) = o.devices {
         for b in o.backends.clone() {
-            if let Err(e) = run_devices(&o, &b, n).await {
-                eprintln!("bench (devices, {b}): {e}");
-                std::process::exit(1);
-            }
+            or_exit(&format!("devices, {b}"), run_devices(&o, &b, n).await);
         }
-        return;
-    }
-    if o.smart_only {
+    } else if o.smart_only {
         for b in o.backends.clone() {
-            if let Err(e) = run_smart(&o, &b).await {
-                eprintln!("bench (smart, {b}): {e}");
-                std::process::exit(1);
-            }
+            or_exit(&format!("smart, {b}"), run_smart(&o, &b).await);
         }
-        return;
+    } else if o.search_only {
+        or_exit("search", run_search(&o).await);
+    } else {
+        for b in o.backends.clone() {
+            or_exit(&b, run_backend(&o, &b).await);
+        }
     }
-    if o.search_only {
-        if let Err(e) = run_search(&o).await {
-            eprintln!("bench (search): {e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    for b in o.backends.clone() {
-        if let Err(e) = run_backend(&o, &b).await {
-            eprintln!("bench ({b}): {e}");
-            std::process::exit(1);
-        }
+}
+
+/// Ends the bench with status 1 if a scenario failed, saying which.
+fn or_exit(what: &str, result: Result<(), String>) {
+    if let Err(e) = result {
+        eprintln!("bench ({what}): {e}");
+        std::process::exit(1);
     }
 }
 
