@@ -65,6 +65,9 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
     if custom > 0 {
         tracing::info!(custom, "custom SearchParameters in force");
     }
+    crate::interaction::reindex::rebuild_if_flagged(&ctx)
+        .await
+        .map_err(|e| format!("rebuilding the search index: {e}"))?;
     Ok(ctx)
 }
 

@@ -130,8 +130,54 @@ pub async fn run(
 ) -> Result<Report> {
     let mut db = ctx.store.reader().await?;
     let params = stored_parameters(&mut db).await?;
+    drop(db);
     let (registry, activated, refused) = build_registry(&ctx.defs.registry, &params);
     ctx.set_registry(registry);
+    let done = rebuild(ctx, types, progress).await?;
+    // Record what is in force, for the next start.
+    let active: Vec<(String, i64)> = params
+        .iter()
+        .filter(|(id, _, _)| {
+            activated
+                .iter()
+                .any(|a| a.starts_with(&format!("SearchParameter/{id} ")))
+        })
+        .map(|(id, v, _)| (id.clone(), *v))
+        .collect();
+    ctx.store
+        .write(move |db| {
+            Box::pin(async move {
+                db.execute("DELETE FROM search_parameter_active", &[])
+                    .await?;
+                for (id, version) in active {
+                    db.execute(
+                        "INSERT INTO search_parameter_active (res_id, version) VALUES ($1, $2)",
+                        &[Arg::Text(id), Arg::Int(version)],
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+    ctx.store.analyze().await?;
+    Ok(Report {
+        activated,
+        refused,
+        resources: done,
+    })
+}
+
+/// Rebuilds the search indexes of the resources of `types` (every type when `None`) with
+/// the parameters in force, without activating any; returns how many were rebuilt. Also
+/// what a start runs when a migration changed the index tables' layout
+/// ([`rebuild_if_flagged`]).
+pub async fn rebuild(
+    ctx: &Ctx,
+    types: Option<&[String]>,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<u64> {
+    let mut db = ctx.store.reader().await?;
     let registry = ctx.registry();
 
     let type_filter = |b: &mut SqlBuilder| {
@@ -187,38 +233,59 @@ pub async fn run(
         done += n;
         progress(done, total);
     }
-    // Record what is in force, for the next start.
-    let active: Vec<(String, i64)> = params
-        .iter()
-        .filter(|(id, _, _)| {
-            activated
-                .iter()
-                .any(|a| a.starts_with(&format!("SearchParameter/{id} ")))
-        })
-        .map(|(id, v, _)| (id.clone(), *v))
-        .collect();
+    Ok(done)
+}
+
+/// The `store_task` a migration leaves when it emptied the index tables.
+const REBUILD_TASK: &str = "rebuild-search-index";
+
+/// At start, before serving: when a migration changed the index tables' layout (and so
+/// emptied them), rebuilds every resource's index from its stored body, logging progress,
+/// then clears the task. Several processes starting together on one PostgreSQL may each
+/// rebuild; the rows come out the same.
+pub async fn rebuild_if_flagged(ctx: &Ctx) -> Result<()> {
+    let mut db = ctx.store.reader().await?;
+    let flagged = db
+        .fetch_one_int(
+            "SELECT COUNT(*) FROM store_task WHERE name = $1",
+            &[Arg::Text(REBUILD_TASK.into())],
+        )
+        .await?
+        > 0;
+    drop(db);
+    if !flagged {
+        return Ok(());
+    }
+    tracing::warn!("the search index format changed: rebuilding every resource's index");
+    let started = std::time::Instant::now();
+    let last = std::sync::Mutex::new(std::time::Instant::now());
+    let done = rebuild(ctx, None, &|done, total| {
+        let Ok(mut last) = last.lock() else { return };
+        if last.elapsed().as_secs() >= 5 || done == total {
+            *last = std::time::Instant::now();
+            tracing::info!(done, total, "rebuilding the search index");
+        }
+    })
+    .await?;
     ctx.store
-        .write(move |db| {
+        .write(|db| {
             Box::pin(async move {
-                db.execute("DELETE FROM search_parameter_active", &[])
-                    .await?;
-                for (id, version) in active {
-                    db.execute(
-                        "INSERT INTO search_parameter_active (res_id, version) VALUES ($1, $2)",
-                        &[Arg::Text(id), Arg::Int(version)],
-                    )
-                    .await?;
-                }
+                db.execute(
+                    "DELETE FROM store_task WHERE name = $1",
+                    &[Arg::Text(REBUILD_TASK.into())],
+                )
+                .await?;
                 Ok(())
             })
         })
         .await?;
     ctx.store.analyze().await?;
-    Ok(Report {
-        activated,
-        refused,
-        resources: done,
-    })
+    tracing::info!(
+        resources = done,
+        seconds = started.elapsed().as_secs_f64(),
+        "search index rebuilt"
+    );
+    Ok(())
 }
 
 /// `POST [base]/$reindex[?_type=...]`: answers a Parameters resource with what was done.

@@ -13,6 +13,7 @@ use crate::search::query::{
     CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, canonical_sql,
     hierarchy_codes, parse_hierarchy_key, value_set_codes,
 };
+use crate::store::resource::{param_key, param_range};
 use crate::store::{Db, SqlBuilder, Ty, Val};
 
 /// Included resources per page at most (`_include`, `_revinclude`), against result explosion.
@@ -446,7 +447,12 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
             );
             b.list(sources);
             if let Some(c) = &inc.code {
-                b.push(" AND x.code = ").text(c.clone());
+                // `x.rid` fixes the source's type: the code's range of keys is exact.
+                let (lo, hi) = param_range(c);
+                b.push(" AND x.param BETWEEN ")
+                    .int(lo)
+                    .push(" AND ")
+                    .int(hi);
             }
             if let Some(t) = &inc.target {
                 b.push(" AND x.target_type = ").text(t.clone());
@@ -465,12 +471,23 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
             if targets.is_empty() {
                 continue;
             }
-            let mut b =
-                SqlBuilder::new("SELECT DISTINCT x.rid FROM idx_reference x WHERE x.res_type = ");
-            b.text(inc.source.clone());
-            if let Some(c) = &inc.code {
-                b.push(" AND x.code = ").text(c.clone());
-            }
+            let mut b = match &inc.code {
+                Some(c) => {
+                    let mut b = SqlBuilder::new(
+                        "SELECT DISTINCT x.rid FROM idx_reference x WHERE x.param = ",
+                    );
+                    b.int(param_key(&inc.source, c));
+                    b
+                }
+                None => {
+                    let mut b = SqlBuilder::new(
+                        "SELECT DISTINCT x.rid FROM idx_reference x JOIN resource s \
+                         ON s.rid = x.rid WHERE s.res_type = ",
+                    );
+                    b.text(inc.source.clone());
+                    b
+                }
+            };
             b.push(" AND (");
             for (i, (_, t, id)) in targets.iter().enumerate() {
                 if i > 0 {

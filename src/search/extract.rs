@@ -219,7 +219,7 @@ fn near(
 
 /// A composite parameter (search.html#composite) of the supported shape (two components,
 /// the first a token or reference) is indexed in the second component's table under
-/// combined codes `param$code|system` (see [`composite_token_key`]), or `param$Type/id`,
+/// combined codes `param$code|system` and `param$code` (see [`composite_token_key`]), or `param$Type/id`,
 /// `param$*/id`, `param$url` for a reference, so that one row holds both halves of the
 /// same item and `param=a$b` matches only when both come from one item.
 fn composite(
@@ -276,12 +276,16 @@ fn composite(
 }
 
 /// The combined code of a token first component: `param$code|system`, the code's own `\`
-/// and `|` escaped. With `system: None` it is the prefix every system of that code shares
-/// (`param$code|`), so a search without a system is one index range instead of a second
-/// row per value; `Some("")` is the code without a system.
+/// and `|` escaped; `Some("")` is the code without a system. With `system: None` it is
+/// `param$code`, the code in any system: every token head is indexed under both, since
+/// index rows are found by a hash of their code (`store::resource::param_key`), which
+/// has no prefix ranges.
 pub fn composite_token_key(param: &str, code: &str, system: Option<&str>) -> String {
     let code = code.replace('\\', "\\\\").replace('|', "\\|");
-    format!("{param}${code}|{}", system.unwrap_or(""))
+    match system {
+        Some(system) => format!("{param}${code}|{system}"),
+        None => format!("{param}${code}"),
+    }
 }
 
 /// The combined codes one first-component value is found under (see [`composite`]).
@@ -291,11 +295,14 @@ pub fn composite_keys(code: &str, head: &IndexValue, out: &mut Vec<String>) {
             system,
             code: Some(c),
             ..
-        } => out.push(composite_token_key(
-            code,
-            c,
-            Some(system.as_deref().unwrap_or("")),
-        )),
+        } => {
+            out.push(composite_token_key(
+                code,
+                c,
+                Some(system.as_deref().unwrap_or("")),
+            ));
+            out.push(composite_token_key(code, c, None));
+        }
         IndexValue::Reference {
             target_type,
             target_id,

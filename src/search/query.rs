@@ -20,6 +20,7 @@ use crate::error::{FhirError, Result};
 use crate::search::extract::{fold, parse_fhir_date_range};
 use crate::search::registry::{ParamType, Registry};
 use crate::store::SqlBuilder;
+use crate::store::resource::{param_key, param_range};
 
 /// Result parameters a search accepts besides the filters.
 const CONTROL: &[&str] = &[
@@ -173,12 +174,38 @@ impl Codes {
         }
     }
 
-    /// `{col} = code` or `{col} IN (codes)`.
-    fn sql(&self, b: &mut SqlBuilder, col: &str) {
-        match self.single() {
-            Some(one) => b.push(&format!("{col} = ")).text(one),
-            None => b.push(&format!("{col} IN ")).list(&self.0),
-        };
+    /// The index rows of these codes (see [`params_sql`]).
+    fn sql(&self, b: &mut SqlBuilder, ty: Option<&str>, col: &str) {
+        params_sql(b, ty, col, &self.0);
+    }
+}
+
+/// The index rows (column `col`, `param`) of `codes`: `{col} = key` or `{col} IN (keys)`
+/// for one resource type, or each code's range of keys over every type (`ty: None`; also
+/// exact wherever the row's `rid` is already fixed, which fixes its type).
+fn params_sql<S: AsRef<str>>(b: &mut SqlBuilder, ty: Option<&str>, col: &str, codes: &[S]) {
+    match (ty, codes) {
+        (_, []) => {
+            b.push("1 = 0");
+        }
+        (Some(t), [one]) => {
+            b.push(&format!("{col} = ")).int(param_key(t, one.as_ref()));
+        }
+        (Some(t), many) => {
+            b.push(&format!("{col} IN "))
+                .list(many.iter().map(|c| param_key(t, c.as_ref())));
+        }
+        (None, codes) => {
+            b.push("(");
+            or_list(b, codes, |b, c| {
+                let (lo, hi) = param_range(c.as_ref());
+                b.push(&format!("{col} BETWEEN "))
+                    .int(lo)
+                    .push(" AND ")
+                    .int(hi);
+            });
+            b.push(")");
+        }
     }
 }
 
@@ -240,7 +267,9 @@ enum Filter {
     /// codes of `a` (see `extract::composite`), matching `b`; one alternative per OR value.
     Composite {
         table: Table,
-        alts: Vec<(Vec<CompositeKey>, Cond)>,
+        /// (combined codes of the first component, see `extract::composite_token_key`;
+        /// condition on the second).
+        alts: Vec<(Vec<String>, Cond)>,
     },
     /// `near=lat|long|distance|unit`: a position inside the bounding box of that circle.
     Near {
@@ -289,22 +318,14 @@ impl Filter {
     }
 
     /// Whether, driving a scope of one type, this filter's `rid IN (SELECT rid FROM idx_*
-    /// WHERE res_type = T ...)` (see `index_sql`) keeps to that type by itself: an index
-    /// row's `res_type` is its resource's.
+    /// WHERE param = key(T, code) ...)` (see `index_sql`) keeps to that type by itself: an
+    /// index row's `param` holds its resource's type.
     fn drives_typed(&self) -> bool {
         matches!(
             self,
             Filter::Index { negate: false, .. } | Filter::Chain { .. }
         )
     }
-}
-
-/// A combined code of a composite's first component (see `extract::composite_token_key`).
-#[derive(Debug, Clone, PartialEq)]
-enum CompositeKey {
-    Exact(String),
-    /// Every combined code starting with this (a token code in any system).
-    Prefix(String),
 }
 
 /// One `_sort` key.
@@ -936,15 +957,11 @@ fn composite_filter(
                         return Err(FhirError::invalid(format!("{name}: {head:?} needs a code")));
                     };
                     for c in &codes.0 {
-                        let key = crate::search::extract::composite_token_key(
+                        keys.push(crate::search::extract::composite_token_key(
                             c,
                             &code,
                             t.system.as_deref(),
-                        );
-                        keys.push(match t.system {
-                            None => CompositeKey::Prefix(key),
-                            Some(_) => CompositeKey::Exact(key),
-                        });
+                        ));
                     }
                 }
             }
@@ -955,12 +972,7 @@ fn composite_filter(
                         RefValue::Local(Some(t), id) => format!("{t}/{id}"),
                         RefValue::Local(None, id) => format!("*/{id}"),
                     };
-                    keys.extend(
-                        codes
-                            .0
-                            .iter()
-                            .map(|c| CompositeKey::Exact(format!("{c}${tail}"))),
-                    );
+                    keys.extend(codes.0.iter().map(|c| format!("{c}${tail}")));
                 }
             }
         }
@@ -1324,17 +1336,15 @@ impl SearchQuery {
                 Filter::Index {
                     table, code, cond, ..
                 } => {
-                    b.push(table.name()).push(" WHERE res_type = ").text(ty);
-                    b.push(" AND ");
-                    code.sql(&mut b, "code");
+                    b.push(table.name()).push(" WHERE ");
+                    code.sql(&mut b, Some(ty), "param");
                     b.push(" AND (");
                     cond_sql(&mut b, cond);
                     b.push(")");
                 }
                 Filter::Composite { table, alts } => {
-                    b.push(table.name()).push(" WHERE res_type = ").text(ty);
-                    b.push(" AND (");
-                    composite_alts_sql(&mut b, alts);
+                    b.push(table.name()).push(" WHERE (");
+                    composite_alts_sql(&mut b, Some(ty), alts);
                     b.push(")");
                 }
                 _ => continue,
@@ -1476,7 +1486,8 @@ impl SearchQuery {
                         "(SELECT {col} FROM {} s WHERE s.rid = r.rid AND ",
                         table.name()
                     ));
-                    code.sql(b, "s.code");
+                    // `s.rid = r.rid` fixes the type: each code's range of keys is exact.
+                    code.sql(b, None, "s.param");
                     b.push(&format!(") {dir} NULLS LAST, "));
                 }
             }
@@ -1499,12 +1510,10 @@ impl SearchQuery {
                 b.push(" WHERE r.deleted = 0 AND r.res_type = ")
                     .text(ty)
                     .push(&format!(
-                        " AND r.rid IN (SELECT rid FROM {} WHERE res_type = ",
+                        " AND r.rid IN (SELECT rid FROM {} WHERE param = ",
                         table.name()
                     ))
-                    .text(ty)
-                    .push(" AND code = ")
-                    .text(code)
+                    .int(param_key(ty, code))
                     .push(" AND (");
                 cond_sql(&mut b, cond);
                 b.push(")");
@@ -1671,9 +1680,6 @@ fn index_sql(
             "{alias}.rid IN (SELECT rid FROM {} WHERE ",
             table.name()
         ));
-        if let Some(t) = ty {
-            b.push("res_type = ").text(t).push(" AND ");
-        }
     } else {
         if negate {
             b.push("NOT ");
@@ -1682,14 +1688,11 @@ fn index_sql(
             "EXISTS (SELECT 1 FROM {} x WHERE x.rid = {alias}.rid AND ",
             table.name()
         ));
-        // With the type, an equality probe is one seek in the covering lookup index.
-        if let Some(t) = ty {
-            b.push("x.res_type = ").text(t).push(" AND ");
-        }
     }
-    // A composite's condition carries its own codes.
+    // A composite's condition carries its own codes. With the type, an equality probe is
+    // one seek in the covering lookup index.
     if let Some(code) = code {
-        code.sql(b, "code");
+        code.sql(b, ty, "param");
         b.push(" AND ");
     }
     b.push("(");
@@ -1780,11 +1783,9 @@ fn filter_sql(
         } => {
             let inner_alias = format!("h{depth}");
             b.push(&format!(
-                "{alias}.res_id IN (SELECT target_id FROM idx_reference WHERE res_type = "
+                "{alias}.res_id IN (SELECT target_id FROM idx_reference WHERE param = "
             ))
-            .text(source.clone())
-            .push(" AND code = ")
-            .text(code.clone())
+            .int(param_key(source, code))
             .push(" AND target_type = ");
             res_type(b);
             b.push(&format!(
@@ -1807,7 +1808,9 @@ fn filter_sql(
                  JOIN resource l ON l.rid = x.rid WHERE l.res_type = 'List' AND l.res_id = "
             ))
             .text(id.clone())
-            .push(" AND l.deleted = 0 AND x.res_type = 'List' AND x.code = 'item' AND x.target_type = ");
+            .push(" AND l.deleted = 0 AND x.param = ")
+            .int(param_key("List", "item"))
+            .push(" AND x.target_type = ");
             res_type(b);
             b.push(")");
         }
@@ -1835,21 +1838,19 @@ fn filter_sql(
                 .text(target_type.clone())
                 .push(" AND target_id = ")
                 .text(target_id.clone())
-                .push(" AND (");
-                or_list(b, pairs, |b, (t, codes)| {
-                    b.push("(res_type = ")
-                        .text(t.clone())
-                        .push(" AND code IN ")
-                        .list(codes)
-                        .push(")");
-                });
-                b.push("))");
+                .push(" AND param IN ")
+                .list(
+                    pairs
+                        .iter()
+                        .flat_map(|(t, codes)| codes.iter().map(|c| param_key(t, c))),
+                )
+                .push(")");
             }
             b.push(")");
         }
         Filter::Composite { table, alts } => {
             index_sql(b, ty, alias, (*table, None), (false, drive), |b| {
-                composite_alts_sql(b, alts)
+                composite_alts_sql(b, ty, alts)
             });
         }
         Filter::Near { lat, long } => {
@@ -1888,22 +1889,11 @@ fn filter_sql(
     }
 }
 
-fn composite_alts_sql(b: &mut SqlBuilder, alts: &[(Vec<CompositeKey>, Cond)]) {
+fn composite_alts_sql(b: &mut SqlBuilder, ty: Option<&str>, alts: &[(Vec<String>, Cond)]) {
     or_list(b, alts, |b, (keys, cond)| {
-        b.push("((");
-        or_list(b, keys, |b, k| match k {
-            CompositeKey::Exact(k) => {
-                b.push("code = ").text(k.clone());
-            }
-            CompositeKey::Prefix(p) => {
-                b.push("(code >= ")
-                    .text(p.clone())
-                    .push(" AND code < ")
-                    .text(format!("{p}\u{10FFFF}"))
-                    .push(")");
-            }
-        });
-        b.push(") AND (");
+        b.push("(");
+        params_sql(b, ty, "param", keys);
+        b.push(" AND (");
         cond_sql(b, cond);
         b.push("))");
     });
@@ -2174,9 +2164,9 @@ pub fn canonical_sql(ty: &str, url: &str) -> SqlBuilder {
          WHERE r.res_type = ",
     );
     b.text(ty)
-        .push(" AND r.deleted = 0 AND r.rid IN (SELECT rid FROM idx_uri WHERE res_type = ")
-        .text(ty)
-        .push(" AND code = 'url' AND value = ")
+        .push(" AND r.deleted = 0 AND r.rid IN (SELECT rid FROM idx_uri WHERE param = ")
+        .int(param_key(ty, "url"))
+        .push(" AND value = ")
         .text(url)
         .push(") ORDER BY r.rid DESC LIMIT 1");
     b

@@ -42,6 +42,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0006_auth.sql"),
         include_str!("../../migrations/postgres/0006_auth.sql"),
     ),
+    (
+        7,
+        "index_param",
+        include_str!("../../migrations/sqlite/0007_index_param.sql"),
+        include_str!("../../migrations/postgres/0007_index_param.sql"),
+    ),
 ];
 
 pub async fn run(db: &mut Db) -> Result<()> {

@@ -221,8 +221,7 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
             "idx_token",
             &[
                 ("rid", "bigint"),
-                ("res_type", "text"),
-                ("code", "text"),
+                ("param", "bigint"),
                 ("system", "text"),
                 ("value", "text"),
                 ("text", "text"),
@@ -232,8 +231,7 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
             "idx_string",
             &[
                 ("rid", "bigint"),
-                ("res_type", "text"),
-                ("code", "text"),
+                ("param", "bigint"),
                 ("norm", "text"),
                 ("exact", "text"),
             ],
@@ -242,8 +240,7 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
             "idx_reference",
             &[
                 ("rid", "bigint"),
-                ("res_type", "text"),
-                ("code", "text"),
+                ("param", "bigint"),
                 ("target_type", "text"),
                 ("target_id", "text"),
                 ("url", "text"),
@@ -253,8 +250,7 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
             "idx_date",
             &[
                 ("rid", "bigint"),
-                ("res_type", "text"),
-                ("code", "text"),
+                ("param", "bigint"),
                 ("lo", "bigint"),
                 ("hi", "bigint"),
             ],
@@ -263,8 +259,7 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
             "idx_number",
             &[
                 ("rid", "bigint"),
-                ("res_type", "text"),
-                ("code", "text"),
+                ("param", "bigint"),
                 ("value", "double precision"),
             ],
         ),
@@ -272,8 +267,7 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
             "idx_quantity",
             &[
                 ("rid", "bigint"),
-                ("res_type", "text"),
-                ("code", "text"),
+                ("param", "bigint"),
                 ("value", "double precision"),
                 ("system", "text"),
                 ("unit_code", "text"),
@@ -282,12 +276,7 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
         ),
         _ => (
             "idx_uri",
-            &[
-                ("rid", "bigint"),
-                ("res_type", "text"),
-                ("code", "text"),
-                ("value", "text"),
-            ],
+            &[("rid", "bigint"), ("param", "bigint"), ("value", "text")],
         ),
     };
     let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
@@ -338,16 +327,44 @@ fn renumber(sql: &str, offset: usize) -> String {
     out
 }
 
+/// FNV-1a, 64 bits: stable across builds and platforms (unlike `std`'s hashers).
+fn fnv1a(bytes: impl Iterator<Item = u8>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// A stable 63-bit hash (FNV-1a) for PostgreSQL advisory locks.
 pub fn lock_key(parts: &[&str]) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.bytes().chain(std::iter::once(0)) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    let h = fnv1a(
+        parts
+            .iter()
+            .flat_map(|p| p.bytes().chain(std::iter::once(0))),
+    );
     (h >> 1) as i64
+}
+
+/// Bits of [`param_key`] that hold the resource type.
+const TYPE_BITS: u32 = 15;
+
+/// The `param` column of the index tables: search parameter (or derived) `code` of resource
+/// type `ty` as one integer, so index keys compare one integer instead of two strings and
+/// the indexes do not repeat both as text in every entry. The high 48 bits hash the code,
+/// the low 15 the type (no two R4 resource types share them; a test checks), so the rows of
+/// one code over every type form one range ([`param_range`]). Stored in every index row:
+/// changing this function needs a migration that rebuilds the indexes.
+pub fn param_key(ty: &str, code: &str) -> i64 {
+    let (lo, _) = param_range(code);
+    lo | (fnv1a(ty.bytes()) & ((1 << TYPE_BITS) - 1)) as i64
+}
+
+/// The inclusive range of [`param_key`] values of `code` over every resource type.
+pub fn param_range(code: &str) -> (i64, i64) {
+    let lo = ((fnv1a(code.bytes()) >> 16) << TYPE_BITS) as i64;
+    (lo, lo | ((1 << TYPE_BITS) - 1))
 }
 
 /// One resource to index again (`iomt-fhir reindex`, `$reindex`).
@@ -496,7 +513,7 @@ impl Db {
                 .iter()
                 .map(|(t, s, v)| {
                     Value::Array(vec![
-                        t.as_str().into(),
+                        param_key(t, "identifier").into(),
                         s.as_str().into(),
                         v.as_str().into(),
                     ])
@@ -504,9 +521,9 @@ impl Db {
                 .collect(),
         );
         let sql = if self.is_postgres() {
-            "SELECT e.ord::bigint - 1, r.res_id FROM json_array_elements($1::json) WITH ORDINALITY AS e(v, ord) JOIN idx_token t ON t.res_type = e.v->>0 AND t.code = 'identifier' AND t.value = e.v->>2 AND t.system = e.v->>1 JOIN resource r ON r.rid = t.rid AND r.deleted = 0 ORDER BY 1, r.rid"
+            "SELECT e.ord::bigint - 1, r.res_id FROM json_array_elements($1::json) WITH ORDINALITY AS e(v, ord) JOIN idx_token t ON t.param = (e.v->>0)::bigint AND t.value = e.v->>2 AND t.system = e.v->>1 JOIN resource r ON r.rid = t.rid AND r.deleted = 0 ORDER BY 1, r.rid"
         } else {
-            "SELECT e.key, r.res_id FROM json_each($1) AS e JOIN idx_token t ON t.res_type = e.value->>0 AND t.code = 'identifier' AND t.value = e.value->>2 AND t.system = e.value->>1 JOIN resource r ON r.rid = t.rid AND r.deleted = 0 ORDER BY 1, r.rid"
+            "SELECT e.key, r.res_id FROM json_each($1) AS e JOIN idx_token t ON t.param = e.value->>0 AND t.value = e.value->>2 AND t.system = e.value->>1 JOIN resource r ON r.rid = t.rid AND r.deleted = 0 ORDER BY 1, r.rid"
         };
         let rows = self
             .search_rows(sql, &[Arg::Text(list.to_string())], &[Ty::Int, Ty::Text])
@@ -883,10 +900,9 @@ impl Db {
         let pending = std::mem::take(&mut self.pending_index);
         let mut tables: [Vec<Value>; 7] = Default::default();
         for p in &pending {
-            let (rid, ty, code) = (
+            let (rid, param) = (
                 Value::from(p.rid),
-                Value::from(p.res_type.as_str()),
-                Value::from(p.entry.code.as_str()),
+                Value::from(param_key(&p.res_type, &p.entry.code)),
             );
             let opt = |o: &Option<String>| o.as_deref().map_or(Value::Null, Value::from);
             let row = match &p.entry.value {
@@ -894,12 +910,11 @@ impl Db {
                     system,
                     code: c,
                     text,
-                } => vec![rid, ty, code, opt(system), opt(c), opt(text)],
+                } => vec![rid, param, opt(system), opt(c), opt(text)],
                 IndexValue::String { normalized, exact } => {
                     vec![
                         rid,
-                        ty,
-                        code,
+                        param,
                         Value::from(normalized.as_str()),
                         Value::from(exact.as_str()),
                     ]
@@ -911,34 +926,25 @@ impl Db {
                 } => {
                     vec![
                         rid,
-                        ty,
-                        code,
+                        param,
                         opt(target_type),
                         opt(target_id),
                         Value::from(url.as_str()),
                     ]
                 }
                 IndexValue::Date { start, end } => {
-                    vec![rid, ty, code, Value::from(*start), Value::from(*end)]
+                    vec![rid, param, Value::from(*start), Value::from(*end)]
                 }
-                IndexValue::Number { value } => vec![rid, ty, code, finite(*value)],
+                IndexValue::Number { value } => vec![rid, param, finite(*value)],
                 IndexValue::Quantity {
                     value,
                     system,
                     code: c,
                     unit,
                 } => {
-                    vec![
-                        rid,
-                        ty,
-                        code,
-                        finite(*value),
-                        opt(system),
-                        opt(c),
-                        opt(unit),
-                    ]
+                    vec![rid, param, finite(*value), opt(system), opt(c), opt(unit)]
                 }
-                IndexValue::Uri(u) => vec![rid, ty, code, Value::from(u.as_str())],
+                IndexValue::Uri(u) => vec![rid, param, Value::from(u.as_str())],
             };
             tables[kind_bit(&p.entry.value)].push(Value::Array(row));
         }
@@ -1108,7 +1114,26 @@ fn stored_from(ty: &str, id: &str, row: Vec<Val>) -> Stored {
 
 #[cfg(test)]
 mod tests {
-    use super::renumber;
+    use super::{param_key, param_range, renumber};
+
+    #[test]
+    fn param_keys_tell_every_r4_type_apart_and_stay_in_their_code_range() {
+        let defs = crate::definitions::Definitions::get().expect("definitions");
+        assert!(defs.resource_types.len() > 140);
+        let mut seen = std::collections::HashMap::new();
+        for ty in &defs.resource_types {
+            let key = param_key(ty, "identifier");
+            assert!(key > 0);
+            let (lo, hi) = param_range("identifier");
+            assert!((lo..=hi).contains(&key), "{ty}");
+            if let Some(other) = seen.insert(key, ty) {
+                panic!("{ty} and {other} share a param key");
+            }
+        }
+        // Stored in every index row: the function must never change.
+        assert_eq!(param_key("Observation", "code"), 421_803_208_581_952_205);
+        assert_ne!(param_range("code"), param_range("code:of-type"));
+    }
 
     #[test]
     fn renumber_shifts_every_placeholder() {

@@ -227,12 +227,9 @@ fn reqwest_get(url: &str) -> String {
     raw_http::get(url)
 }
 
-/// `iomt-fhir reindex` activates stored SearchParameters; the next start keeps them.
-#[test]
-fn reindex_activates_custom_search_parameters_across_restarts() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}/t.db", dir.path().display());
-    let file = dir.path().join("data.ndjson");
+/// Imports a custom SearchParameter and two Patients into `db`, then `iomt-fhir reindex`.
+fn import_eye_colours(dir: &std::path::Path, db: &str) {
+    let file = dir.join("data.ndjson");
     let eye = |id: &str, colour: &str| {
         format!(
             r#"{{"resourceType":"Patient","id":"{id}","extension":[{{"url":"http://example.org/eye-colour","valueCode":"{colour}"}}]}}"#
@@ -249,7 +246,7 @@ fn reindex_activates_custom_search_parameters_across_restarts() {
     )
     .unwrap();
     let out = Command::new(BIN)
-        .args(["import", "--database", &db, file.to_str().unwrap()])
+        .args(["import", "--database", db, file.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -258,7 +255,7 @@ fn reindex_activates_custom_search_parameters_across_restarts() {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = Command::new(BIN)
-        .args(["reindex", "--database", &db])
+        .args(["reindex", "--database", db])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -272,6 +269,14 @@ fn reindex_activates_custom_search_parameters_across_restarts() {
         "{stdout}"
     );
     assert!(stdout.contains("reindexed 3 resources"), "{stdout}");
+}
+
+/// `iomt-fhir reindex` activates stored SearchParameters; the next start keeps them.
+#[test]
+fn reindex_activates_custom_search_parameters_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/t.db", dir.path().display());
+    import_eye_colours(dir.path(), &db);
 
     let port = free_port();
     let mut child = serve(&db, port);
@@ -283,4 +288,56 @@ fn reindex_activates_custom_search_parameters_across_restarts() {
     let _ = child.wait();
     assert!(body.contains("\"id\":\"blue1\""), "{body}");
     assert!(!body.contains("\"id\":\"green1\""), "{body}");
+}
+
+/// A database from before migration 7 (index rows keyed by type and code as text) is
+/// migrated, and its indexes are rebuilt from the stored bodies at the next start, custom
+/// SearchParameters included, before the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_index_layout_is_rebuilt_at_start() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/t.db", dir.path().display());
+    import_eye_colours(dir.path(), &db);
+    // Back to the layout of migration 6, with no rows.
+    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+    let mut old = String::new();
+    for (table, cols) in [
+        ("idx_token", "system TEXT, value TEXT, text TEXT"),
+        ("idx_string", "norm TEXT, exact TEXT"),
+        (
+            "idx_reference",
+            "target_type TEXT, target_id TEXT, url TEXT",
+        ),
+        ("idx_date", "lo INTEGER, hi INTEGER"),
+        ("idx_number", "value REAL"),
+        (
+            "idx_quantity",
+            "value REAL, system TEXT, unit_code TEXT, unit TEXT",
+        ),
+        ("idx_uri", "value TEXT"),
+    ] {
+        old.push_str(&format!(
+            "DROP TABLE {table}; CREATE TABLE {table} (rid INTEGER NOT NULL, \
+             res_type TEXT NOT NULL, code TEXT NOT NULL, {cols});\n"
+        ));
+    }
+    old.push_str("DROP TABLE store_task; DELETE FROM schema_migration WHERE version >= 7;");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(old))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+
+    let port = free_port();
+    let mut child = serve(&db, port);
+    wait_up(port);
+    let base = format!("http://127.0.0.1:{port}/fhir");
+    let blue = reqwest_get(&format!("{base}/Patient?eye-colour=blue"));
+    let all = reqwest_get(&format!("{base}/Patient?_sort=_id&_elements=id"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(blue.contains("\"id\":\"blue1\""), "{blue}");
+    assert!(!blue.contains("\"id\":\"green1\""), "{blue}");
+    assert!(all.contains("\"total\":2"), "{all}");
 }
