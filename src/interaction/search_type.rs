@@ -11,9 +11,8 @@ use crate::interaction::subset::{Summary, subset};
 use crate::interaction::{Body, Ctx, FhirRequest, FhirResponse, SharedCtx};
 use crate::search::query::{
     CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, canonical_sql,
-    hierarchy_codes, parse_hierarchy_key, value_set_codes,
+    hierarchy_codes, params_sql, parse_hierarchy_key, value_set_codes,
 };
-use crate::store::resource::{param_key, param_range};
 use crate::store::{Db, SqlBuilder, Ty, Val};
 
 /// Included resources per page at most (`_include`, `_revinclude`), against result explosion.
@@ -448,11 +447,8 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
             b.list(sources);
             if let Some(c) = &inc.code {
                 // `x.rid` fixes the source's type: the code's range of keys is exact.
-                let (lo, hi) = param_range(c);
-                b.push(" AND x.param BETWEEN ")
-                    .int(lo)
-                    .push(" AND ")
-                    .int(hi);
+                b.push(" AND ");
+                params_sql(&mut b, None, "x.param", std::slice::from_ref(c));
             }
             if let Some(t) = &inc.target {
                 b.push(" AND x.target_type = ").text(t.clone());
@@ -473,10 +469,14 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
             }
             let mut b = match &inc.code {
                 Some(c) => {
-                    let mut b = SqlBuilder::new(
-                        "SELECT DISTINCT x.rid FROM idx_reference x WHERE x.param = ",
+                    let mut b =
+                        SqlBuilder::new("SELECT DISTINCT x.rid FROM idx_reference x WHERE ");
+                    params_sql(
+                        &mut b,
+                        Some(&inc.source),
+                        "x.param",
+                        std::slice::from_ref(c),
                     );
-                    b.int(param_key(&inc.source, c));
                     b
                 }
                 None => {

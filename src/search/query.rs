@@ -183,7 +183,7 @@ impl Codes {
 /// The index rows (column `col`, `param`) of `codes`: `{col} = key` or `{col} IN (keys)`
 /// for one resource type, or each code's range of keys over every type (`ty: None`; also
 /// exact wherever the row's `rid` is already fixed, which fixes its type).
-fn params_sql<S: AsRef<str>>(b: &mut SqlBuilder, ty: Option<&str>, col: &str, codes: &[S]) {
+pub fn params_sql<S: AsRef<str>>(b: &mut SqlBuilder, ty: Option<&str>, col: &str, codes: &[S]) {
     match (ty, codes) {
         (_, []) => {
             b.push("1 = 0");
