@@ -254,10 +254,12 @@ pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
         None,
         key.clone(),
     );
-    // Parse and validate outside the writer; only id resolution and writes run inside.
+    // Parse, validate, resolve and serialise outside the writer; inside, the ids are
+    // checked again and the resources written.
     let written = match crate::interaction::transaction::plan_bundle(ctx, &mapped.bundle) {
         Err(e) => Err(e),
-        Ok(planned) => {
+        Ok(mut planned) => {
+            crate::interaction::transaction::speculate(ctx, &mut planned).await;
             let c = ctx.clone();
             ctx.store
                 .write(move |db| {

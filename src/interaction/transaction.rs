@@ -5,7 +5,10 @@
 //! conditional references (`Patient?identifier=...`) are rewritten to the ids the server
 //! assigned, everywhere in the bundle. When a bundle has no conditional parts (the common
 //! case, e.g. Synthea), ids are assigned and resources validated, rewritten and serialised
-//! before the transaction starts, so the database transaction itself only writes.
+//! before the transaction starts, so the database transaction itself only writes. When it
+//! has conditions (HL7 v2 messages, feeds), the same work is done speculatively with the ids
+//! a reader resolves ([`speculate`]); the transaction resolves them again and keeps that work
+//! only if every id agrees.
 //!
 //! A batch runs each entry as its own request through [`crate::interaction::handle`].
 
@@ -32,7 +35,15 @@ struct Entry {
     full_url: Option<String>,
     req: FhirRequest,
     interaction: Interaction,
+    /// The condition of a conditional update or create (`ifNoneExist`), and when it is one
+    /// `parameter=system|code` on a token parameter, its parts (see [`token_condition`]).
+    /// Worked out by [`plan`], outside the writer.
+    condition: Option<String>,
+    token: Option<TokenCondition>,
 }
+
+/// `(type, parameter, system, code)`.
+type TokenCondition = (String, String, String, String);
 
 /// Where an entry's resource stands on its way to storage.
 enum Payload {
@@ -40,6 +51,18 @@ enum Payload {
     /// Checked, references not yet rewritten (needs the database to resolve).
     Raw(Value),
     Prepared(Prepared),
+    /// Found identical to the stored current version outside the writer (see [`speculate`]):
+    /// no new version is written while that version is still current.
+    Unchanged(Box<Unchanged>),
+}
+
+struct Unchanged {
+    version: i64,
+    last_updated: i64,
+    /// The stored text.
+    body: String,
+    /// The resource with its references rewritten, to prepare if another version is current.
+    resource: Value,
 }
 
 /// What one entry did, for the response Bundle.
@@ -200,6 +223,8 @@ fn parse_entry(ctx: &Ctx, index: usize, e: Value) -> Result<Entry> {
         full_url,
         req,
         interaction,
+        condition: None,
+        token: None,
     })
 }
 
@@ -407,6 +432,12 @@ fn plan(ctx: &Ctx, entries: &mut [Entry]) -> Result<(Vec<Payload>, bool)> {
                 FhirError::invalid(format!("{t}/{id} appears twice in the transaction")),
             ));
         }
+        e.condition = match &e.interaction {
+            I::ConditionalUpdate(_) => crate::interaction::update::condition_query(&e.req).ok(),
+            I::Create(_) => e.req.if_none_exist.clone(),
+            _ => None,
+        };
+        e.token = token_condition(ctx, e);
         payloads.push(payload);
     }
     Ok((payloads, needs_db))
@@ -417,6 +448,16 @@ fn plan(ctx: &Ctx, entries: &mut [Entry]) -> Result<(Vec<Payload>, bool)> {
 pub struct Planned {
     entries: Vec<Entry>,
     payloads: Vec<Payload>,
+    speculation: Option<Speculation>,
+}
+
+/// Ids a transaction's conditions resolved to on a reader, outside the writer, with every
+/// payload already rewritten and prepared for them (see [`speculate`]).
+struct Speculation {
+    ids: Vec<Option<String>>,
+    fresh: Vec<bool>,
+    /// `Prepared` or `Unchanged`, by entry.
+    prepared: Vec<Option<Payload>>,
 }
 
 /// Parses and validates a transaction Bundle without touching the database: the CPU work
@@ -432,7 +473,94 @@ pub fn plan_bundle(ctx: &Ctx, bundle: &Value) -> Result<Planned> {
         entries.push(parse_entry(ctx, index, e)?);
     }
     let (payloads, _) = plan(ctx, &mut entries)?;
-    Ok(Planned { entries, payloads })
+    Ok(Planned {
+        entries,
+        payloads,
+        speculation: None,
+    })
+}
+
+/// Resolves the planned transaction's conditions on a reader and prepares every payload for
+/// the ids found, so that this CPU work runs outside the single writer. The writer resolves
+/// again and uses the result only if every id agrees ([`run`]): a concurrent write costs
+/// time, never correctness.
+pub async fn speculate(ctx: &Ctx, planned: &mut Planned) {
+    planned.speculation = speculation(ctx, &planned.entries, &planned.payloads).await;
+}
+
+async fn speculation(ctx: &Ctx, entries: &[Entry], payloads: &[Payload]) -> Option<Speculation> {
+    fn raw(p: &Payload) -> Option<&Value> {
+        match p {
+            Payload::Raw(r) => Some(r),
+            _ => None,
+        }
+    }
+    // Conditional references resolve inside the writer only.
+    if payloads.iter().filter_map(raw).next().is_none()
+        || payloads
+            .iter()
+            .filter_map(raw)
+            .any(write::has_conditional_reference)
+    {
+        return None;
+    }
+    use Interaction as I;
+    let order = processing_sequence(entries);
+    let mut db = ctx.store.reader().await.ok()?;
+    let resolved = resolve_ids(&mut db, ctx, entries, payloads, &order, false, &mut |_| {
+        new_id()
+    })
+    .await
+    .ok()?;
+    // The current versions of what already exists: most updates from a feed (its patient,
+    // devices, metrics) change nothing, and need neither a search index nor a write.
+    let existing = |i: usize| match (&entries[i].interaction, &resolved.ids[i]) {
+        (I::Update(t, _) | I::ConditionalUpdate(t), Some(id))
+            if !resolved.fresh[i] && entries[i].req.if_match.is_none() =>
+        {
+            Some((t.clone(), id.clone()))
+        }
+        _ => None,
+    };
+    let keys: Vec<(String, String)> = (0..entries.len()).filter_map(existing).collect();
+    let currents = if keys.is_empty() {
+        HashMap::new()
+    } else {
+        db.currents(&keys).await.ok()?
+    };
+    drop(db);
+    let map = full_url_map(entries, &resolved.ids);
+    let mut prepared = Vec::with_capacity(payloads.len());
+    for (i, p) in payloads.iter().enumerate() {
+        let (Some(r), Some(id)) = (raw(p), &resolved.ids[i]) else {
+            prepared.push(None);
+            continue;
+        };
+        let mut r = r.clone();
+        rewrite(&mut r, &map).ok()?;
+        let mut resource = write::shape(r, id).ok()?;
+        let mut p = crate::store::resource::prepare(&mut resource, Vec::new()).ok()?;
+        let current = existing(i).and_then(|k| currents.get(&k));
+        if let Some((c, Some(stored))) = current
+            && !c.deleted
+            && crate::store::resource::finish_body(&p.body, c.version, c.last_updated) == *stored
+        {
+            prepared.push(Some(Payload::Unchanged(Box::new(Unchanged {
+                version: c.version,
+                last_updated: c.last_updated,
+                body: stored.clone(),
+                resource,
+            }))));
+        } else {
+            p.index = write::index(ctx, &resource);
+            prepared.push(Some(Payload::Prepared(p)));
+        }
+    }
+    Some(Speculation {
+        ids: resolved.ids,
+        fresh: resolved.fresh,
+        prepared,
+    })
 }
 
 /// Runs a planned transaction inside the caller's database transaction (used where other
@@ -440,7 +568,15 @@ pub fn plan_bundle(ctx: &Ctx, bundle: &Value) -> Result<Planned> {
 /// produced). Returns the location (`Type/id/_history/n`) of every entry that has one.
 pub async fn run_planned(db: &mut Db, ctx: &Ctx, planned: Planned) -> Result<Vec<String>> {
     let ids = vec![None; planned.entries.len()];
-    let outcomes = run(db, ctx, planned.entries, planned.payloads, ids).await?;
+    let outcomes = run(
+        db,
+        ctx,
+        planned.entries,
+        planned.payloads,
+        ids,
+        planned.speculation,
+    )
+    .await?;
     Ok(outcomes.into_iter().filter_map(|o| o.location).collect())
 }
 
@@ -451,6 +587,11 @@ async fn transaction(
 ) -> Result<FhirResponse> {
     use Interaction as I;
     let (mut payloads, needs_db) = plan(ctx, &mut entries)?;
+    let speculation = if needs_db {
+        speculation(ctx, &entries, &payloads).await
+    } else {
+        None
+    };
     // Without conditions, ids are known now: assign, rewrite and serialise outside the
     // database transaction.
     let mut ids: Vec<Option<String>> = vec![None; entries.len()];
@@ -478,7 +619,9 @@ async fn transaction(
     let c = ctx.clone();
     let outcomes = ctx
         .store
-        .write(move |db| Box::pin(async move { run(db, &c, entries, payloads, ids).await }))
+        .write(move |db| {
+            Box::pin(async move { run(db, &c, entries, payloads, ids, speculation).await })
+        })
         .await?;
     let mut b = BundleText::new("transaction-response", None, &[]);
     for o in outcomes {
@@ -499,69 +642,171 @@ async fn transaction(
     Ok(raw_bundle(b))
 }
 
-/// The commonest condition, `Type?identifier=system|value` (HL7 v2 and device feeds match
-/// patients, devices and observations that way), resolved for every conditional update of
-/// the transaction in one query rather than one search each. Answers by entry position;
-/// entries with any other condition are left to [`write::matching_ids`]. On PostgreSQL the
-/// conditions are locked first, in a fixed order, as `matching_ids` would.
-async fn resolve_identifier_conditions(
+/// An entry's condition when it is one `parameter=system|code` on a token parameter, the
+/// commonest kind (HL7 v2 and device feeds match patients, devices, observations and
+/// provenance by identifier or tag).
+fn token_condition(ctx: &Ctx, e: &Entry) -> Option<TokenCondition> {
+    let (Interaction::ConditionalUpdate(t) | Interaction::Create(t)) = &e.interaction else {
+        return None;
+    };
+    let pairs = crate::interaction::parse_query(e.condition.as_deref()?);
+    let [(k, v)] = pairs.as_slice() else {
+        return None;
+    };
+    ctx.registry()
+        .get(t, k)
+        .filter(|p| p.kind == crate::search::registry::ParamType::Token)?;
+    let (system, code) = crate::search::query::single_system_code(v)?;
+    Some((t.clone(), k.clone(), system, code))
+}
+
+/// Resolves every [`token_condition`] of the transaction in one query instead of one
+/// search each. Answers by entry position; entries with any other condition are left to
+/// [`write::matching_ids`]. Inside the writer (`lock`), PostgreSQL conditions are locked
+/// first, in a fixed order, as the callers of `matching_ids` would.
+async fn resolve_token_conditions(
     db: &mut Db,
-    ctx: &Ctx,
     entries: &[Entry],
+    lock: bool,
 ) -> Result<HashMap<usize, Vec<String>>> {
     let mut at = Vec::new();
     let mut items = Vec::new();
-    let registry = ctx.registry();
+    let mut conditions = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        let Interaction::ConditionalUpdate(t) = &e.interaction else {
-            continue;
-        };
-        let pairs: Vec<&(String, String)> = e
-            .req
-            .query
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "_format" | "_pretty"))
-            .collect();
-        let [(k, v)] = pairs.as_slice() else {
-            continue;
-        };
-        if k != "identifier"
-            || registry
-                .get(t, "identifier")
-                .is_none_or(|p| p.kind != crate::search::registry::ParamType::Token)
-        {
-            continue;
-        }
-        let Some((system, value)) = crate::search::query::single_system_code(v) else {
+        let (Some(token), Some(condition)) = (&e.token, &e.condition) else {
             continue;
         };
         at.push(i);
-        items.push((t.clone(), system, value));
+        items.push(token.clone());
+        conditions.push((token.0.clone(), condition.clone()));
     }
     if items.len() < 2 {
         return Ok(HashMap::new());
     }
-    if db.is_postgres() {
-        let mut conditions: Vec<(String, String)> = at
-            .iter()
-            .filter_map(|&i| {
-                let q = crate::interaction::update::condition_query(&entries[i].req).ok()?;
-                match &entries[i].interaction {
-                    Interaction::ConditionalUpdate(t) => Some((t.clone(), q)),
-                    _ => None,
-                }
-            })
-            .collect();
-        conditions.sort();
-        conditions.dedup();
-        for (t, q) in &conditions {
-            db.lock_condition(t, q).await?;
+    if lock {
+        if db.is_postgres() {
+            conditions.sort();
+            conditions.dedup();
+            for (t, q) in &conditions {
+                db.lock_condition(t, q).await?;
+            }
+        }
+        // Earlier writes of this job must be visible to the conditions.
+        db.flush().await?;
+    }
+    let found = db.ids_by_token(&items, 2).await?;
+    Ok(at.into_iter().zip(found).collect())
+}
+
+/// The ids a transaction's entries resolve to.
+struct ResolvedIds {
+    ids: Vec<Option<String>>,
+    /// Entries whose id was newly minted (nothing matched).
+    fresh: Vec<bool>,
+    /// Creates whose `ifNoneExist` matched an existing resource.
+    matched: Vec<usize>,
+}
+
+/// Entry positions in the spec's processing order.
+fn processing_sequence(entries: &[Entry]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| processing_order(&entries[i].interaction));
+    order
+}
+
+/// Resolves the id of every create and update: conditions are searched (and, inside the
+/// writer, locked), unmatched entries get `mint(position)`.
+async fn resolve_ids(
+    db: &mut Db,
+    ctx: &Ctx,
+    entries: &[Entry],
+    payloads: &[Payload],
+    order: &[usize],
+    lock: bool,
+    mint: &mut (dyn FnMut(usize) -> String + Send),
+) -> Result<ResolvedIds> {
+    use Interaction as I;
+    let mut resolved = resolve_token_conditions(db, entries, lock).await?;
+    let mut out = ResolvedIds {
+        ids: vec![None; entries.len()],
+        fresh: vec![false; entries.len()],
+        matched: Vec::new(),
+    };
+    for &i in order {
+        let e = &entries[i];
+        let at = |err| entry_error(e.index, err);
+        let (t, condition) = match &e.interaction {
+            I::Create(t) => match &e.req.if_none_exist {
+                Some(cond) => (t, cond.clone()),
+                None => (t, String::new()),
+            },
+            I::Update(_, id) => {
+                out.ids[i] = Some(id.clone());
+                continue;
+            }
+            I::ConditionalUpdate(t) => match &e.condition {
+                Some(q) => (t, q.clone()),
+                None => (
+                    t,
+                    crate::interaction::update::condition_query(&e.req).map_err(at)?,
+                ),
+            },
+            _ => continue,
+        };
+        let found = if condition.is_empty() {
+            Vec::new()
+        } else if let Some(found) = resolved.remove(&i) {
+            found
+        } else {
+            if lock {
+                db.lock_condition(t, &condition).await.map_err(at)?;
+            }
+            write::matching_ids(db, ctx, t, &condition, 2)
+                .await
+                .map_err(at)?
+        };
+        let id = match (found.as_slice(), &e.interaction) {
+            ([], I::ConditionalUpdate(_)) => match &payloads[i] {
+                Payload::Raw(r) => r.get("id").and_then(Value::as_str).map(str::to_string),
+                _ => None,
+            },
+            ([], _) => None,
+            ([one], I::Create(_)) => {
+                out.matched.push(i);
+                Some(one.clone())
+            }
+            ([one], _) => Some(one.clone()),
+            (_, I::Create(_)) => {
+                return Err(at(FhirError::precondition(format!(
+                    "ifNoneExist {condition:?} matches more than one {t}"
+                ))));
+            }
+            _ => {
+                return Err(at(FhirError::precondition(format!(
+                    "the condition {condition:?} matches more than one {t}"
+                ))));
+            }
+        };
+        out.ids[i] = Some(id.unwrap_or_else(|| {
+            out.fresh[i] = true;
+            mint(i)
+        }));
+    }
+    Ok(out)
+}
+
+/// fullUrl → `Type/id` for every entry that has both.
+fn full_url_map(entries: &[Entry], ids: &[Option<String>]) -> HashMap<String, String> {
+    use Interaction as I;
+    let mut map = HashMap::new();
+    for (e, id) in entries.iter().zip(ids) {
+        if let (Some(full), Some(id), I::Create(t) | I::Update(t, _) | I::ConditionalUpdate(t)) =
+            (&e.full_url, id, &e.interaction)
+        {
+            map.insert(full.clone(), format!("{t}/{id}"));
         }
     }
-    // Earlier writes of this job must be visible to the conditions.
-    db.flush().await?;
-    let found = db.ids_by_identifier(&items, 2).await?;
-    Ok(at.into_iter().zip(found).collect())
+    map
 }
 
 /// The transaction body: runs inside one database transaction.
@@ -571,11 +816,11 @@ async fn run(
     mut entries: Vec<Entry>,
     mut payloads: Vec<Payload>,
     mut ids: Vec<Option<String>>,
+    speculation: Option<Speculation>,
 ) -> Result<Vec<Outcome>> {
     use Interaction as I;
     let mut outcomes: Vec<Option<Outcome>> = (0..entries.len()).map(|_| None).collect();
-    let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.sort_by_key(|&i| processing_order(&entries[i].interaction));
+    let order = processing_sequence(&entries);
 
     // 1. Deletes.
     for &i in &order {
@@ -611,88 +856,65 @@ async fn run(
         }
     }
 
-    // 2. Resolve ids that depend on the database, then rewrite references.
+    // 2. Resolve ids that depend on the database, then rewrite references. Ids minted for
+    // unmatched entries are the speculation's, so that when every condition resolves as it
+    // did outside the writer, its prepared payloads are used as they are.
     let mut existing: HashMap<usize, crate::store::resource::Stored> = HashMap::new();
     if payloads.iter().any(|p| matches!(p, Payload::Raw(_))) {
-        let mut resolved = resolve_identifier_conditions(db, ctx, &entries).await?;
-        let mut map = HashMap::new();
-        for &i in &order {
-            let e = &entries[i];
-            let at = |err| entry_error(e.index, err);
-            let (t, id) = match &e.interaction {
-                I::Create(t) => {
-                    let id = match &e.req.if_none_exist {
-                        Some(cond) => {
-                            db.lock_condition(t, cond).await.map_err(at)?;
-                            let found =
-                                write::matching_ids(db, ctx, t, cond, 2).await.map_err(at)?;
-                            match found.as_slice() {
-                                [] => new_id(),
-                                [one] => {
-                                    if let Some(s) = db.read(t, one).await.map_err(at)? {
-                                        existing.insert(i, s);
-                                    }
-                                    one.clone()
-                                }
-                                _ => {
-                                    return Err(at(FhirError::precondition(format!(
-                                        "ifNoneExist {cond:?} matches more than one {t}"
-                                    ))));
-                                }
-                            }
-                        }
-                        None => new_id(),
-                    };
-                    (t, id)
-                }
-                I::Update(t, id) => (t, id.clone()),
-                I::ConditionalUpdate(t) => {
-                    let q = crate::interaction::update::condition_query(&e.req).map_err(at)?;
-                    let found = match resolved.remove(&i) {
-                        Some(found) => found,
-                        None => {
-                            db.lock_condition(t, &q).await.map_err(at)?;
-                            write::matching_ids(db, ctx, t, &q, 2).await.map_err(at)?
-                        }
-                    };
-                    let body_id = match &payloads[i] {
-                        Payload::Raw(r) => r.get("id").and_then(Value::as_str).map(str::to_string),
-                        _ => None,
-                    };
-                    let id = match (found.as_slice(), body_id) {
-                        ([], Some(id)) => id,
-                        ([], None) => new_id(),
-                        ([one], _) => one.clone(),
-                        _ => {
-                            return Err(at(FhirError::precondition(format!(
-                                "the condition {q:?} matches more than one {t}"
-                            ))));
-                        }
-                    };
-                    (t, id)
-                }
-                _ => continue,
-            };
-            if let Some(full) = &e.full_url {
-                map.insert(full.clone(), format!("{t}/{id}"));
-            }
-            ids[i] = Some(id);
-        }
-        for &i in &order {
-            let index = entries[i].index;
-            let at = |err| entry_error(index, err);
-            let Payload::Raw(r) = &mut payloads[i] else {
+        let mut mint = |i: usize| {
+            speculation
+                .as_ref()
+                .filter(|s| s.fresh[i])
+                .and_then(|s| s.ids[i].clone())
+                .unwrap_or_else(new_id)
+        };
+        let resolved = resolve_ids(db, ctx, &entries, &payloads, &order, true, &mut mint).await?;
+        for &i in &resolved.matched {
+            let (I::Create(t), Some(id)) = (&entries[i].interaction, &resolved.ids[i]) else {
                 continue;
             };
-            let mut r = std::mem::take(r);
-            write::resolve_conditional_references(db, ctx, &mut r, &mut map)
+            if let Some(s) = db
+                .read(t, id)
                 .await
-                .map_err(at)?;
-            rewrite(&mut r, &map).map_err(at)?;
-            let id = ids[i]
-                .clone()
-                .ok_or_else(|| FhirError::internal("entry without id"))?;
-            payloads[i] = Payload::Prepared(write::prepare_with_id(ctx, r, &id).map_err(at)?);
+                .map_err(|err| entry_error(entries[i].index, err))?
+            {
+                existing.insert(i, s);
+            }
+        }
+        ids = resolved.ids;
+        tracing::debug!(
+            speculated = speculation.is_some(),
+            agreed = speculation.as_ref().is_some_and(|s| s.ids == ids),
+            "transaction ids resolved"
+        );
+        match speculation {
+            Some(s) if s.ids == ids => {
+                for (p, prepared) in payloads.iter_mut().zip(s.prepared) {
+                    if let Some(prepared) = prepared {
+                        *p = prepared;
+                    }
+                }
+            }
+            _ => {
+                let mut map = full_url_map(&entries, &ids);
+                for &i in &order {
+                    let index = entries[i].index;
+                    let at = |err| entry_error(index, err);
+                    let Payload::Raw(r) = &mut payloads[i] else {
+                        continue;
+                    };
+                    let mut r = std::mem::take(r);
+                    write::resolve_conditional_references(db, ctx, &mut r, &mut map)
+                        .await
+                        .map_err(at)?;
+                    rewrite(&mut r, &map).map_err(at)?;
+                    let id = ids[i]
+                        .clone()
+                        .ok_or_else(|| FhirError::internal("entry without id"))?;
+                    payloads[i] =
+                        Payload::Prepared(write::prepare_with_id(ctx, r, &id).map_err(at)?);
+                }
+            }
         }
     }
 
@@ -732,6 +954,24 @@ async fn run(
                             resource: s.body,
                         },
                     }
+                }
+            }
+            (I::Update(t, _) | I::ConditionalUpdate(t), Payload::Unchanged(u), Some(id)) => {
+                let current = db.current_for_update(t, id).await.map_err(at)?;
+                if current.is_some_and(|c| !c.deleted && c.version == u.version) {
+                    Outcome {
+                        status: "200 OK",
+                        location: Some(format!("{t}/{id}/_history/{}", u.version)),
+                        version: Some(u.version),
+                        last_modified: Some(u.last_updated),
+                        resource: Some(u.body.clone()),
+                    }
+                } else {
+                    let p = write::prepare_with_id(ctx, u.resource.clone(), id).map_err(at)?;
+                    let w = update_in(db, t, id, &p, e.req.if_match.as_deref())
+                        .await
+                        .map_err(at)?;
+                    written(t, now_status(w.created), w)
                 }
             }
             (I::Update(t, _) | I::ConditionalUpdate(t), Payload::Prepared(p), Some(id)) => {

@@ -80,6 +80,22 @@ pub fn validate(ctx: &Ctx, resource: &Value) -> Result<()> {
 /// Sets the id, orders `resourceType, id, meta` first, extracts search index entries and
 /// serialises the resource for storage.
 pub fn prepare_with_id(ctx: &Ctx, resource: Value, id: &str) -> Result<Prepared> {
+    let mut resource = shape(resource, id)?;
+    let index = index(ctx, &resource);
+    prepare(&mut resource, index)
+}
+
+/// The search index entries of a resource (none when indexing is off).
+pub fn index(ctx: &Ctx, resource: &Value) -> Vec<crate::search::extract::IndexEntry> {
+    if ctx.search_indexing {
+        extract(&ctx.registry(), resource)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Sets the id and orders `resourceType, id, meta` first.
+pub fn shape(resource: Value, id: &str) -> Result<Value> {
     let Value::Object(obj) = resource else {
         return Err(FhirError::invalid(
             "the body must be a JSON object (a FHIR resource)",
@@ -98,13 +114,7 @@ pub fn prepare_with_id(ctx: &Ctx, resource: Value, id: &str) -> Result<Prepared>
         .unwrap_or_else(|| Value::Object(Map::new()));
     ordered.insert("meta".into(), meta);
     ordered.extend(rest);
-    let mut resource = Value::Object(ordered);
-    let index = if ctx.search_indexing {
-        extract(&ctx.registry(), &resource)
-    } else {
-        Vec::new()
-    };
-    prepare(&mut resource, index)
+    Ok(Value::Object(ordered))
 }
 
 /// The ids matching a conditional URL's query, at most `limit` of them, seen from inside

@@ -460,42 +460,12 @@ impl Db {
             )
             .await?;
         }
-        let sql = if pg {
-            "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_array_elements($1::json) AS e JOIN resource r ON r.res_type = e->>0 AND r.res_id = e->>1 JOIN resource_version v ON v.seq = r.seq FOR UPDATE OF r"
-        } else {
-            "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_each($1) AS e JOIN resource r ON r.res_type = e.value->>0 AND r.res_id = e.value->>1 JOIN resource_version v ON v.seq = r.seq"
-        };
-        let rows = self
-            .fetch_all(
-                sql,
-                &[Arg::Text(list.to_string())],
-                &[
-                    Ty::Text,
-                    Ty::Text,
-                    Ty::Int,
-                    Ty::Int,
-                    Ty::Int,
-                    Ty::Int,
-                    Ty::Int,
-                    Ty::Int,
-                    Ty::Text,
-                    Ty::OptText,
-                ],
-            )
-            .await?;
+        let rows = self.current_rows(&list, pg).await?;
         for (t, i) in wanted {
             self.prefetched.insert((t.clone(), i.clone()), None);
         }
-        for mut row in rows {
-            let body = row.pop().and_then(Val::text);
-            let method = row.pop().and_then(Val::text).unwrap_or_default();
-            let current = current_from(row.split_off(2));
-            let mut key = row.into_iter().map(|v| v.text().unwrap_or_default());
-            let (Some(t), Some(i)) = (key.next(), key.next()) else {
-                continue;
-            };
-            self.prefetched
-                .insert((t, i), Some((current, method, body)));
+        for (key, current, method, body) in rows {
+            self.prefetched.insert(key, Some((current, method, body)));
         }
         Ok(())
     }
@@ -508,12 +478,25 @@ impl Db {
         items: &[(String, String, String)],
         limit: usize,
     ) -> Result<Vec<Vec<String>>> {
+        let items: Vec<(String, String, String, String)> = items
+            .iter()
+            .map(|(t, s, v)| (t.clone(), "identifier".to_string(), s.clone(), v.clone()))
+            .collect();
+        self.ids_by_token(&items, limit).await
+    }
+
+    /// [`Db::ids_by_identifier`] for any token parameter: `(type, parameter, system, code)`.
+    pub async fn ids_by_token(
+        &mut self,
+        items: &[(String, String, String, String)],
+        limit: usize,
+    ) -> Result<Vec<Vec<String>>> {
         let list = Value::Array(
             items
                 .iter()
-                .map(|(t, s, v)| {
+                .map(|(t, p, s, v)| {
                     Value::Array(vec![
-                        param_key(t, "identifier").into(),
+                        param_key(t, p).into(),
                         s.as_str().into(),
                         v.as_str().into(),
                     ])
@@ -540,6 +523,75 @@ impl Db {
             {
                 ids.push(id);
             }
+        }
+        Ok(out)
+    }
+
+    /// The current rows and bodies of many resources, without locking (for readers: see
+    /// [`Db::prefetch`] inside a write).
+    pub async fn currents(
+        &mut self,
+        keys: &[(String, String)],
+    ) -> Result<std::collections::HashMap<(String, String), (Current, Option<String>)>> {
+        let list = Value::Array(
+            keys.iter()
+                .map(|(t, i)| Value::Array(vec![t.as_str().into(), i.as_str().into()]))
+                .collect(),
+        );
+        Ok(self
+            .current_rows(&list, false)
+            .await?
+            .into_iter()
+            .map(|(key, current, _, body)| (key, (current, body)))
+            .collect())
+    }
+
+    /// `list`: a JSON array of `[type, id]`; `lock`: `FOR UPDATE` (PostgreSQL).
+    #[allow(clippy::type_complexity)]
+    async fn current_rows(
+        &mut self,
+        list: &Value,
+        lock: bool,
+    ) -> Result<Vec<((String, String), Current, String, Option<String>)>> {
+        let sql = match (self.is_postgres(), lock) {
+            (true, true) => {
+                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_array_elements($1::json) AS e JOIN resource r ON r.res_type = e->>0 AND r.res_id = e->>1 JOIN resource_version v ON v.seq = r.seq FOR UPDATE OF r"
+            }
+            (true, false) => {
+                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_array_elements($1::json) AS e JOIN resource r ON r.res_type = e->>0 AND r.res_id = e->>1 JOIN resource_version v ON v.seq = r.seq"
+            }
+            (false, _) => {
+                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_each($1) AS e JOIN resource r ON r.res_type = e.value->>0 AND r.res_id = e.value->>1 JOIN resource_version v ON v.seq = r.seq"
+            }
+        };
+        let rows = self
+            .fetch_all(
+                sql,
+                &[Arg::Text(list.to_string())],
+                &[
+                    Ty::Text,
+                    Ty::Text,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Int,
+                    Ty::Text,
+                    Ty::OptText,
+                ],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for mut row in rows {
+            let body = row.pop().and_then(Val::text);
+            let method = row.pop().and_then(Val::text).unwrap_or_default();
+            let current = current_from(row.split_off(2));
+            let mut key = row.into_iter().map(|v| v.text().unwrap_or_default());
+            let (Some(t), Some(i)) = (key.next(), key.next()) else {
+                continue;
+            };
+            out.push(((t, i), current, method, body));
         }
         Ok(out)
     }

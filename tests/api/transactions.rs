@@ -263,7 +263,85 @@ async fn bundle_limits(app: &TestApp) {
     assert_eq!(r.status(), 400);
 }
 
+/// Speculation (ids resolved and resources prepared outside the writer, as HL7 v2 ingest
+/// does) that another write overtakes before the writer runs: the writer must notice and
+/// redo the work, never write what it speculated.
+async fn stale_speculation_is_redone(app: &TestApp) {
+    use iomt_fhir::interaction::transaction::{plan_bundle, speculate};
+    let bundle = |obs: &str, dev: &str| {
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:5b8d1d3e-0b6f-4c1e-9a51-3c0b7f1e2a10",
+             "resource": {"resourceType": "Device", "status": "active",
+                "identifier": [{"system": "urn:spec", "value": dev}]},
+             "request": {"method": "PUT", "url": format!("Device?identifier=urn:spec|{dev}")}},
+            {"fullUrl": "urn:uuid:7c2e4f90-1d3a-4b5c-8e6f-9a0b1c2d3e4f",
+             "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "hr"},
+                "identifier": [{"system": "urn:spec", "value": obs}],
+                "device": {"reference": "urn:uuid:5b8d1d3e-0b6f-4c1e-9a51-3c0b7f1e2a10"}},
+             "request": {"method": "PUT", "url": format!("Observation?identifier=urn:spec|{obs}")}}
+        ]})
+    };
+    let found = |q: &'static str| async move { json(app.get(q).await).await };
+    assert_eq!(app.post("", &bundle("o1", "d1")).await.status(), 200);
+    let d1 = found("Device?identifier=urn:spec|d1").await["entry"][0]["resource"].clone();
+    let id = d1["id"].as_str().unwrap().to_string();
+    assert_eq!(d1["meta"]["versionId"], "1");
+
+    // 1. Speculated unchanged, then changed by someone else: the writer writes it again.
+    let mut planned = plan_bundle(&app.ctx, &bundle("o2", "d1")).unwrap();
+    speculate(&app.ctx, &mut planned).await;
+    let mut changed = d1.clone();
+    changed["status"] = json!("inactive");
+    assert_eq!(
+        app.put(&format!("Device/{id}"), &changed).await.status(),
+        200
+    );
+    commit(app, planned).await;
+    let d = json(app.get(&format!("Device/{id}")).await).await;
+    assert_eq!(
+        (d["status"].as_str(), d["meta"]["versionId"].as_str()),
+        (Some("active"), Some("3"))
+    );
+    let b = found("Device?status=active&identifier=urn:spec|d1").await;
+    assert_eq!(b["total"], 1, "indexed as written: {b}");
+    assert_eq!(found("Device?status=inactive").await["total"], 0);
+
+    // 2. Speculated new, then created by someone else: the writer uses the existing one.
+    let mut planned = plan_bundle(&app.ctx, &bundle("o3", "d2")).unwrap();
+    speculate(&app.ctx, &mut planned).await;
+    let r = app
+        .post(
+            "Device",
+            &json!({"resourceType": "Device", "status": "active",
+                "identifier": [{"system": "urn:spec", "value": "d2"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let d2 = json(r).await["id"].as_str().unwrap().to_string();
+    commit(app, planned).await;
+    assert_eq!(found("Device?identifier=urn:spec|d2").await["total"], 1);
+    let o3 = found("Observation?identifier=urn:spec|o3").await;
+    assert_eq!(
+        o3["entry"][0]["resource"]["device"]["reference"],
+        format!("Device/{d2}")
+    );
+}
+
+async fn commit(app: &TestApp, planned: iomt_fhir::interaction::transaction::Planned) {
+    let ctx = app.ctx.clone();
+    app.ctx
+        .store
+        .write(move |db| {
+            Box::pin(async move {
+                iomt_fhir::interaction::transaction::run_planned(db, &ctx, planned).await
+            })
+        })
+        .await
+        .unwrap();
+}
+
 crate::both_backends!(
+    stale_speculation_is_redone,
     transaction_rewrites_references_and_reports_each_entry,
     transaction_is_all_or_nothing,
     transaction_conditional_references_and_creates,
