@@ -287,21 +287,30 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
             if pg {
                 format!("(e->>{i})::{t}")
             } else {
-                format!("e.value->>{i}")
+                format!("e.v->>{i}")
             }
         })
         .collect();
-    let source = if pg {
-        format!("json_array_elements({arg}::json) AS e")
+    let (with, source) = if pg {
+        (
+            String::new(),
+            format!("json_array_elements({arg}::json) AS e"),
+        )
     } else {
-        format!("json_each({arg}) AS e")
+        (format!("{MATERIALIZED}{arg})) "), "e".to_string())
     };
     format!(
-        "INSERT INTO {table} ({}) SELECT {} FROM {source}",
+        "{with}INSERT INTO {table} ({}) SELECT {} FROM {source}",
         names.join(", "),
         values.join(", ")
     )
 }
+
+/// How SQLite bulk rows are read: `MATERIALIZED` because, read straight from `json_each`,
+/// every `e.value->>N` has it re-serialise the whole row (a stored body included) for each
+/// column; materialised, each row is produced once and its parse is reused by the columns
+/// that follow. Followed by the JSON argument and `))`.
+const MATERIALIZED: &str = "WITH e(v) AS MATERIALIZED (SELECT value FROM json_each(";
 
 /// Shifts the `$N` placeholders of one statement by `offset`, to append it to a
 /// multi-statement query whose earlier statements hold `offset` arguments. Our SQL has no
@@ -1015,14 +1024,14 @@ impl Db {
             }
         }
         if !pending.versions.is_empty() {
-            b.push("INSERT INTO resource_version (seq, res_type, res_id, version, last_updated, method, body) SELECT e.value->>0, e.value->>1, e.value->>2, e.value->>3, e.value->>4, e.value->>5, e.value->>6 FROM json_each(")
+            b.push(MATERIALIZED)
                 .text(Value::Array(pending.versions).to_string())
-                .push(") AS e;\n");
+                .push(")) INSERT INTO resource_version (seq, res_type, res_id, version, last_updated, method, body) SELECT e.v->>0, e.v->>1, e.v->>2, e.v->>3, e.v->>4, e.v->>5, e.v->>6 FROM e;\n");
         }
         if !pending.inserts.is_empty() {
-            b.push("INSERT INTO resource (rid, res_type, res_id, version, last_updated, deleted, seq, idx_mask) SELECT e.value->>0, e.value->>1, e.value->>2, e.value->>3, e.value->>4, e.value->>5, e.value->>6, e.value->>7 FROM json_each(")
+            b.push(MATERIALIZED)
                 .text(Value::Array(pending.inserts).to_string())
-                .push(") AS e;\n");
+                .push(")) INSERT INTO resource (rid, res_type, res_id, version, last_updated, deleted, seq, idx_mask) SELECT e.v->>0, e.v->>1, e.v->>2, e.v->>3, e.v->>4, e.v->>5, e.v->>6, e.v->>7 FROM e;\n");
         }
         if !pending.updates.is_empty() {
             b.push("UPDATE resource SET version = u.version, last_updated = u.last_updated, deleted = u.deleted, seq = u.seq, idx_mask = u.idx_mask FROM (SELECT e.value->>0 AS rid, e.value->>3 AS version, e.value->>4 AS last_updated, e.value->>5 AS deleted, e.value->>6 AS seq, e.value->>7 AS idx_mask FROM json_each(")
