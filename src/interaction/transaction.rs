@@ -538,6 +538,8 @@ async fn speculation(ctx: &Ctx, entries: &[Entry], payloads: &[Payload]) -> Opti
         };
         let mut r = r.clone();
         rewrite(&mut r, &map).ok()?;
+        // `prepare_with_id` in two steps: serialise first, and extract the index only for
+        // what will be written (extraction ignores the versionId/lastUpdated placeholders).
         let mut resource = write::shape(r, id).ok()?;
         let mut p = crate::store::resource::prepare(&mut resource, Vec::new()).ok()?;
         let current = existing(i).and_then(|k| currents.get(&k));
@@ -735,36 +737,35 @@ async fn resolve_ids(
     for &i in order {
         let e = &entries[i];
         let at = |err| entry_error(e.index, err);
+        // `plan` worked the conditions out; a conditional update without one is refused here.
         let (t, condition) = match &e.interaction {
-            I::Create(t) => match &e.req.if_none_exist {
-                Some(cond) => (t, cond.clone()),
-                None => (t, String::new()),
-            },
+            I::Create(t) => (t, e.condition.clone()),
             I::Update(_, id) => {
                 out.ids[i] = Some(id.clone());
                 continue;
             }
             I::ConditionalUpdate(t) => match &e.condition {
-                Some(q) => (t, q.clone()),
+                Some(q) => (t, Some(q.clone())),
                 None => (
                     t,
-                    crate::interaction::update::condition_query(&e.req).map_err(at)?,
+                    Some(crate::interaction::update::condition_query(&e.req).map_err(at)?),
                 ),
             },
             _ => continue,
         };
-        let found = if condition.is_empty() {
-            Vec::new()
-        } else if let Some(found) = resolved.remove(&i) {
+        let found = if let Some(found) = resolved.remove(&i) {
             found
-        } else {
+        } else if let Some(condition) = &condition {
             if lock {
-                db.lock_condition(t, &condition).await.map_err(at)?;
+                db.lock_condition(t, condition).await.map_err(at)?;
             }
-            write::matching_ids(db, ctx, t, &condition, 2)
+            write::matching_ids(db, ctx, t, condition, 2)
                 .await
                 .map_err(at)?
+        } else {
+            Vec::new()
         };
+        let condition = condition.unwrap_or_default();
         let id = match (found.as_slice(), &e.interaction) {
             ([], I::ConditionalUpdate(_)) => match &payloads[i] {
                 Payload::Raw(r) => r.get("id").and_then(Value::as_str).map(str::to_string),

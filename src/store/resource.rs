@@ -453,12 +453,6 @@ impl Db {
         if wanted.is_empty() {
             return Ok(());
         }
-        let list = Value::Array(
-            wanted
-                .iter()
-                .map(|(t, i)| Value::Array(vec![t.as_str().into(), i.as_str().into()]))
-                .collect(),
-        );
         if pg {
             let mut locks: Vec<i64> = wanted.iter().map(|(t, i)| lock_key(&[t, i])).collect();
             locks.sort_unstable();
@@ -469,7 +463,7 @@ impl Db {
             )
             .await?;
         }
-        let rows = self.current_rows(&list, pg).await?;
+        let rows = self.current_rows(&wanted, pg).await?;
         for (t, i) in wanted {
             self.prefetched.insert((t.clone(), i.clone()), None);
         }
@@ -542,40 +536,39 @@ impl Db {
         &mut self,
         keys: &[(String, String)],
     ) -> Result<std::collections::HashMap<(String, String), (Current, Option<String>)>> {
-        let list = Value::Array(
-            keys.iter()
-                .map(|(t, i)| Value::Array(vec![t.as_str().into(), i.as_str().into()]))
-                .collect(),
-        );
+        let keys: Vec<&(String, String)> = keys.iter().collect();
         Ok(self
-            .current_rows(&list, false)
+            .current_rows(&keys, false)
             .await?
             .into_iter()
             .map(|(key, current, _, body)| (key, (current, body)))
             .collect())
     }
 
-    /// `list`: a JSON array of `[type, id]`; `lock`: `FOR UPDATE` (PostgreSQL).
+    /// The current rows and bodies of `(type, id)` keys, in one query; `lock`: `FOR UPDATE`
+    /// (PostgreSQL only; SQLite has a single writer).
     #[allow(clippy::type_complexity)]
     async fn current_rows(
         &mut self,
-        list: &Value,
+        keys: &[&(String, String)],
         lock: bool,
     ) -> Result<Vec<((String, String), Current, String, Option<String>)>> {
-        let sql = match (self.is_postgres(), lock) {
-            (true, true) => {
-                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_array_elements($1::json) AS e JOIN resource r ON r.res_type = e->>0 AND r.res_id = e->>1 JOIN resource_version v ON v.seq = r.seq FOR UPDATE OF r"
-            }
-            (true, false) => {
-                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_array_elements($1::json) AS e JOIN resource r ON r.res_type = e->>0 AND r.res_id = e->>1 JOIN resource_version v ON v.seq = r.seq"
-            }
-            (false, _) => {
-                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_each($1) AS e JOIN resource r ON r.res_type = e.value->>0 AND r.res_id = e.value->>1 JOIN resource_version v ON v.seq = r.seq"
-            }
+        let list = Value::Array(
+            keys.iter()
+                .map(|(t, i)| Value::Array(vec![t.as_str().into(), i.as_str().into()]))
+                .collect(),
+        );
+        let sql = if self.is_postgres() {
+            format!(
+                "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_array_elements($1::json) AS e JOIN resource r ON r.res_type = e->>0 AND r.res_id = e->>1 JOIN resource_version v ON v.seq = r.seq{}",
+                if lock { " FOR UPDATE OF r" } else { "" }
+            )
+        } else {
+            "SELECT r.res_type, r.res_id, r.rid, r.version, r.last_updated, r.deleted, r.seq, r.idx_mask, v.method, v.body FROM json_each($1) AS e JOIN resource r ON r.res_type = e.value->>0 AND r.res_id = e.value->>1 JOIN resource_version v ON v.seq = r.seq".to_string()
         };
         let rows = self
             .fetch_all(
-                sql,
+                &sql,
                 &[Arg::Text(list.to_string())],
                 &[
                     Ty::Text,
