@@ -15,10 +15,13 @@
 //! `target/release/bench --smart [--backend ...]`: reads and searches at 32 clients with
 //! `--auth off` and with `--auth smart` (a wide and a restricted token), and the token
 //! endpoint (client_credentials with pre-signed ES384 and RS384 assertions, 16 clients).
-//! `--rounds N` repeats the throughput scenarios N times, interleaved (off, wide,
-//! restricted, audited, then again), and reports medians and the median of each round's
-//! difference from that round's `--auth off`: this VM drifts by more than the margins
-//! judged, and pairing within a round takes the drift out.
+//! The three modes run as three servers at once (each on its own copy of a SQLite
+//! database), so `--rounds N` alternates them every `--seconds`: per round and kind (read,
+//! search), `--auth off`, the smart modes in an order that rotates, then `--auth off` again;
+//! each smart run is compared with the two `--auth off` runs around it, and the medians and
+//! quartiles of those ratios are reported, for requests/s and for the server's CPU time
+//! per request. This VM drifts by more than the margins judged; runs seconds apart and
+//! bracketed take the drift out.
 //! `target/release/bench --devices-grouped N [--devices-clients 8] [--devices-batch 100]`:
 //! N streamed heart-rate readings (100 patches, one reading a second each) over HTTP into
 //! the grouped `heart-rate-stream` template, then checks every reading has its slot.
@@ -191,6 +194,20 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         Err("server did not start".into())
+    }
+
+    /// User plus system CPU time the server process has used, in clock ticks.
+    fn cpu_ticks(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                // Fields after the command name (which may hold spaces): utime and stime are
+                // the 12th and 13th.
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0)
     }
 
     /// Peak resident memory (VmHWM) of the server process, in MiB.
@@ -1897,6 +1914,26 @@ async fn drain_audit(client: &reqwest::Client, base: &str, token: &str) -> Resul
     Err("the audit backlog did not drain".into())
 }
 
+/// The `q` quantile of sorted values (linear between neighbours).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let at = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (at - lo as f64)
+}
+
+/// Clock ticks per second of `/proc/PID/stat` times (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 /// The median of sorted values.
 fn median(sorted: &[f64]) -> f64 {
     match sorted.len() {
@@ -1952,119 +1989,154 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
         }
     }
     let rounds = o.rounds.max(1);
-    println!(
-        "\n### {backend}: authorization overhead (HTTP on loopback, 32 clients, {rounds} round(s) of {} s per scenario)\n",
-        o.seconds
-    );
-    println!("| round | scenario | throughput | p50 | p99 | non-2xx |");
-    println!("|---|---|---|---|---|---|");
+    let mut jti = 0u64;
+    // Three servers at once, each on its own copy of the database (one process per SQLite
+    // file; on PostgreSQL they share the database, as scaled-out servers do), so the
+    // scenarios can alternate every few seconds instead of minutes apart.
+    let copies = if backend == "sqlite" {
+        let path = database.trim_start_matches("sqlite://");
+        let mut copies = Vec::new();
+        for name in ["off", "smart", "audited"] {
+            let copy = format!("{path}.{name}.db");
+            for suffix in ["", "-wal", "-shm"] {
+                let from = format!("{path}{suffix}");
+                if Path::new(&from).exists() {
+                    std::fs::copy(&from, format!("{copy}{suffix}")).map_err(|e| e.to_string())?;
+                }
+            }
+            copies.push(format!("sqlite://{copy}"));
+        }
+        copies
+    } else {
+        vec![database.clone(); 3]
+    };
+    let off = Server::start_with(&copies[0], &["--auth", "off"])?;
+    let smart = Server::start_with(&copies[1], &["--auth", "smart", "--audit-reads", "false"])?;
+    let audited = Server::start_with(&copies[2], &["--auth", "smart"])?;
+    let origin_of = |s: &Server| s.base.trim_end_matches("/fhir").to_string();
     const SCOPES: [&str; 2] = [
         "system/*.rs",
         "system/Observation.rs?code=http://loinc.org|8867-4",
     ];
-    // (scenario, per round: (requests/s, that round's --auth off requests/s))
-    let mut results: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    let mut record =
-        |label: String, rps: f64, off: f64| match results.iter_mut().find(|(l, _)| *l == label) {
-            Some((_, v)) => v.push((rps, off)),
-            None => results.push((label, vec![(rps, off)])),
-        };
-    let mut jti = 0u64;
-    let mut origin = String::new();
-    let mut server = None;
-    for round in 1..=rounds {
-        // One process per SQLite database: the last round's server goes first.
-        drop(server.take());
-        let mut off = Vec::new();
-        {
-            let server = Server::start_with(&database, &["--auth", "off"])?;
+    let (so, ao) = (origin_of(&smart), origin_of(&audited));
+    let wide = smart_token(&client, &so, &es, "bench-es", SCOPES[0], &mut jti).await?;
+    let restricted = smart_token(&client, &so, &es, "bench-es", SCOPES[1], &mut jti).await?;
+    let audited_token = smart_token(&client, &ao, &es, "bench-es", SCOPES[0], &mut jti).await?;
+    let modes: [(String, &Server, Option<&str>); 4] = [
+        ("--auth off".into(), &off, None),
+        (
+            format!("--auth smart --audit-reads false, {}", SCOPES[0]),
+            &smart,
+            Some(&wide),
+        ),
+        (
+            format!("--auth smart --audit-reads false, {}", SCOPES[1]),
+            &smart,
+            Some(&restricted),
+        ),
+        (
+            format!("--auth smart (reads audited), {}", SCOPES[0]),
+            &audited,
+            Some(&audited_token),
+        ),
+    ];
+    let tick = clock_ticks_per_second();
+    println!(
+        "\n### {backend}: authorization overhead (HTTP on loopback, 32 clients, {rounds} round(s), {} s per run)\n",
+        o.seconds
+    );
+    println!(
+        "Per round and kind: `--auth off`, the three smart modes (order rotating by round), \
+         `--auth off` again; each smart run is compared with the mean of the two `--auth off` \
+         runs around it. Server CPU is the process's user and system time from the start of a \
+         run until its audit backlog is written, so audited rows pay for their own AuditEvents.\n"
+    );
+    println!("| round | scenario | requests/s | p50 | p99 | non-2xx | server CPU per request |");
+    println!("|---|---|---|---|---|---|---|");
+    // Per scenario and round: requests/s, the bracketing --auth off requests/s, CPU µs per
+    // request, the bracketing --auth off CPU µs per request.
+    let mut results: Vec<(String, Vec<[f64; 4]>)> = Vec::new();
+    // Warm-up: caches filled, verdicts made, connections' first costs paid.
+    for (_, server, token) in &modes {
+        for script in [READ_SCRIPT, SEARCH_SCRIPT] {
             let url = format!("{}/Observation", server.base);
-            for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
-                let r = wrk(script, &url, 32, o.seconds)?;
-                row(&format!("{round} | {label}, --auth off"), &r, "requests");
-                off.push((label, r.rps));
-                record(format!("{label}, --auth off"), r.rps, r.rps);
-            }
+            wrk(&with_token(script, *token), &url, 32, 1)?;
         }
-        let off_of = |label: &str| off.iter().find(|x| x.0 == label).map_or(f64::NAN, |x| x.1);
-        let s = Server::start_with(&database, &["--auth", "smart", "--audit-reads", "false"])?;
-        origin = s.base.trim_end_matches("/fhir").to_string();
-        let url = format!("{}/Observation", s.base);
-        let mut tokens = Vec::new();
-        for scope in SCOPES {
-            tokens.push((
-                scope,
-                smart_token(&client, &origin, &es, "bench-es", scope, &mut jti).await?,
-            ));
-        }
-        // Reads of both tokens back to back, then searches; which token goes first alternates
-        // by round, so neither always follows a search run.
-        if round % 2 == 0 {
-            tokens.reverse();
-        }
-        for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
-            for (scope, token) in &tokens {
-                let r = wrk(&with_token(script, Some(token)), &url, 32, o.seconds)?;
-                let name = format!("{label}, --auth smart --audit-reads false, {scope}");
-                row(&format!("{round} | {name}"), &r, "requests");
-                record(name, r.rps, off_of(label));
-            }
-        }
-        drop(s);
-        // With every read audited (the default): the audit writer's backlog is drained
-        // before each scenario, so each pays only for its own events.
-        let s = Server::start_with(&database, &["--auth", "smart"])?;
-        origin = s.base.trim_end_matches("/fhir").to_string();
-        let wide = smart_token(&client, &origin, &es, "bench-es", SCOPES[0], &mut jti).await?;
-        let url = format!("{}/Observation", s.base);
-        for (label, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
-            drain_audit(&client, &s.base, &wide).await?;
-            let r = wrk(&with_token(script, Some(&wide)), &url, 32, o.seconds)?;
-            let started = Instant::now();
-            drain_audit(&client, &s.base, &wide).await?;
-            let name = format!("{label}, --auth smart (reads audited), system/*.rs");
-            row(
-                &format!(
-                    "{round} | {name} (audit backlog written {:.1} s after)",
-                    started.elapsed().as_secs_f64()
-                ),
-                &r,
-                "requests",
-            );
-            record(name, r.rps, off_of(label));
-        }
-        server = Some(s);
     }
-    let server = server.ok_or("no round ran")?;
+    drain_audit(&client, &audited.base, &audited_token).await?;
+    for round in 1..=rounds {
+        for (kind, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
+            let mut order = vec![1, 2, 3];
+            order.rotate_left((round - 1) % 3);
+            let mut runs = Vec::new();
+            for m in std::iter::once(0).chain(order).chain(std::iter::once(0)) {
+                let (mode, server, token) = &modes[m];
+                let url = format!("{}/Observation", server.base);
+                let before = server.cpu_ticks();
+                let r = wrk(&with_token(script, *token), &url, 32, o.seconds)?;
+                if m == 3 {
+                    drain_audit(&client, &server.base, token.unwrap_or_default()).await?;
+                }
+                let ticks = server.cpu_ticks().saturating_sub(before);
+                let cpu_us = ticks as f64 * 1e6 / tick / (r.rps * o.seconds as f64);
+                println!(
+                    "| {round} | {kind}, {mode} | {:.0} | {:.2} ms | {:.2} ms | {} | {cpu_us:.1} µs |",
+                    r.rps, r.p50_ms, r.p99_ms, r.errors
+                );
+                runs.push((m, r.rps, cpu_us));
+            }
+            let (first, last) = (runs[0], runs[runs.len() - 1]);
+            let (off_rps, off_cpu) = ((first.1 + last.1) / 2.0, (first.2 + last.2) / 2.0);
+            for &(m, rps, cpu) in &runs {
+                let label = format!("{kind}, {}", modes[m].0);
+                let v = [rps, off_rps, cpu, off_cpu];
+                match results.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, all)) => all.push(v),
+                    None => results.push((label, vec![v])),
+                }
+            }
+        }
+    }
     println!("\n### {backend}: medians over {rounds} round(s)\n");
     println!(
-        "| scenario | median requests/s | range | median of the rounds' differences from --auth off |"
+        "| scenario | median requests/s | range | requests/s vs --auth off: median (quartiles) | server CPU per request | CPU per request vs --auth off: median (quartiles) |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for (label, v) in &results {
-        let mut rps: Vec<f64> = v.iter().map(|x| x.0).collect();
-        rps.sort_by(|a, b| a.total_cmp(b));
-        let mut diff: Vec<f64> = v.iter().map(|(r, off)| (r / off - 1.0) * 100.0).collect();
-        diff.sort_by(|a, b| a.total_cmp(b));
-        let d = if label.ends_with("--auth off") {
-            String::new()
-        } else {
+        let sorted = |f: &dyn Fn(&[f64; 4]) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(|a, b| a.total_cmp(b));
+            x
+        };
+        let spread = |x: &[f64]| {
             format!(
-                "{:+.1} % (rounds: {})",
-                median(&diff),
-                diff.iter()
-                    .map(|d| format!("{d:+.1}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "{:+.1} % ({:+.1} to {:+.1})",
+                median(x),
+                quantile(x, 0.25),
+                quantile(x, 0.75)
+            )
+        };
+        let (rps, cpu) = (sorted(&|x| x[0]), sorted(&|x| x[2]));
+        let (d_rps, d_cpu) = if label.ends_with("--auth off") {
+            (String::new(), String::new())
+        } else {
+            (
+                spread(&sorted(&|x| (x[0] / x[1] - 1.0) * 100.0)),
+                spread(&sorted(&|x| (x[2] / x[3] - 1.0) * 100.0)),
             )
         };
         println!(
-            "| {label} | {:.0} | {:.0}–{:.0} | {d} |",
+            "| {label} | {:.0} | {:.0}–{:.0} | {d_rps} | {:.1} µs | {d_cpu} |",
             median(&rps),
             rps[0],
-            rps[rps.len() - 1]
+            rps[rps.len() - 1],
+            median(&cpu),
         );
     }
+    drop(off);
+    drop(smart);
+    let origin = ao;
+    let server = audited;
     let token_url = format!("{origin}/auth/token");
     println!("\n### {backend}: token endpoint (client_credentials, 16 clients)\n");
     println!("| assertion | tokens | seconds | tokens/s | failures |");
