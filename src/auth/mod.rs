@@ -53,7 +53,10 @@ pub struct Auth {
     pub audit_reads: bool,
     /// Keyed by the token itself (memory only; the database has hashes): a request that
     /// hits the cache computes no digest.
-    cache: RwLock<HashMap<String, (Arc<Grant>, Instant)>>,
+    /// Token -> its grant and when it was read (microseconds since the epoch: the same clock
+    /// read as the expiry check, one clock read per request). Hashed with foldhash: only
+    /// tokens found valid are ever inserted, so a caller cannot choose colliding keys.
+    cache: RwLock<HashMap<String, (Arc<Grant>, crate::time::Micros), foldhash::fast::RandomState>>,
     /// Token issuances since start, to prune expired rows now and then.
     pub(crate) issued: std::sync::atomic::AtomicU64,
     /// The key for sealed forms and session cookies (loaded by [`Auth::init`]).
@@ -74,7 +77,7 @@ impl Auth {
             federation: oidc.map(federation::Federation::new),
             mode,
             audit_reads,
-            cache: RwLock::new(HashMap::new()),
+            cache: RwLock::new(HashMap::default()),
             issued: Default::default(),
             sealer: std::sync::OnceLock::new(),
             origins: RwLock::new(None),
@@ -140,7 +143,7 @@ impl Auth {
                 if cache.len() >= CACHE_MAX {
                     cache.clear();
                 }
-                cache.insert(token.to_string(), (grant.clone(), Instant::now()));
+                cache.insert(token.to_string(), (grant.clone(), now));
                 Ok(grant)
             }
             None => {
@@ -156,7 +159,8 @@ impl Auth {
         {
             let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
             let (grant, seen) = cache.get(token)?;
-            if grant.expires_at > now && seen.elapsed() <= REVALIDATE {
+            let fresh = (*seen..=*seen + REVALIDATE.as_micros() as i64).contains(&now);
+            if grant.expires_at > now && fresh {
                 return Some(grant.clone());
             }
             if grant.expires_at > now {

@@ -6,12 +6,15 @@
 //! and a full queue makes requests wait rather than lose events. Under `--auth smart` the
 //! API cannot create, change or delete AuditEvents.
 //!
-//! A request queues a compact [`Record`], not JSON. The writer takes the queue at most once
-//! a second; successful reads (read, vread, search, history) in it that share a token,
-//! address and interaction are coalesced into one event listing each resource or query they
-//! touched once as an entity (at most [`ENTITIES`] per event; more make more events), with
-//! the first and last time as `period` and the number of requests; denials and writes always
-//! get an event of their own. Under light load every request has its own event.
+//! A request queues a compact [`Record`], not JSON; a successful GET read (read, vread,
+//! search, history) with a token is instead counted in the [`Ledger`], under its token,
+//! address and target, so a read of something already read in this second allocates
+//! nothing and queues nothing. The writer takes the queue and the ledger at most once a
+//! second; successful reads that share a token, address and interaction are coalesced into
+//! one event listing each resource or query they touched once as an entity (at most
+//! [`ENTITIES`] per event; more make more events), with the first and last time as
+//! `period` and the number of requests; denials and writes always get an event of their
+//! own. Under light load every request has its own event.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,6 +38,9 @@ pub const ENTITIES: usize = 100;
 pub struct Audit {
     tx: mpsc::Sender<Record>,
     rx: Mutex<Option<mpsc::Receiver<Record>>>,
+    reads: Mutex<Ledger>,
+    /// Tells the writer the ledger is no longer empty.
+    wake: tokio::sync::Notify,
 }
 
 impl Default for Audit {
@@ -43,11 +49,140 @@ impl Default for Audit {
         Audit {
             tx,
             rx: Mutex::new(Some(rx)),
+            reads: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
         }
     }
 }
 
+/// Successful GET reads with a token since the last write, counted per caller (token and
+/// address) and target: what [`Record`]s of them would say once coalesced, without a
+/// record per request.
+#[derive(Default)]
+struct Ledger {
+    callers: HashMap<(usize, Option<IpAddr>), Caller>,
+    /// Distinct (caller, target) entries, bounded by [`QUEUE`] like the queue.
+    entries: usize,
+}
+
+struct Caller {
+    /// Held, so the address that keys the caller is not reused while it is in the ledger.
+    grant: Arc<Grant>,
+    address: Option<IpAddr>,
+    /// Target (path and query) -> its reads, in the order first seen.
+    targets: HashMap<Box<str>, Reads>,
+}
+
+/// The reads of one target by one caller.
+struct Reads {
+    order: usize,
+    first: Micros,
+    last: Micros,
+    count: usize,
+    /// The first read's status (what an event for a single read tells).
+    status: u16,
+}
+
 impl Audit {
+    /// Counts a successful GET of `target` under `grant` in the ledger, if it is a read
+    /// that would be coalesced; `false`: it was not counted (not a read, or the ledger is
+    /// full), and the caller queues a [`Record`] instead.
+    pub fn read(
+        &self,
+        defs: &crate::definitions::Definitions,
+        grant: &Arc<Grant>,
+        address: Option<IpAddr>,
+        target: &str,
+        status: u16,
+        at: Micros,
+    ) -> bool {
+        let key = (Arc::as_ptr(grant) as usize, address);
+        {
+            let mut ledger = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = ledger
+                .callers
+                .get_mut(&key)
+                .and_then(|c| c.targets.get_mut(target))
+            {
+                r.last = r.last.max(at);
+                r.count += 1;
+                return true;
+            }
+        }
+        // First read of this target in this second: is it a read at all? (Routed outside
+        // the lock.)
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        let reading = path
+            .strip_prefix(crate::rest::FHIR_PREFIX)
+            .and_then(|p| {
+                crate::interaction::route(defs, Method::Get, &crate::interaction::split_path(p))
+                    .ok()
+            })
+            .is_some_and(|i| is_reading(subtype(&i)));
+        if !reading {
+            return false;
+        }
+        let mut ledger = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        if ledger.entries >= QUEUE {
+            return false;
+        }
+        let was_empty = ledger.entries == 0;
+        let caller = ledger.callers.entry(key).or_insert_with(|| Caller {
+            grant: grant.clone(),
+            address,
+            targets: HashMap::new(),
+        });
+        let order = caller.targets.len();
+        let mut added = false;
+        let r = caller.targets.entry(target.into()).or_insert_with(|| {
+            added = true;
+            Reads {
+                order,
+                first: at,
+                last: at,
+                count: 0,
+                status,
+            }
+        });
+        r.first = r.first.min(at);
+        r.last = r.last.max(at);
+        r.count += 1;
+        if added {
+            ledger.entries += 1;
+        }
+        drop(ledger);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// What the ledger holds, as records (each with its last time and number of requests);
+    /// the ledger starts again empty.
+    fn take_reads(&self) -> Vec<Counted> {
+        let ledger = std::mem::take(&mut *self.reads.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut out = Vec::with_capacity(ledger.entries);
+        for caller in ledger.callers.into_values() {
+            let mut targets: Vec<(Box<str>, Reads)> = caller.targets.into_iter().collect();
+            targets.sort_by_key(|(_, r)| r.order);
+            for (target, r) in targets {
+                out.push(Counted {
+                    record: Record {
+                        at: r.first,
+                        method: Method::Get,
+                        target: target.into(),
+                        status: r.status,
+                        grant: Some(caller.grant.clone()),
+                        address: caller.address,
+                    },
+                    last: r.last,
+                    count: r.count,
+                });
+            }
+        }
+        out
+    }
+
     /// Queues an event; waits only when the queue is full.
     pub async fn record(&self, record: Record) {
         if let Err(mpsc::error::TrySendError::Full(e)) = self.tx.try_send(record) {
@@ -66,7 +201,7 @@ impl Audit {
 /// every read; one commit a second does not.
 const INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Writes queued events until `stop`, then what is still queued.
+/// Writes queued events and the ledger's reads until `stop`, then what is still queued.
 pub async fn run(
     ctx: SharedCtx,
     mut rx: mpsc::Receiver<Record>,
@@ -74,38 +209,37 @@ pub async fn run(
 ) {
     let mut last = tokio::time::Instant::now() - INTERVAL;
     let mut stopping = false;
-    loop {
-        let first = tokio::select! {
-            e = rx.recv() => e,
-            _ = stop.changed(), if !stopping => None,
-        };
-        let Some(first) = first else {
-            break;
-        };
-        if !stopping {
-            tokio::select! {
-                _ = tokio::time::sleep_until(last + INTERVAL) => {}
-                _ = stop.changed() => stopping = true,
-            }
+    while !stopping {
+        let mut batch = Vec::new();
+        tokio::select! {
+            e = rx.recv() => match e {
+                Some(e) => batch.push(counted(e)),
+                None => break,
+            },
+            _ = ctx.audit.wake.notified() => {}
+            _ = stop.changed() => break,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(last + INTERVAL) => {}
+            _ = stop.changed() => stopping = true,
         }
         last = tokio::time::Instant::now();
-        let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok(e) => batch.push(e),
+                Ok(e) => batch.push(counted(e)),
                 Err(_) => break,
             }
         }
-        write_batch(&ctx, batch).await;
-        if stopping {
-            break;
+        batch.extend(ctx.audit.take_reads());
+        if !batch.is_empty() {
+            write_batch(&ctx, batch).await;
         }
     }
-    // Shutting down: nothing queued is dropped.
-    let mut rest = Vec::new();
+    // Shutting down: nothing queued or counted is dropped.
+    let mut rest = ctx.audit.take_reads();
     while let Ok(e) = rx.try_recv() {
-        rest.push(e);
-        if rest.len() == BATCH {
+        rest.push(counted(e));
+        if rest.len() >= BATCH {
             write_batch(&ctx, std::mem::take(&mut rest)).await;
         }
     }
@@ -114,7 +248,23 @@ pub async fn run(
     }
 }
 
-async fn write_batch(ctx: &SharedCtx, records: Vec<Record>) {
+/// A record standing for `count` requests like it, the last at `last`.
+struct Counted {
+    record: Record,
+    last: Micros,
+    count: usize,
+}
+
+/// One queued request.
+fn counted(record: Record) -> Counted {
+    Counted {
+        last: record.at,
+        record,
+        count: 1,
+    }
+}
+
+async fn write_batch(ctx: &SharedCtx, records: Vec<Counted>) {
     // Tens of thousands of records take milliseconds to coalesce: off the request workers.
     let c = ctx.clone();
     let prepared = tokio::task::spawn_blocking(move || {
@@ -280,7 +430,7 @@ impl Entities {
 
 /// Successful reads of one caller (token), address and interaction in one batch.
 struct Group {
-    /// The first request's record.
+    /// The earliest request's record.
     first: usize,
     last: Micros,
     requests: usize,
@@ -309,7 +459,7 @@ fn is_reading(code: &str) -> bool {
 /// they touched (each listed once however often it was read), with the period they span
 /// and how many requests they were; everything else gets an event of its own. Reads repeat
 /// (dashboards poll the same resources), so each distinct GET target is routed once.
-fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
+fn events(ctx: &Ctx, records: Vec<Counted>) -> Vec<Value> {
     // Every entity of the batch once; records refer to them by index.
     let mut entities = Entities::default();
     let mut routed: HashMap<&str, (&'static str, Vec<usize>)> = HashMap::new();
@@ -317,7 +467,8 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
     // within a batch).
     let mut groups: HashMap<(usize, Option<IpAddr>, &'static str), Group> = HashMap::new();
     let mut out = Vec::new();
-    for (i, r) in records.iter().enumerate() {
+    for (i, c) in records.iter().enumerate() {
+        let r = &c.record;
         let own;
         let (code, ids): (&'static str, &[usize]) = if matches!(r.method, Method::Get) {
             // Routed once per distinct target; later requests borrow the answer.
@@ -342,13 +493,16 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
             .entry((Arc::as_ptr(grant) as usize, r.address, code))
             .or_insert_with(|| Group {
                 first: i,
-                last: r.at,
+                last: c.last,
                 requests: 0,
                 entities: Vec::new(),
                 seen: Default::default(),
             });
-        group.last = r.at;
-        group.requests += 1;
+        if r.at < records[group.first].record.at {
+            group.first = i;
+        }
+        group.last = group.last.max(c.last);
+        group.requests += c.count;
         for &e in ids {
             if group.seen.insert(e) {
                 group.entities.push(e);
@@ -356,7 +510,7 @@ fn events(ctx: &Ctx, records: Vec<Record>) -> Vec<Value> {
         }
     }
     for ((_, _, code), g) in groups {
-        let first = &records[g.first];
+        let first = &records[g.first].record;
         let period = Some((first.at, g.last));
         let parts = g.entities.len().div_ceil(ENTITIES).max(1);
         let mut chunks = g.entities.chunks(ENTITIES);

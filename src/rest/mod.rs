@@ -123,19 +123,31 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
             .extensions
             .get::<axum::extract::ConnectInfo<crate::tls::PeerAddr>>()
             .map(|c| c.0.0.ip());
-        ctx.audit
-            .record(interaction::audit::Record {
-                at: crate::time::now_micros(),
-                method: Method::parse(parts.method.as_str()),
-                target: parts
-                    .uri
-                    .path_and_query()
-                    .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string()),
-                status: response.status().as_u16(),
-                grant: granted,
-                address,
-            })
-            .await;
+        let at = crate::time::now_micros();
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path(), |p| p.as_str());
+        let status = response.status().as_u16();
+        // A successful GET read is counted in the audit ledger (no record queued); the
+        // rest queue a record each.
+        let counted = parts.method == axum::http::Method::GET
+            && status < 400
+            && granted
+                .as_ref()
+                .is_some_and(|g| ctx.audit.read(ctx.defs, g, address, target, status, at));
+        if !counted {
+            ctx.audit
+                .record(interaction::audit::Record {
+                    at,
+                    method: Method::parse(parts.method.as_str()),
+                    target: target.to_string(),
+                    status,
+                    grant: granted,
+                    address,
+                })
+                .await;
+        }
     }
     response
 }

@@ -1199,6 +1199,33 @@ async fn audit_trail(app: &TestApp) {
         (3..150).contains(&mentions),
         "150 reads of 3 resources are listed {mentions} times"
     );
+    // ... and the events still count every one of the 150 requests.
+    let mut requests = 0;
+    for _ in 0..100 {
+        let (_, b) = get(
+            app,
+            Some(&admin),
+            "AuditEvent?entity=Patient/again-0,Patient/again-1,Patient/again-2&subtype=read&_count=1000",
+        )
+        .await;
+        requests = b["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let desc = e["resource"]["outcomeDesc"].as_str().unwrap_or("");
+                match desc.split_once(" read requests") {
+                    Some((n, _)) => n.parse::<usize>().unwrap(),
+                    None => 1,
+                }
+            })
+            .sum::<usize>();
+        if requests >= 150 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(requests, 150, "coalesced events count each request once");
 }
 
 /// CORS: discovery open to any origin; the API and token endpoint only to registered ones.
