@@ -2022,6 +2022,9 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
     let wide = smart_token(&client, &so, &es, "bench-es", SCOPES[0], &mut jti).await?;
     let restricted = smart_token(&client, &so, &es, "bench-es", SCOPES[1], &mut jti).await?;
     let audited_token = smart_token(&client, &ao, &es, "bench-es", SCOPES[0], &mut jti).await?;
+    // The modes, by index: 0 is `--auth off`, AUDITED the one whose runs wait for their
+    // audit backlog.
+    const AUDITED: usize = 3;
     let modes: [(String, &Server, Option<&str>); 4] = [
         ("--auth off".into(), &off, None),
         (
@@ -2074,7 +2077,7 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
                 let url = format!("{}/Observation", server.base);
                 let before = server.cpu_ticks();
                 let r = wrk(&with_token(script, *token), &url, 32, o.seconds)?;
-                if m == 3 {
+                if m == AUDITED {
                     drain_audit(&client, &server.base, token.unwrap_or_default()).await?;
                 }
                 let ticks = server.cpu_ticks().saturating_sub(before);

@@ -111,14 +111,8 @@ impl Audit {
         }
         // First read of this target in this second: is it a read at all? (Routed outside
         // the lock.)
-        let path = target.split_once('?').map_or(target, |(p, _)| p);
-        let reading = path
-            .strip_prefix(crate::rest::FHIR_PREFIX)
-            .and_then(|p| {
-                crate::interaction::route(defs, Method::Get, &crate::interaction::split_path(p))
-                    .ok()
-            })
-            .is_some_and(|i| is_reading(subtype(&i)));
+        let reading =
+            route_target(defs, Method::Get, target).is_some_and(|i| is_reading(subtype(&i)));
         if !reading {
             return false;
         }
@@ -377,13 +371,19 @@ struct Seen {
     entities: Vec<Entity>,
 }
 
+/// The interaction a request target (`/fhir/...`, its query ignored) routes to.
+fn route_target(
+    defs: &crate::definitions::Definitions,
+    method: Method,
+    target: &str,
+) -> Option<Interaction> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let path = path.strip_prefix(crate::rest::FHIR_PREFIX)?;
+    crate::interaction::route(defs, method, &crate::interaction::split_path(path)).ok()
+}
+
 fn understand(ctx: &Ctx, r: &Record) -> Seen {
-    let routed = r
-        .path()
-        .strip_prefix(crate::rest::FHIR_PREFIX)
-        .and_then(|p| {
-            crate::interaction::route(ctx.defs, r.method, &crate::interaction::split_path(p)).ok()
-        });
+    let routed = route_target(ctx.defs, r.method, &r.target);
     let code = routed.as_ref().map_or("operation", subtype);
     let mut entities = Vec::new();
     if let Some(
