@@ -56,6 +56,7 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         conditional_delete: settings.conditional_delete,
         search_indexing: settings.search_indexing,
         registry: std::sync::RwLock::new(Arc::new(defs.registry.clone())),
+        registry_generation: Default::default(),
         auth: crate::auth::Auth::new(settings.auth, settings.audit_reads, settings.oidc.clone()),
         audit: Default::default(),
     });
@@ -170,7 +171,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), String> {
         tracing::info!(base = %self.ctx.base, "serving FHIR R4");
-        let app = crate::rest::router(self.ctx.clone());
+        let app = crate::rest::service(self.ctx.clone());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mllp = self.mllp.map(|(listener, config)| {
             tracing::info!(addr = ?listener.local_addr().ok(), "accepting HL7 v2 over MLLP");
@@ -217,7 +218,9 @@ impl Application {
                     .map_err(|e| format!("HTTPS listener: {e}"))?;
                 axum::serve(
                     listener,
-                    app.into_make_service_with_connect_info::<crate::tls::PeerAddr>(),
+                    axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                        crate::tls::PeerAddr,
+                    >(app),
                 )
                 .with_graceful_shutdown(stop)
                 .await
@@ -225,7 +228,9 @@ impl Application {
             None => {
                 axum::serve(
                     self.listener,
-                    app.into_make_service_with_connect_info::<crate::tls::PeerAddr>(),
+                    axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                        crate::tls::PeerAddr,
+                    >(app),
                 )
                 .with_graceful_shutdown(stop)
                 .await

@@ -6,7 +6,7 @@
 //! Pure code over a [`Grant`]; the caller does the I/O.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde_json::Value;
 
@@ -33,6 +33,34 @@ pub struct Grant {
     pub expires_at: Micros,
     /// Verdicts on stored versions already checked under this grant.
     pub verdicts: Verdicts,
+    /// Which issued grant this is (see [`Origin`]).
+    pub origin: Origin,
+}
+
+/// The identity of a grant as read from its token row: its copies (each request thread
+/// keeps its own, see `Auth::authenticate`) share it, and the audit trail groups a token's
+/// reads by it. Not part of what a grant says: two grants with equal content are equal.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin(pub u64);
+
+impl Origin {
+    /// A new identity, unique in this process.
+    pub fn new() -> Origin {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Origin(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin::new()
+    }
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// What [`Grant::permits_stored`] decided per (resource, version, permissions). A stored
@@ -45,17 +73,35 @@ pub struct Verdicts(Mutex<VerdictMap>);
 
 #[derive(Default)]
 struct VerdictMap {
-    /// The registry the verdicts were made with (held, so its address is never reused).
-    registry: Option<Arc<crate::search::registry::Registry>>,
-    map: HashMap<(String, i64, Perms), bool>,
+    /// The generation of the search parameters the verdicts were made with
+    /// (`Ctx::registry_generation`).
+    generation: Option<u64>,
+    /// By resource id, then type, version and permissions: a lookup borrows the id
+    /// (nothing is formatted or allocated for a verdict already made).
+    map: HashMap<String, Vec<Verdict>, foldhash::fast::RandomState>,
+    /// Verdicts in `map`.
+    len: usize,
+}
+
+struct Verdict {
+    ty: String,
+    version: i64,
+    perms: Perms,
+    ok: bool,
 }
 
 impl VerdictMap {
-    /// Whether the verdicts were made with `registry`'s search parameters.
-    fn made_with(&self, registry: &Arc<crate::search::registry::Registry>) -> bool {
-        self.registry
-            .as_ref()
-            .is_some_and(|r| Arc::ptr_eq(r, registry))
+    /// Whether the verdicts were made with this generation of the search parameters.
+    fn made_with(&self, generation: u64) -> bool {
+        self.generation == Some(generation)
+    }
+
+    fn get(&self, ty: &str, id: &str, version: i64, perms: Perms) -> Option<bool> {
+        self.map
+            .get(id)?
+            .iter()
+            .find(|v| v.version == version && v.perms == perms && v.ty == ty)
+            .map(|v| v.ok)
     }
 }
 
@@ -78,7 +124,7 @@ impl PartialEq for Verdicts {
 
 impl std::fmt::Debug for Verdicts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map_or(0, |m| m.map.len());
+        let n = self.0.lock().map_or(0, |m| m.len);
         write!(f, "Verdicts({n})")
     }
 }
@@ -169,21 +215,28 @@ impl Grant {
         if self.unrestricted(ty, perms) {
             return true;
         }
-        let registry = ctx.registry();
-        let key = (format!("{ty}/{id}"), version, perms);
+        // Read before the verdict is made: a `$reindex` meanwhile makes it look stale.
+        let generation = ctx.registry_generation();
         if let Ok(v) = self.verdicts.0.lock()
-            && v.made_with(&registry)
-            && let Some(&ok) = v.map.get(&key)
+            && v.made_with(generation)
+            && let Some(ok) = v.get(ty, id, version, perms)
         {
             return ok;
         }
         let ok = self.permits_text(ctx, ty, perms, text);
         if let Ok(mut v) = self.verdicts.0.lock() {
-            if !v.made_with(&registry) || v.map.len() >= VERDICTS {
+            if !v.made_with(generation) || v.len >= VERDICTS {
                 v.map.clear();
-                v.registry = Some(registry);
+                v.len = 0;
+                v.generation = Some(generation);
             }
-            v.map.insert(key, ok);
+            v.map.entry(id.to_string()).or_default().push(Verdict {
+                ty: ty.to_string(),
+                version,
+                perms,
+                ok,
+            });
+            v.len += 1;
         }
         ok
     }

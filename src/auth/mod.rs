@@ -69,6 +69,50 @@ pub struct Auth {
     pub(crate) origins: RwLock<Option<(Instant, std::collections::HashSet<String>)>>,
     /// The hospital's OpenID Connect provider, if users may sign in there (`--oidc-issuer`).
     pub federation: Option<federation::Federation>,
+    /// This `Auth` among the process's (tests run many servers in one process): the key of
+    /// its tokens in each thread's [`LOCAL`] cache.
+    id: u64,
+    /// Bumped when a token is forgotten: every thread's copies made before are stale.
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+/// Tokens per thread and `Auth`, at most; the thread's map is emptied when it would grow
+/// beyond.
+const LOCAL_MAX: usize = 10_000;
+
+thread_local! {
+    /// Each request thread's own view of the token cache: a hit reads and writes only
+    /// memory of this thread (no lock word, no shared reference count), so the threads of
+    /// a busy server do not pass the cache's cache lines back and forth on every request.
+    /// A thread's grant is its own copy of the shared one, with its own verdicts.
+    /// By [`Auth::id`]: one entry per server in the process, so a short list (the oldest
+    /// goes beyond [`SERVERS_MAX`]) is searched faster than a map is hashed.
+    static LOCAL: std::cell::RefCell<Vec<Local>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `Auth`s whose tokens one thread keeps copies of, at most.
+const SERVERS_MAX: usize = 8;
+
+#[derive(Default)]
+struct Local {
+    /// [`Auth::id`] of the server these are of.
+    auth: u64,
+    /// [`Auth::epoch`] when these were copied.
+    epoch: u64,
+    tokens: HashMap<String, LocalGrant, foldhash::fast::RandomState>,
+}
+
+struct LocalGrant {
+    /// The shared cache's grant this is a copy of.
+    shared: Arc<Grant>,
+    copy: Arc<Grant>,
+    /// When the shared grant was read from the database.
+    seen: crate::time::Micros,
+}
+
+/// Whether a grant read at `seen` may be used at `now` without reading it again.
+fn fresh(grant: &Grant, seen: crate::time::Micros, now: crate::time::Micros) -> bool {
+    grant.expires_at > now && (seen..=seen + REVALIDATE.as_micros() as i64).contains(&now)
 }
 
 impl Auth {
@@ -83,6 +127,11 @@ impl Auth {
             origins: RwLock::new(None),
             jwks_cache: RwLock::new(HashMap::new()),
             keys: std::sync::OnceLock::new(),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
+            epoch: Default::default(),
         }
     }
 
@@ -126,8 +175,14 @@ impl Auth {
                 unauthorized("this server requires an access token (Authorization: Bearer ...)")
             })?;
         let now = crate::time::now_micros();
-        if let Some(grant) = self.cached(token, now) {
+        if let Some(grant) = self.local(token, now) {
             return Ok(grant);
+        }
+        // The epoch before the shared cache is read: a `forget` meanwhile makes the copy
+        // taken below stale at once.
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
+        if let Some((grant, seen)) = self.cached(token, now) {
+            return Ok(self.copy(token, grant, seen, epoch));
         }
         // Boxed: the database read's future is kilobytes, carried otherwise by every
         // request's future though the cache answers almost all of them.
@@ -144,10 +199,17 @@ impl Auth {
                     cache.clear();
                 }
                 cache.insert(token.to_string(), (grant.clone(), now));
-                Ok(grant)
+                drop(cache);
+                Ok(self.copy(token, grant, now, epoch))
             }
             None => {
-                self.forget(token);
+                // Gone since it was read: the shared entry goes. Every thread's copy is as
+                // old as it, so none is fresh either (no epoch bump; a stream of unknown
+                // tokens does not empty the threads' caches).
+                self.cache
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(token);
                 Err(unauthorized(
                     "the access token is not valid (unknown, expired or revoked)",
                 ))
@@ -155,13 +217,80 @@ impl Auth {
         }
     }
 
-    fn cached(&self, token: &str, now: crate::time::Micros) -> Option<Arc<Grant>> {
+    /// This thread's copy of `token`'s grant, if it is fresh.
+    fn local(&self, token: &str, now: crate::time::Micros) -> Option<Arc<Grant>> {
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
+        LOCAL.with_borrow(|local| {
+            let mine = local
+                .iter()
+                .find(|l| l.auth == self.id)
+                .filter(|l| l.epoch == epoch)?;
+            let g = mine.tokens.get(token)?;
+            fresh(&g.shared, g.seen, now).then(|| g.copy.clone())
+        })
+    }
+
+    /// This thread's copy of the shared `grant` (read from the database at `seen`), kept
+    /// for the next request: the copy it already has while the shared grant is the same (so
+    /// its verdicts go on), else a new one.
+    fn copy(
+        &self,
+        token: &str,
+        grant: Arc<Grant>,
+        seen: crate::time::Micros,
+        epoch: u64,
+    ) -> Arc<Grant> {
+        LOCAL.with_borrow_mut(|local| {
+            let i = match local.iter().position(|l| l.auth == self.id) {
+                Some(i) => i,
+                None => {
+                    if local.len() >= SERVERS_MAX {
+                        local.remove(0);
+                    }
+                    local.push(Local {
+                        auth: self.id,
+                        ..Local::default()
+                    });
+                    local.len() - 1
+                }
+            };
+            let mine = &mut local[i];
+            if mine.epoch != epoch {
+                mine.tokens.clear();
+                mine.epoch = epoch;
+            }
+            if let Some(g) = mine.tokens.get_mut(token)
+                && Arc::ptr_eq(&g.shared, &grant)
+            {
+                g.seen = seen;
+                return g.copy.clone();
+            }
+            if mine.tokens.len() >= LOCAL_MAX {
+                mine.tokens.clear();
+            }
+            let copy = Arc::new(Grant::clone(&grant));
+            mine.tokens.insert(
+                token.to_string(),
+                LocalGrant {
+                    shared: grant,
+                    copy: copy.clone(),
+                    seen,
+                },
+            );
+            copy
+        })
+    }
+
+    fn cached(
+        &self,
+        token: &str,
+        now: crate::time::Micros,
+    ) -> Option<(Arc<Grant>, crate::time::Micros)> {
         {
             let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
             let (grant, seen) = cache.get(token)?;
-            let fresh = (*seen..=*seen + REVALIDATE.as_micros() as i64).contains(&now);
-            if grant.expires_at > now && fresh {
-                return Some(grant.clone());
+            if fresh(grant, *seen, now) {
+                return Some((grant.clone(), *seen));
             }
             if grant.expires_at > now {
                 // Due for revalidation: kept until then, so an unchanged grant is reused.
@@ -175,12 +304,14 @@ impl Auth {
         None
     }
 
-    /// Drops a token from this process's cache (after revoking it).
+    /// Drops a token from this process's cache (after revoking it), and with it every
+    /// thread's copies of all tokens (they are copied again from the shared cache).
     pub fn forget(&self, token: &str) {
         self.cache
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(token);
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -257,6 +388,7 @@ impl TokenRow {
             issued_at: self.issued_at,
             expires_at: self.expires_at,
             verdicts: access::Verdicts::default(),
+            origin: access::Origin::new(),
         }
     }
 }

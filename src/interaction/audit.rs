@@ -38,39 +38,62 @@ pub const ENTITIES: usize = 100;
 pub struct Audit {
     tx: mpsc::Sender<Record>,
     rx: Mutex<Option<mpsc::Receiver<Record>>>,
-    reads: Mutex<Ledger>,
+    /// The ledger in shards, one per request thread (by [`shard`]), merged when taken: a
+    /// read counts under its own thread's lock and in memory that thread alone writes, so
+    /// the request threads do not pass one lock word and one map back and forth.
+    reads: Box<[Shard]>,
     /// Tells the writer the ledger is no longer empty.
     wake: tokio::sync::Notify,
 }
 
+/// One shard of the ledger, on cache lines of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Ledger>);
+
 impl Default for Audit {
     fn default() -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
+        // Twice the cores: tokio's workers plus blocking threads rarely share a shard.
+        let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
         Audit {
             tx,
             rx: Mutex::new(Some(rx)),
-            reads: Mutex::default(),
+            reads: (0..shards.min(64)).map(|_| Shard::default()).collect(),
             wake: tokio::sync::Notify::new(),
         }
     }
 }
+
+/// This thread's number, for picking its ledger shard.
+fn shard() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    MINE.with(|n| *n)
+}
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Successful GET reads with a token since the last write, counted per caller (token and
 /// address) and target: what [`Record`]s of them would say once coalesced, without a
 /// record per request.
 #[derive(Default)]
 struct Ledger {
-    callers: HashMap<(usize, Option<IpAddr>), Caller>,
-    /// Distinct (caller, target) entries, bounded by [`QUEUE`] like the queue.
+    callers: FastMap<(u64, Option<IpAddr>), Caller>,
+    /// Distinct (caller, target) entries, bounded by [`QUEUE`] like the queue (each shard
+    /// by its part of it).
     entries: usize,
 }
 
 struct Caller {
-    /// Held, so the address that keys the caller is not reused while it is in the ledger.
+    /// One copy of the grant (they share the `origin` that keys the caller).
     grant: Arc<Grant>,
     address: Option<IpAddr>,
     /// Target (path and query) -> its reads, in the order first seen.
-    targets: HashMap<Box<str>, Reads>,
+    targets: FastMap<Box<str>, Reads>,
 }
 
 /// The reads of one target by one caller.
@@ -96,9 +119,10 @@ impl Audit {
         status: u16,
         at: Micros,
     ) -> bool {
-        let key = (Arc::as_ptr(grant) as usize, address);
+        let key = (grant.origin.0, address);
+        let shard = &self.reads[shard() % self.reads.len()].0;
         {
-            let mut ledger = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ledger = shard.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(r) = ledger
                 .callers
                 .get_mut(&key)
@@ -116,15 +140,15 @@ impl Audit {
         if !reading {
             return false;
         }
-        let mut ledger = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-        if ledger.entries >= QUEUE {
+        let mut ledger = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if ledger.entries >= QUEUE / self.reads.len() {
             return false;
         }
         let was_empty = ledger.entries == 0;
         let caller = ledger.callers.entry(key).or_insert_with(|| Caller {
             grant: grant.clone(),
             address,
-            targets: HashMap::new(),
+            targets: FastMap::default(),
         });
         let order = caller.targets.len();
         let mut added = false;
@@ -152,13 +176,41 @@ impl Audit {
     }
 
     /// What the ledger holds, as records (each with its last time and number of requests);
-    /// the ledger starts again empty.
+    /// the ledger starts again empty. The shards' counts of one caller and target are
+    /// merged, and each caller's targets come in the order first read.
     fn take_reads(&self) -> Vec<Counted> {
-        let ledger = std::mem::take(&mut *self.reads.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut out = Vec::with_capacity(ledger.entries);
-        for caller in ledger.callers.into_values() {
+        let mut callers: FastMap<(u64, Option<IpAddr>), Caller> = FastMap::default();
+        let mut entries = 0;
+        for shard in &self.reads {
+            let ledger = std::mem::take(&mut *shard.0.lock().unwrap_or_else(|p| p.into_inner()));
+            for (key, caller) in ledger.callers {
+                let Some(merged) = callers.get_mut(&key) else {
+                    entries += caller.targets.len();
+                    callers.insert(key, caller);
+                    continue;
+                };
+                for (target, r) in caller.targets {
+                    match merged.targets.get_mut(&target) {
+                        Some(m) => {
+                            if r.first < m.first {
+                                m.status = r.status;
+                            }
+                            m.first = m.first.min(r.first);
+                            m.last = m.last.max(r.last);
+                            m.count += r.count;
+                        }
+                        None => {
+                            entries += 1;
+                            merged.targets.insert(target, r);
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(entries);
+        for caller in callers.into_values() {
             let mut targets: Vec<(Box<str>, Reads)> = caller.targets.into_iter().collect();
-            targets.sort_by_key(|(_, r)| r.order);
+            targets.sort_by_key(|(_, r)| (r.first, r.order));
             for (target, r) in targets {
                 out.push(Counted {
                     record: Record {
@@ -465,7 +517,7 @@ fn events(ctx: &Ctx, records: Vec<Counted>) -> Vec<Value> {
     let mut routed: HashMap<&str, (&'static str, Vec<usize>)> = HashMap::new();
     // A token is one `Arc<Grant>` (records hold their grants, so no address is reused
     // within a batch).
-    let mut groups: HashMap<(usize, Option<IpAddr>, &'static str), Group> = HashMap::new();
+    let mut groups: HashMap<(u64, Option<IpAddr>, &'static str), Group> = HashMap::new();
     let mut out = Vec::new();
     for (i, c) in records.iter().enumerate() {
         let r = &c.record;
@@ -490,7 +542,7 @@ fn events(ctx: &Ctx, records: Vec<Counted>) -> Vec<Value> {
             continue;
         };
         let group = groups
-            .entry((Arc::as_ptr(grant) as usize, r.address, code))
+            .entry((grant.origin.0, r.address, code))
             .or_insert_with(|| Group {
                 first: i,
                 last: c.last,
@@ -616,4 +668,65 @@ fn event(
         event["entity"] = Value::Array(entities);
     }
     event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant() -> Arc<Grant> {
+        Arc::new(Grant {
+            client_id: "c".into(),
+            scopes: Vec::new(),
+            scope_text: String::new(),
+            patient: None,
+            encounter: None,
+            fhir_user: None,
+            issued_at: 0,
+            expires_at: i64::MAX,
+            verdicts: Default::default(),
+            origin: crate::auth::access::Origin::new(),
+        })
+    }
+
+    #[test]
+    fn reads_counted_on_several_threads_come_out_merged() {
+        let defs = crate::definitions::Definitions::get().expect("definitions");
+        let audit = Audit::default();
+        let (g, other) = (grant(), grant());
+        let a = "/fhir/Observation/a";
+        let address = Some(IpAddr::from([127, 0, 0, 1]));
+        std::thread::scope(|s| {
+            for t in 0..4i64 {
+                let (audit, g) = (&audit, &g);
+                s.spawn(move || {
+                    for i in 0..10 {
+                        assert!(audit.read(defs, g, address, a, 200, 100 + t * 10 + i));
+                    }
+                });
+            }
+        });
+        assert!(audit.read(defs, &g, address, "/fhir/Observation/b", 200, 5));
+        assert!(audit.read(defs, &other, address, a, 200, 7));
+        // Not a read: queued as a record of its own instead.
+        assert!(!audit.read(defs, &g, address, "/fhir/Observation/a/$validate", 200, 8));
+        let mut out = audit.take_reads();
+        out.sort_by_key(|c| (c.record.grant.as_ref().map(|g| g.origin.0), c.record.at));
+        let summary: Vec<(u64, &str, Micros, Micros, usize)> = out
+            .iter()
+            .map(|c| {
+                let origin = c.record.grant.as_ref().map_or(0, |g| g.origin.0);
+                (origin, &*c.record.target, c.record.at, c.last, c.count)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (g.origin.0, "/fhir/Observation/b", 5, 5, 1),
+                (g.origin.0, a, 100, 139, 40),
+                (other.origin.0, a, 7, 7, 1),
+            ]
+        );
+        assert!(audit.take_reads().is_empty(), "taken means emptied");
+    }
 }

@@ -44,6 +44,9 @@ pub struct Ctx {
     /// The search parameters in force: the official ones plus the SearchParameter resources
     /// activated by `$reindex`; swapped whole by `$reindex`.
     pub registry: std::sync::RwLock<Arc<crate::search::registry::Registry>>,
+    /// Bumped after each swap of `registry`: what was decided with the search parameters
+    /// can tell it is stale without taking the lock.
+    pub registry_generation: std::sync::atomic::AtomicU64,
     /// Device feed templates and settings (`$device-data`, MQTT).
     pub devices: device_data::DeviceFeeds,
     /// Authorization (`--auth`), registered clients' tokens.
@@ -67,6 +70,15 @@ impl Ctx {
             Ok(mut r) => *r = registry,
             Err(poisoned) => *poisoned.into_inner() = registry,
         }
+        // After the swap: whoever reads the new generation then reads the new registry.
+        self.registry_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Which `registry` is in force (see `registry_generation`).
+    pub fn registry_generation(&self) -> u64 {
+        self.registry_generation
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

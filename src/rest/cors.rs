@@ -40,10 +40,10 @@ fn policy(path: &str) -> Policy {
     }
 }
 
-/// The CORS layer, installed only under `--auth smart` (see `rest::router`). A request
-/// without an `Origin` header (every non-browser client) goes straight to the router's own
-/// future: nothing is boxed or copied for it, which `axum::middleware::from_fn` did on
-/// every request.
+/// The CORS layer around the whole router (see `rest::service`); it answers cross-origin
+/// only under `--auth smart`. A request without an `Origin` header (every non-browser
+/// client), and every request without `--auth smart`, goes straight to the router's own
+/// future: nothing is boxed or copied for it.
 #[derive(Clone)]
 pub struct CorsLayer {
     ctx: SharedCtx,
@@ -61,6 +61,7 @@ impl<S> tower::Layer<S> for CorsLayer {
     fn layer(&self, inner: S) -> Cors<S> {
         Cors {
             inner,
+            enabled: self.ctx.auth.enabled(),
             ctx: self.ctx.clone(),
         }
     }
@@ -69,6 +70,8 @@ impl<S> tower::Layer<S> for CorsLayer {
 #[derive(Clone)]
 pub struct Cors<S> {
     inner: S,
+    /// `--auth smart`: cross-origin answers exist only then.
+    enabled: bool,
     ctx: SharedCtx,
 }
 
@@ -86,6 +89,9 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        if !self.enabled {
+            return Either::Left(self.inner.call(request));
+        }
         let Some(origin) = request
             .headers()
             .get(header::ORIGIN)

@@ -5,6 +5,7 @@
 //! nowhere else. This is the only module that knows axum.
 
 mod auth;
+mod contain;
 mod cors;
 mod format;
 
@@ -14,7 +15,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use tower_http::catch_panic::CatchPanicLayer;
+use tower::Layer;
 
 use crate::error::{ErrorKind, FhirError};
 use crate::interaction::{
@@ -25,24 +26,28 @@ use format::Negotiation;
 /// The path the FHIR API is served under; `--base-url` is what clients are told.
 pub const FHIR_PREFIX: &str = "/fhir";
 
+/// The HTTP service: all routes, behind panic containment and the CORS wrapper (active
+/// under `--auth smart` only). Both wrap the router as a whole: `Router::layer` would wrap
+/// every route instead, and each such layer costs a boxed clone of the route's service on
+/// every request.
+pub type Service = contain::Contain<cors::Cors<Router>>;
+
+/// The HTTP service (see [`Service`]).
+pub fn service(ctx: SharedCtx) -> Service {
+    let cors = cors::CorsLayer::new(ctx.clone());
+    contain::Contain::new(cors.layer(router(ctx)))
+}
+
 /// All routes of the server.
-pub fn router(ctx: SharedCtx) -> Router {
-    let router = Router::new()
+fn router(ctx: SharedCtx) -> Router {
+    Router::new()
         .route(FHIR_PREFIX, any(fhir))
         .route("/fhir/", any(fhir))
         .route("/fhir/{*rest}", any(fhir))
         .route("/health", any(health))
         .route("/auth/smart-style.json", get(auth::smart_style))
         .merge(auth::routes(ctx.clone()))
-        .fallback(not_found);
-    // Cross-origin answers only exist under --auth smart.
-    let router = if ctx.auth.enabled() {
-        router.layer(cors::CorsLayer::new(ctx.clone()))
-    } else {
-        router
-    };
-    router
-        .layer(CatchPanicLayer::custom(panic_response))
+        .fallback(not_found)
         .with_state(ctx)
 }
 
@@ -55,7 +60,7 @@ async fn not_found() -> Response {
     render_error(&e, &Negotiation::default())
 }
 
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+fn panic_response() -> Response {
     // The panic message itself was already printed by the panic hook with the backtrace
     // location; the client gets no internals.
     tracing::error!("panic while handling a request");
@@ -96,9 +101,13 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
     } else {
         None
     };
-    let granted = grant.as_ref().and_then(|g| g.as_ref().ok()).cloned();
+    let (granted, denied) = match grant {
+        Some(Ok(g)) => (Some(g), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
     let result = async {
-        if let Some(Err(e)) = grant {
+        if let Some(e) = denied {
             return Err(e);
         }
         let mut req = build_request(&ctx, &parts, query, body).await?;
@@ -153,8 +162,16 @@ async fn fhir(State(ctx): State<SharedCtx>, request: Request) -> Response {
 }
 
 fn is_metadata(path: &str) -> bool {
-    path.strip_prefix(FHIR_PREFIX)
-        .is_some_and(|p| p.trim_matches('/') == "metadata")
+    // Slashes trimmed bytewise: `trim_matches` decodes every character of every path.
+    path.strip_prefix(FHIR_PREFIX).is_some_and(|p| {
+        let b = p.as_bytes();
+        if b.first() != Some(&b'/') {
+            return false;
+        }
+        let start = b.iter().position(|&c| c != b'/').unwrap_or(b.len());
+        let end = b.iter().rposition(|&c| c != b'/').map_or(start, |e| e + 1);
+        &b[start..end] == b"metadata"
+    })
 }
 
 async fn build_request(
@@ -358,4 +375,25 @@ fn render_error(e: &FhirError, n: &Negotiation) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_capability_statement_counts_as_metadata() {
+        for p in ["/fhir/metadata", "/fhir//metadata/", "/fhir/metadata//"] {
+            assert!(super::is_metadata(p), "{p}");
+        }
+        for p in [
+            "/fhir",
+            "/fhir/",
+            "/fhir/metadatax",
+            "/fhir/meta",
+            "/fhir/Observation/metadata",
+            "/metadata",
+            "/fhirmetadata",
+        ] {
+            assert!(!super::is_metadata(p), "{p}");
+        }
+    }
 }
