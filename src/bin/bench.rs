@@ -2019,30 +2019,39 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
         "system/Observation.rs?code=http://loinc.org|8867-4",
     ];
     let (so, ao) = (origin_of(&smart), origin_of(&audited));
-    let wide = smart_token(&client, &so, &es, "bench-es", SCOPES[0], &mut jti).await?;
-    let restricted = smart_token(&client, &so, &es, "bench-es", SCOPES[1], &mut jti).await?;
-    let audited_token = smart_token(&client, &ao, &es, "bench-es", SCOPES[0], &mut jti).await?;
     // The modes, by index: 0 is `--auth off`, AUDITED the one whose runs wait for their
-    // audit backlog.
+    // audit backlog; each smart mode's (origin, scope) for its tokens.
     const AUDITED: usize = 3;
-    let modes: [(String, &Server, Option<&str>); 4] = [
+    let modes: [(String, &Server, Option<(&str, &str)>); 4] = [
         ("--auth off".into(), &off, None),
         (
             format!("--auth smart --audit-reads false, {}", SCOPES[0]),
             &smart,
-            Some(&wide),
+            Some((&so, SCOPES[0])),
         ),
         (
             format!("--auth smart --audit-reads false, {}", SCOPES[1]),
             &smart,
-            Some(&restricted),
+            Some((&so, SCOPES[1])),
         ),
         (
             format!("--auth smart (reads audited), {}", SCOPES[0]),
             &audited,
-            Some(&audited_token),
+            Some((&ao, SCOPES[0])),
         ),
     ];
+    // Backend-services tokens live at most 5 minutes, fewer than a long bench: each round
+    // (and the warm-up) gets new ones.
+    let mut tokens: [Option<String>; 4] = Default::default();
+    let mut new_tokens = async |tokens: &mut [Option<String>; 4]| -> Result<(), String> {
+        for (m, (_, _, how)) in modes.iter().enumerate() {
+            if let Some((origin, scope)) = how {
+                tokens[m] =
+                    Some(smart_token(&client, origin, &es, "bench-es", scope, &mut jti).await?);
+            }
+        }
+        Ok(())
+    };
     let tick = clock_ticks_per_second();
     println!(
         "\n### {backend}: authorization overhead (HTTP on loopback, 32 clients, {rounds} round(s), {} s per run)\n",
@@ -2060,23 +2069,37 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
     // request, the bracketing --auth off CPU µs per request.
     let mut results: Vec<(String, Vec<[f64; 4]>)> = Vec::new();
     // Warm-up: caches filled, verdicts made, connections' first costs paid.
-    for (_, server, token) in &modes {
+    new_tokens(&mut tokens).await?;
+    for (m, (_, server, _)) in modes.iter().enumerate() {
         for script in [READ_SCRIPT, SEARCH_SCRIPT] {
             let url = format!("{}/Observation", server.base);
-            wrk(&with_token(script, *token), &url, 32, 1)?;
+            wrk(&with_token(script, tokens[m].as_deref()), &url, 32, 1)?;
         }
     }
-    drain_audit(&client, &audited.base, &audited_token).await?;
+    drain_audit(
+        &client,
+        &audited.base,
+        tokens[AUDITED].as_deref().unwrap_or_default(),
+    )
+    .await?;
     for round in 1..=rounds {
+        new_tokens(&mut tokens).await?;
         for (kind, script) in [("read by id", READ_SCRIPT), ("search", SEARCH_SCRIPT)] {
             let mut order = vec![1, 2, 3];
             order.rotate_left((round - 1) % 3);
             let mut runs = Vec::new();
             for m in std::iter::once(0).chain(order).chain(std::iter::once(0)) {
-                let (mode, server, token) = &modes[m];
+                let (mode, server, _) = &modes[m];
+                let token = tokens[m].as_deref();
                 let url = format!("{}/Observation", server.base);
                 let before = server.cpu_ticks();
-                let r = wrk(&with_token(script, *token), &url, 32, o.seconds)?;
+                let r = wrk(&with_token(script, token), &url, 32, o.seconds)?;
+                if r.errors > 0 {
+                    return Err(format!(
+                        "round {round}, {kind}, {mode}: {} non-2xx responses; not comparable",
+                        r.errors
+                    ));
+                }
                 if m == AUDITED {
                     drain_audit(&client, &server.base, token.unwrap_or_default()).await?;
                 }
