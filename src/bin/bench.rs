@@ -2022,7 +2022,9 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
     // The modes, by index: 0 is `--auth off`, AUDITED the one whose runs wait for their
     // audit backlog; each smart mode's (origin, scope) for its tokens.
     const AUDITED: usize = 3;
-    let modes: [(String, &Server, Option<(&str, &str)>); 4] = [
+    // (label, server, the origin and scope of its tokens)
+    type Mode<'a> = (String, &'a Server, Option<(&'a str, &'a str)>);
+    let modes: [Mode; 4] = [
         ("--auth off".into(), &off, None),
         (
             format!("--auth smart --audit-reads false, {}", SCOPES[0]),
