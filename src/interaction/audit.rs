@@ -13,8 +13,10 @@
 //! second; successful reads that share a token, address and interaction are coalesced into
 //! one event listing each resource or query they touched once as an entity (at most
 //! [`ENTITIES`] per event; more make more events), with the first and last time as
-//! `period` and the number of requests; denials and writes always get an event of their
-//! own. Under light load every request has its own event.
+//! `period` and the number of requests; so are requests refused for want of a valid token
+//! (401: anyone can send them, as fast as they like), per address and interaction. Other
+//! denials and writes always get an event of their own. Under light load every request has
+//! its own event.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -532,17 +534,20 @@ fn events(ctx: &Ctx, records: Vec<Counted>) -> Vec<Value> {
             own = entities.understand(ctx, r);
             (own.0, &own.1)
         };
-        let Some(grant) = r
-            .grant
-            .as_ref()
-            .filter(|_| is_reading(code) && r.status < 400)
-        else {
-            let entities = ids.iter().map(|&e| entities.table[e].to_json()).collect();
-            out.push(event(ctx, r, code, entities, None, 1, None));
-            continue;
+        let caller = match r.grant.as_ref() {
+            Some(grant) if is_reading(code) && r.status < 400 => grant.origin.0,
+            // Refused for want of a valid token: anyone can send these, as fast as they
+            // like, so they are coalesced too (per address and interaction; origins start
+            // at 1), and a flood of them costs a few events a second, not one per request.
+            None if r.status == 401 => 0,
+            _ => {
+                let entities = ids.iter().map(|&e| entities.table[e].to_json()).collect();
+                out.push(event(ctx, r, code, entities, None, 1, None));
+                continue;
+            }
         };
         let group = groups
-            .entry((grant.origin.0, r.address, code))
+            .entry((caller, r.address, code))
             .or_insert_with(|| Group {
                 first: i,
                 last: c.last,
@@ -634,7 +639,14 @@ fn event(
         let part = part
             .map(|(i, n)| format!(" (what they read: part {i} of {n})"))
             .unwrap_or_default();
-        format!("{count} {code} requests, all answered without error{part}")
+        if r.status >= 400 {
+            format!(
+                "{count} {code} requests, all refused with {}{part}",
+                r.status
+            )
+        } else {
+            format!("{count} {code} requests, all answered without error{part}")
+        }
     } else {
         format!(
             "{:?} {}{} -> {}",

@@ -2150,7 +2150,43 @@ async fn audit_reads_off_keeps_denials() {
     }
     outcomes.sort();
     assert_eq!(outcomes, vec!["read/4", "update/0"]);
+
+    // Requests without a valid token (anyone can send them, as fast as they like) are
+    // coalesced: five in a row make one event (two if a write falls between them) that
+    // counts them all.
+    for _ in 0..5 {
+        assert_eq!(get(&app, Some("not-a-token"), "Patient/q").await.0, 401);
+    }
+    let mut refused = Vec::new();
+    for _ in 0..60 {
+        let (_, b) = get(&app, Some(&admin), "AuditEvent?entity=Patient/q&outcome=4").await;
+        refused = b["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["resource"].clone())
+            .filter(|r| r["agent"][0]["who"]["display"] == "unauthenticated caller")
+            .collect();
+        let counted: usize = refused.iter().map(requests_of).sum();
+        if counted >= 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let counted: usize = refused.iter().map(requests_of).sum();
+    assert_eq!(counted, 5, "{refused:?}");
+    assert!(refused.len() <= 2, "not coalesced: {refused:?}");
     app.stop().await;
+}
+
+/// How many requests an AuditEvent stands for: coalesced ones say so first in
+/// `outcomeDesc` ("5 read requests, ..."), a single request's describes it.
+fn requests_of(event: &Value) -> usize {
+    let desc = event["outcomeDesc"].as_str().unwrap_or_default();
+    desc.split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
 }
 
 /// A hospital identity provider on 127.0.0.1 for single sign-on tests: discovery, a JWK
