@@ -212,28 +212,21 @@ impl Application {
             shutdown.await;
             let _ = stop_tx.send(true);
         };
+        let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+            crate::tls::PeerAddr,
+        >(app);
         let result = match self.tls {
             Some(acceptor) => {
                 let listener = crate::tls::HttpsListener::new(self.listener, acceptor)
                     .map_err(|e| format!("HTTPS listener: {e}"))?;
-                axum::serve(
-                    listener,
-                    axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-                        crate::tls::PeerAddr,
-                    >(app),
-                )
-                .with_graceful_shutdown(stop)
-                .await
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
             }
             None => {
-                axum::serve(
-                    self.listener,
-                    axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-                        crate::tls::PeerAddr,
-                    >(app),
-                )
-                .with_graceful_shutdown(stop)
-                .await
+                axum::serve(self.listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
             }
         }
         .map_err(|e| format!("server error: {e}"));

@@ -108,6 +108,18 @@ struct Reads {
     status: u16,
 }
 
+impl Reads {
+    /// Adds the reads another shard counted of the same target by the same caller.
+    fn absorb(&mut self, other: Reads) {
+        if other.first < self.first {
+            self.status = other.status;
+        }
+        self.first = self.first.min(other.first);
+        self.last = self.last.max(other.last);
+        self.count += other.count;
+    }
+}
+
 impl Audit {
     /// Counts a successful GET of `target` under `grant` in the ledger, if it is a read
     /// that would be coalesced; `false`: it was not counted (not a read, or the ledger is
@@ -193,14 +205,7 @@ impl Audit {
                 };
                 for (target, r) in caller.targets {
                     match merged.targets.get_mut(&target) {
-                        Some(m) => {
-                            if r.first < m.first {
-                                m.status = r.status;
-                            }
-                            m.first = m.first.min(r.first);
-                            m.last = m.last.max(r.last);
-                            m.count += r.count;
-                        }
+                        Some(m) => m.absorb(r),
                         None => {
                             entries += 1;
                             merged.targets.insert(target, r);
@@ -517,8 +522,8 @@ fn events(ctx: &Ctx, records: Vec<Counted>) -> Vec<Value> {
     // Every entity of the batch once; records refer to them by index.
     let mut entities = Entities::default();
     let mut routed: HashMap<&str, (&'static str, Vec<usize>)> = HashMap::new();
-    // A token is one `Arc<Grant>` (records hold their grants, so no address is reused
-    // within a batch).
+    // Keyed by the grant's origin (shared by every thread's copy of one token's grant; 0
+    // for requests without a valid token), the address and the interaction.
     let mut groups: HashMap<(u64, Option<IpAddr>, &'static str), Group> = HashMap::new();
     let mut out = Vec::new();
     for (i, c) in records.iter().enumerate() {

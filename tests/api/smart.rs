@@ -2128,26 +2128,20 @@ async fn audit_reads_off_keeps_denials() {
     .await;
     assert_eq!(get(&app, Some(&admin), "Patient/q").await.0, 200);
     assert_eq!(get(&app, Some(&narrow), "Patient/q").await.0, 403);
-    let mut outcomes = Vec::new();
-    for _ in 0..60 {
-        let (_, b) = get(&app, Some(&admin), "AuditEvent?entity=Patient/q").await;
-        outcomes = b["entry"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| {
-                format!(
-                    "{}/{}",
-                    e["resource"]["subtype"][0]["code"].as_str().unwrap_or(""),
-                    e["resource"]["outcome"].as_str().unwrap_or("")
-                )
-            })
-            .collect();
-        if outcomes.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let events = audit_events(&app, &admin, "AuditEvent?entity=Patient/q", |e| {
+        e.len() >= 2
+    })
+    .await;
+    let mut outcomes: Vec<String> = events
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["subtype"][0]["code"].as_str().unwrap_or(""),
+                r["outcome"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
     outcomes.sort();
     assert_eq!(outcomes, vec!["read/4", "update/0"]);
 
@@ -2157,26 +2151,44 @@ async fn audit_reads_off_keeps_denials() {
     for _ in 0..5 {
         assert_eq!(get(&app, Some("not-a-token"), "Patient/q").await.0, 401);
     }
-    let mut refused = Vec::new();
+    let unauthenticated = |r: &&Value| r["agent"][0]["who"]["display"] == "unauthenticated caller";
+    let counted = |events: &[Value]| -> usize {
+        events.iter().filter(unauthenticated).map(requests_of).sum()
+    };
+    let events = audit_events(&app, &admin, "AuditEvent?entity=Patient/q&outcome=4", |e| {
+        counted(e) >= 5
+    })
+    .await;
+    let refused: Vec<&Value> = events.iter().filter(unauthenticated).collect();
+    let counted = counted(&events);
+    assert_eq!(counted, 5, "{refused:?}");
+    assert!(refused.len() <= 2, "not coalesced: {refused:?}");
+    app.stop().await;
+}
+
+/// The AuditEvents `query` finds with `token`, searched again (they are written in the
+/// background) until `enough` of them are there or six seconds have passed.
+async fn audit_events(
+    app: &TestApp,
+    token: &str,
+    query: &str,
+    enough: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let mut found = Vec::new();
     for _ in 0..60 {
-        let (_, b) = get(&app, Some(&admin), "AuditEvent?entity=Patient/q&outcome=4").await;
-        refused = b["entry"]
+        let (_, b) = get(app, Some(token), query).await;
+        found = b["entry"]
             .as_array()
             .into_iter()
             .flatten()
             .map(|e| e["resource"].clone())
-            .filter(|r| r["agent"][0]["who"]["display"] == "unauthenticated caller")
             .collect();
-        let counted: usize = refused.iter().map(requests_of).sum();
-        if counted >= 5 {
+        if enough(&found) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let counted: usize = refused.iter().map(requests_of).sum();
-    assert_eq!(counted, 5, "{refused:?}");
-    assert!(refused.len() <= 2, "not coalesced: {refused:?}");
-    app.stop().await;
+    found
 }
 
 /// How many requests an AuditEvent stands for: coalesced ones say so first in
