@@ -99,7 +99,7 @@ impl Application {
         // the background rather than delay the start.
         let for_stats = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = for_stats.store.analyze().await {
+            if let Err(e) = for_stats.store.analyze_if_stale().await {
                 tracing::warn!(error = %e, "refreshing planner statistics failed");
             }
         });

@@ -84,7 +84,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let ctx = offline_context(&server, cli.config.as_ref()).await?;
             let started = std::time::Instant::now();
             let summary = iomt_fhir::import::run(ctx.clone(), &paths, jobs).await?;
-            if let Err(e) = ctx.store.analyze().await {
+            if let Err(e) = ctx.store.vacuum_analyze().await {
                 eprintln!("iomt-fhir: refreshing planner statistics: {e}");
             }
             ctx.store.close().await;

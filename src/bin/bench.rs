@@ -11,7 +11,9 @@
 //! `target/release/bench --search [--observations 1000000] [--patients N] [--seconds 10]`:
 //! generates Synthea-like Patients and Observations as NDJSON, loads them with
 //! `iomt-fhir import` (with and without search indexing), then measures searches with `wrk`
-//! and paging through `next` links with reqwest.
+//! and paging through `next` links with reqwest. `--search --generate DIR` only writes the
+//! data set; `--search-database sqlite://PATH` (or a PostgreSQL URL) runs the searches and
+//! paging against a database loaded before, without importing.
 //! `target/release/bench --smart [--backend ...]`: reads and searches at 32 clients with
 //! `--auth off` and with `--auth smart` (a wide and a restricted token), and the token
 //! endpoint (client_credentials with pre-signed ES384 and RS384 assertions, 16 clients).
@@ -51,6 +53,9 @@ struct Options {
     patients: Option<usize>,
     /// Write the generated search data set to this directory and stop.
     generate_to: Option<PathBuf>,
+    /// Run the search scenarios against this database (loaded before, for instance from
+    /// `--generate`'s files with `iomt-fhir import`) instead of generating and importing.
+    search_database: Option<String>,
     /// Run only the device-feed scenarios (HTTP and MQTT), with this many readings each.
     devices: Option<usize>,
     /// Mosquitto's max_inflight_messages for the device bench's private broker.
@@ -83,6 +88,7 @@ fn options() -> Result<Options, String> {
         observations: 1_000_000,
         patients: None,
         generate_to: None,
+        search_database: None,
         devices: None,
         mqtt_inflight: 1000,
         devices_mqtt_only: false,
@@ -112,6 +118,10 @@ fn options() -> Result<Options, String> {
             "--smart" => o.smart_only = true,
             "--rounds" => o.rounds = parsed(&a, value())?,
             "--generate" => o.generate_to = Some(PathBuf::from(value()?)),
+            "--search-database" => {
+                o.search_database = Some(value()?);
+                o.search_only = true;
+            }
             "--devices" => o.devices = Some(parsed(&a, value())?),
             "--devices-mqtt-only" => o.devices_mqtt_only = true,
             "--devices-grouped" => o.devices_grouped = Some(parsed(&a, value())?),
@@ -1596,6 +1606,17 @@ fn wrk_row(backend: &str, scenario: &str, r: &WrkResult, notes: &str) {
 
 async fn run_search(o: &Options) -> Result<(), String> {
     let patients = o.patients.unwrap_or(o.observations / 100).max(1);
+    if let Some(database) = &o.search_database {
+        let backend = if database.starts_with("postgres") {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        println!("\n### Search ({database}, {patients} patients)\n");
+        println!("| backend | scenario | req/s | p50 | p99 | notes |");
+        println!("|---|---|---|---|---|---|");
+        return search_scenarios(o, backend, database, patients).await;
+    }
     let started = Instant::now();
     let data = generate(o.observations, patients)?;
     if let Some(to) = &o.generate_to {
@@ -1681,19 +1702,31 @@ async fn search_backend(o: &Options, backend: &str, data: &SearchData) -> Result
         );
     }
 
-    let server = Server::start(&database)?;
+    search_scenarios(o, backend, &database, data.patients).await?;
+    drop_database(cleanup).await;
+    Ok(())
+}
+
+/// The searches, paging and memory rows on a loaded database of `patients` Patients.
+async fn search_scenarios(
+    o: &Options,
+    backend: &str,
+    database: &str,
+    patients: usize,
+) -> Result<(), String> {
+    let server = Server::start(database)?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
         .map_err(|e| e.to_string())?;
     let obs_url = format!("{}/Observation", server.base);
-    let sample_patient = patient_id(data.patients / 2);
+    let sample_patient = patient_id(patients / 2);
     let obs_probe = probe(
         &client,
         &format!("{obs_url}?patient=Patient/{sample_patient}{OBSERVATION_QUERY_TAIL}"),
     )
     .await;
-    let obs_script = observation_script(data.patients);
+    let obs_script = observation_script(patients);
     wrk_row(
         backend,
         "Observation?patient=…&code=8867-4&date=ge2019-01-01&_count=50, 16 connections",
@@ -1755,8 +1788,6 @@ async fn search_backend(o: &Options, backend: &str, data: &SearchData) -> Result
         "",
         "VmHWM counts the mmap'd SQLite file once per reader connection; RssAnon is heap",
     );
-    drop(server);
-    drop_database(cleanup).await;
     Ok(())
 }
 

@@ -160,7 +160,7 @@ pub async fn run(
             })
         })
         .await?;
-    ctx.store.analyze().await?;
+    ctx.store.vacuum_analyze().await?;
     Ok(Report {
         activated,
         refused,
@@ -279,7 +279,7 @@ pub async fn rebuild_if_flagged(ctx: &Ctx) -> Result<()> {
             })
         })
         .await?;
-    ctx.store.analyze().await?;
+    ctx.store.vacuum_analyze().await?;
     tracing::info!(
         resources = done,
         seconds = started.elapsed().as_secs_f64(),

@@ -255,6 +255,8 @@ async fn run(
     bind_value_sets(db, &mut q).await?;
     // Inside a transaction, earlier entries' index rows must be visible.
     db.flush().await?;
+    // The number of matches, when an estimate already counted them exactly.
+    let mut counted = None;
     if !q.count_only && q.count > 0 {
         let mut estimates = Vec::new();
         for (i, sql) in q.estimate_sqls(SCAN_THRESHOLD) {
@@ -267,6 +269,11 @@ async fn run(
         if !estimates.is_empty() {
             q.choose_driver(&estimates, SCAN_THRESHOLD);
         }
+        counted = q
+            .exact_estimate()
+            .and_then(|f| estimates.iter().find(|(i, _)| *i == f))
+            .map(|(_, n)| *n)
+            .filter(|n| *n < SCAN_THRESHOLD);
     }
     let mut rows = if q.count_only || q.count == 0 || q.is_empty() {
         Vec::new()
@@ -281,7 +288,9 @@ async fn run(
         rows.reverse();
     }
     let first_page = q.cursor == Cursor::First && q.offset == 0;
-    let total = if q.count_only || q.total == TotalMode::Accurate {
+    let total = if let Some(n) = counted.filter(|_| q.total != TotalMode::None) {
+        Some(n)
+    } else if q.count_only || q.total == TotalMode::Accurate {
         let c = q.count_sql(None);
         Some(db.search_int(&c.sql, &c.args).await?)
     } else if q.total == TotalMode::None || !first_page || q.count == 0 {

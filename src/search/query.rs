@@ -85,6 +85,20 @@ impl Table {
         }
     }
 
+    /// The `param` column (qualified by `alias`) in a lookup of one resource's rows
+    /// (`rid = ...`: probes, sort keys). The range tables' lookup indexes begin with `param`
+    /// and cover their rows (`param`, value, `rid`): without statistics SQLite would rather
+    /// scan a parameter's every row there than seek the resource's few rows through the
+    /// `rid` index. A unary `+` keeps `param` out of index selection, in both dialects.
+    fn probe_param(self, alias: &str) -> String {
+        match self {
+            Table::String | Table::Date | Table::Number | Table::Quantity => {
+                format!("+{alias}.param")
+            }
+            Table::Token | Table::Reference | Table::Uri => format!("{alias}.param"),
+        }
+    }
+
     /// Column ordering by this parameter (`_sort`), ascending and descending.
     fn sort_columns(self) -> (&'static str, &'static str) {
         match self {
@@ -1324,6 +1338,12 @@ impl SearchQuery {
             return Vec::new();
         }
         let mut out = Vec::new();
+        // A lone filter's estimate counts resources, not rows: it is then the total.
+        let head = if self.exact_estimate().is_some() {
+            "SELECT COUNT(*) FROM (SELECT DISTINCT rid FROM "
+        } else {
+            "SELECT COUNT(*) FROM (SELECT 1 FROM "
+        };
         for (i, f) in scope.filters.iter().enumerate() {
             if !matches!(
                 f,
@@ -1331,7 +1351,7 @@ impl SearchQuery {
             ) {
                 continue;
             }
-            let mut b = SqlBuilder::new("SELECT COUNT(*) FROM (SELECT 1 FROM ");
+            let mut b = SqlBuilder::new(head);
             match f {
                 Filter::Index {
                     table, code, cond, ..
@@ -1344,7 +1364,7 @@ impl SearchQuery {
                 }
                 Filter::Composite { table, alts } => {
                     b.push(table.name()).push(" WHERE (");
-                    composite_alts_sql(&mut b, Some(ty), alts);
+                    composite_alts_sql(&mut b, Some(ty), "param", alts);
                     b.push(")");
                 }
                 _ => continue,
@@ -1355,6 +1375,23 @@ impl SearchQuery {
         // Likeliest to be selective first, so the caller can stop at a small one.
         out.sort_by_key(|(rank, i, _)| (*rank, *i));
         out.into_iter().map(|(_, i, b)| (i, b)).collect()
+    }
+
+    /// When the search is one type and one positive index filter, the position of that
+    /// filter: its estimate (see [`SearchQuery::estimate_sqls`]), when below the cap, is
+    /// then the exact number of matches. Index rows exist only for current, undeleted
+    /// versions and their `param` holds the type, so the distinct `rid`s of the filter's
+    /// rows are the matches.
+    pub fn exact_estimate(&self) -> Option<usize> {
+        let [scope] = self.scopes.as_slice() else {
+            return None;
+        };
+        scope.ty.as_ref()?;
+        matches!(
+            scope.filters.as_slice(),
+            [Filter::Index { negate: false, .. }]
+        )
+        .then_some(0)
     }
 
     /// Sets how the (only) scope is driven, after [`SearchQuery::estimate_sqls`]. With
@@ -1487,7 +1524,7 @@ impl SearchQuery {
                         table.name()
                     ));
                     // `s.rid = r.rid` fixes the type: each code's range of keys is exact.
-                    code.sql(b, None, "s.param");
+                    code.sql(b, None, &table.probe_param("s"));
                     b.push(&format!(") {dir} NULLS LAST, "));
                 }
             }
@@ -1673,8 +1710,13 @@ fn index_sql(
     alias: &str,
     (table, code): (Table, Option<&Codes>),
     (negate, drive): (bool, bool),
-    cond: impl FnOnce(&mut SqlBuilder),
+    cond: impl FnOnce(&mut SqlBuilder, &str),
 ) {
+    let param = if drive && !negate {
+        "param".to_string()
+    } else {
+        table.probe_param("x")
+    };
     if drive && !negate {
         b.push(&format!(
             "{alias}.rid IN (SELECT rid FROM {} WHERE ",
@@ -1692,11 +1734,11 @@ fn index_sql(
     // A composite's condition carries its own codes. With the type, an equality probe is
     // one seek in the covering lookup index.
     if let Some(code) = code {
-        code.sql(b, ty, "param");
+        code.sql(b, ty, &param);
         b.push(" AND ");
     }
     b.push("(");
-    cond(b);
+    cond(b, &param);
     b.push("))");
 }
 
@@ -1744,17 +1786,29 @@ fn filter_sql(
             code,
             cond,
             negate,
-        } => index_sql(b, ty, alias, (*table, Some(code)), (*negate, drive), |b| {
-            cond_sql(b, cond)
-        }),
+        } => index_sql(
+            b,
+            ty,
+            alias,
+            (*table, Some(code)),
+            (*negate, drive),
+            |b, _| cond_sql(b, cond),
+        ),
         Filter::Missing {
             table,
             code,
             missing,
         } => {
-            index_sql(b, ty, alias, (*table, Some(code)), (*missing, false), |b| {
-                b.push("1 = 1");
-            });
+            index_sql(
+                b,
+                ty,
+                alias,
+                (*table, Some(code)),
+                (*missing, false),
+                |b, _| {
+                    b.push("1 = 1");
+                },
+            );
         }
         Filter::Chain { code, targets } => {
             let inner_alias = format!("c{depth}");
@@ -1764,7 +1818,7 @@ fn filter_sql(
                 alias,
                 (Table::Reference, Some(&Codes(vec![code.clone()]))),
                 (false, drive),
-                |b| {
+                |b, _| {
                     or_list(b, targets, |b, (t, inner)| {
                         b.push("(target_type = ").text(t.clone()).push(&format!(
                         " AND target_id IN (SELECT {inner_alias}.res_id FROM resource {inner_alias} \
@@ -1849,8 +1903,8 @@ fn filter_sql(
             b.push(")");
         }
         Filter::Composite { table, alts } => {
-            index_sql(b, ty, alias, (*table, None), (false, drive), |b| {
-                composite_alts_sql(b, ty, alts)
+            index_sql(b, ty, alias, (*table, None), (false, drive), |b, param| {
+                composite_alts_sql(b, ty, param, alts)
             });
         }
         Filter::Near { lat, long } => {
@@ -1869,7 +1923,7 @@ fn filter_sql(
                 alias,
                 (Table::Number, Some(&Codes(vec!["near:lat".into()]))),
                 (false, false),
-                |b| cond_sql(b, &lat_cond),
+                |b, _| cond_sql(b, &lat_cond),
             );
             b.push(" AND ");
             let long_cond = range(*long);
@@ -1879,7 +1933,7 @@ fn filter_sql(
                 alias,
                 (Table::Number, Some(&Codes(vec!["near:long".into()]))),
                 (false, false),
-                |b| cond_sql(b, &long_cond),
+                |b, _| cond_sql(b, &long_cond),
             );
         }
         Filter::ValueSet { .. } => {
@@ -1889,10 +1943,15 @@ fn filter_sql(
     }
 }
 
-fn composite_alts_sql(b: &mut SqlBuilder, ty: Option<&str>, alts: &[(Vec<String>, Cond)]) {
+fn composite_alts_sql(
+    b: &mut SqlBuilder,
+    ty: Option<&str>,
+    param: &str,
+    alts: &[(Vec<String>, Cond)],
+) {
     or_list(b, alts, |b, (keys, cond)| {
         b.push("(");
-        params_sql(b, ty, "param", keys);
+        params_sql(b, ty, param, keys);
         b.push(" AND (");
         cond_sql(b, cond);
         b.push("))");

@@ -162,6 +162,11 @@ impl Db {
     /// Runs a statement, returning the number of rows affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
         self.flush().await?;
+        // A job's first write may be this statement: its savepoint must hold it.
+        let savepoint = self.savepoint_sql();
+        if !savepoint.is_empty() {
+            self.raw(&savepoint).await?;
+        }
         self.execute_unflushed(sql, args).await
     }
 

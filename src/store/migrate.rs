@@ -48,6 +48,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0007_index_param.sql"),
         include_str!("../../migrations/postgres/0007_index_param.sql"),
     ),
+    (
+        8,
+        "covering_ranges",
+        include_str!("../../migrations/sqlite/0008_covering_ranges.sql"),
+        include_str!("../../migrations/postgres/0008_covering_ranges.sql"),
+    ),
 ];
 
 pub async fn run(db: &mut Db) -> Result<()> {

@@ -113,7 +113,8 @@ pub struct IdAlloc {
 /// Where the SQLite writer's per-job savepoint stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Savepoint {
-    /// Not managed (PostgreSQL, readers).
+    /// Not managed: PostgreSQL, readers, and the first job of a SQLite writer's group
+    /// (which is undone by rolling back the transaction).
     #[default]
     Off,
     /// A job runs; its savepoint opens with its first write.
@@ -921,6 +922,24 @@ impl Db {
         self.flush_inner().await
     }
 
+    /// The SQLite writer's savepoint statements due before a job's next write: the previous
+    /// job's savepoint is released there rather than by a call of its own, and this job's
+    /// opens if it wants one (see [`Savepoint`]). Empty elsewhere.
+    pub(crate) fn savepoint_sql(&mut self) -> String {
+        let mut sql = String::new();
+        if self.is_postgres() {
+            return sql;
+        }
+        if std::mem::take(&mut self.release_pending) {
+            sql.push_str("RELEASE job;\n");
+        }
+        if self.savepoint == Savepoint::Wanted {
+            sql.push_str("SAVEPOINT job;\n");
+            self.savepoint = Savepoint::Open;
+        }
+        sql
+    }
+
     /// The last flush of a job. A job that has not written before needs no savepoint: its
     /// writes go in one multi-statement query, and if that fails the writer rolls back the
     /// whole group (the database itself failed; every job of the group is answered with the
@@ -1005,17 +1024,8 @@ impl Db {
         let pg = self.is_postgres();
         let mut b = SqlBuilder::default();
         let pending = std::mem::take(&mut self.pending);
-        if !pg {
-            // The job's savepoint opens with its first write, in the same round trip; the
-            // previous job's savepoint is released here rather than by a call of its own.
-            if std::mem::take(&mut self.release_pending) {
-                b.push("RELEASE job;\n");
-            }
-            if self.savepoint == Savepoint::Wanted {
-                b.push("SAVEPOINT job;\n");
-                self.savepoint = Savepoint::Open;
-            }
-        }
+        // The job's savepoint opens with its first write, in the same round trip.
+        b.push(&self.savepoint_sql());
         if !pending.versions.is_empty() {
             b.push(MATERIALIZED)
                 .text(Value::Array(pending.versions).to_string())

@@ -611,6 +611,20 @@ async fn paging_totals_and_errors(app: &TestApp) {
     let b = search(app, "Observation?code=8867-4&_count=0&_summary=count").await;
     assert_eq!(b["total"], 3);
     assert!(b.get("entry").is_none());
+    // A lone filter's total counts resources, not index rows: ob3 holds 8480-6 both as its
+    // code and as a component's, two rows of `combo-code`.
+    for count in ["1", "5"] {
+        let b = search(
+            app,
+            &format!("Observation?combo-code=8480-6&_count={count}"),
+        )
+        .await;
+        assert_eq!(b["total"], 1, "{b}");
+        assert_eq!(ids(&b, "match"), ["Observation/ob3"]);
+    }
+    let b = search(app, "Patient?name=chalmers&_count=1").await;
+    assert_eq!(b["total"], 2, "{b}");
+    assert!(link(&b, "next").is_some());
     // POST _search with a form body
     let r = app
         .client
