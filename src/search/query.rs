@@ -326,6 +326,27 @@ impl Filter {
         }
     }
 
+    /// Whether this filter drives as `rid IN (SELECT rid FROM idx_* ...)` (see `index_sql`),
+    /// a subquery over index rows that can hold probes.
+    fn drives_through_index(&self) -> bool {
+        matches!(
+            self,
+            Filter::Index { negate: false, .. } | Filter::Composite { .. } | Filter::Chain { .. }
+        )
+    }
+
+    /// Whether this filter, as a probe, looks at nothing of the candidate but its `rid`.
+    fn probes_rid_only(&self) -> bool {
+        matches!(
+            self,
+            Filter::Index { .. }
+                | Filter::Missing { .. }
+                | Filter::Composite { .. }
+                | Filter::Near { .. }
+                | Filter::Chain { .. }
+        )
+    }
+
     /// Whether this filter can drive (appear as `rid IN (...)`).
     fn can_drive(&self) -> bool {
         self.rank() < 9
@@ -1543,15 +1564,16 @@ impl SearchQuery {
         let reverse = match self.ordered_single() {
             Some((ty, table, code, cond)) => {
                 // The filter's lookup index ends in `rid`: the page is a range of it read
-                // in order, however many resources match (bulk paging).
-                b.push(" WHERE r.deleted = 0 AND r.res_type = ")
-                    .text(ty)
-                    .push(&format!(
-                        " AND r.rid IN (SELECT rid FROM {} WHERE param = ",
-                        table.name()
-                    ))
-                    .int(param_key(ty, code))
-                    .push(" AND (");
+                // in order, however many resources match (bulk paging). Its `param` keeps
+                // to the type (see `Filter::drives_typed`); testing `r.res_type` as well
+                // had SQLite read the rows through (res_type, rid) and sort the page,
+                // bodies and all.
+                b.push(&format!(
+                    " WHERE r.deleted = 0 AND r.rid IN (SELECT rid FROM {} WHERE param = ",
+                    table.name()
+                ))
+                .int(param_key(ty, code))
+                .push(" AND (");
                 cond_sql(&mut b, cond);
                 b.push(")");
                 let reverse = self.cursor_bound(&mut b, "rid");
@@ -1688,18 +1710,39 @@ fn scope_sql(
             b.push("1 = 1");
         }
     }
-    if let Some(i) = driver
-        && let Some(f) = filters.get(i)
-    {
+    // Under a driver read from an index table, the probes that look at nothing but `rid`
+    // run inside its subquery, on the index rows: a candidate they reject costs no visit to
+    // its `resource` row.
+    let driving = driver.and_then(|i| filters.get(i).map(|f| (i, f)));
+    let inside = |i: usize, f: &Filter| {
+        driving.is_some_and(|(d, df)| d != i && df.drives_through_index() && f.probes_rid_only())
+    };
+    let moved: Vec<&Filter> = filters
+        .iter()
+        .enumerate()
+        .filter(|(i, f)| inside(*i, f))
+        .map(|(_, f)| f)
+        .collect();
+    if let Some((_, f)) = driving {
         b.push(" AND ");
-        filter_sql(b, ty, f, alias, depth, true);
+        filter_sql(b, ty, f, alias, depth, Role::Drive(&moved));
     }
     for (i, f) in filters.iter().enumerate() {
-        if Some(i) != driver {
+        if Some(i) != driver && !inside(i, f) {
             b.push(" AND ");
-            filter_sql(b, ty, f, alias, depth, false);
+            filter_sql(b, ty, f, alias, depth, Role::Probe);
         }
     }
+}
+
+/// What a filter's SQL is for.
+#[derive(Clone, Copy)]
+enum Role<'f> {
+    /// Driving its scope (`rid IN (...)`), with these filters probed inside its subquery
+    /// (only for filters that [`Filter::drives_through_index`]).
+    Drive(&'f [&'f Filter]),
+    /// A correlated probe of one candidate.
+    Probe,
 }
 
 /// `{alias}.rid IN (SELECT rid FROM table WHERE ...)` when driving, else a correlated
@@ -1709,17 +1752,22 @@ fn index_sql(
     ty: Option<&str>,
     alias: &str,
     (table, code): (Table, Option<&Codes>),
-    (negate, drive): (bool, bool),
+    (negate, role, depth): (bool, Role, usize),
     cond: impl FnOnce(&mut SqlBuilder, &str),
 ) {
-    let param = if drive && !negate {
-        "param".to_string()
-    } else {
-        table.probe_param("x")
+    let probes = match role {
+        Role::Drive(probes) if !negate => Some(probes),
+        _ => None,
     };
-    if drive && !negate {
+    // The driver's index rows, under their own alias for the probes inside.
+    let rows = format!("{alias}_d");
+    let param = match probes {
+        Some(_) => "param".to_string(),
+        None => table.probe_param("x"),
+    };
+    if probes.is_some() {
         b.push(&format!(
-            "{alias}.rid IN (SELECT rid FROM {} WHERE ",
+            "{alias}.rid IN (SELECT {rows}.rid FROM {} {rows} WHERE ",
             table.name()
         ));
     } else {
@@ -1739,7 +1787,12 @@ fn index_sql(
     }
     b.push("(");
     cond(b, &param);
-    b.push("))");
+    b.push(")");
+    for probe in probes.unwrap_or_default() {
+        b.push(" AND ");
+        filter_sql(b, ty, probe, &rows, depth, Role::Probe);
+    }
+    b.push(")");
 }
 
 fn or_list<T>(b: &mut SqlBuilder, items: &[T], mut each: impl FnMut(&mut SqlBuilder, &T)) {
@@ -1761,7 +1814,7 @@ fn filter_sql(
     f: &Filter,
     alias: &str,
     depth: usize,
-    drive: bool,
+    role: Role,
 ) {
     let res_type = |b: &mut SqlBuilder| {
         match ty {
@@ -1791,7 +1844,7 @@ fn filter_sql(
             ty,
             alias,
             (*table, Some(code)),
-            (*negate, drive),
+            (*negate, role, depth),
             |b, _| cond_sql(b, cond),
         ),
         Filter::Missing {
@@ -1804,7 +1857,7 @@ fn filter_sql(
                 ty,
                 alias,
                 (*table, Some(code)),
-                (*missing, false),
+                (*missing, Role::Probe, depth),
                 |b, _| {
                     b.push("1 = 1");
                 },
@@ -1817,7 +1870,7 @@ fn filter_sql(
                 ty,
                 alias,
                 (Table::Reference, Some(&Codes(vec![code.clone()]))),
-                (false, drive),
+                (false, role, depth),
                 |b, _| {
                     or_list(b, targets, |b, (t, inner)| {
                         b.push("(target_type = ").text(t.clone()).push(&format!(
@@ -1903,9 +1956,14 @@ fn filter_sql(
             b.push(")");
         }
         Filter::Composite { table, alts } => {
-            index_sql(b, ty, alias, (*table, None), (false, drive), |b, param| {
-                composite_alts_sql(b, ty, param, alts)
-            });
+            index_sql(
+                b,
+                ty,
+                alias,
+                (*table, None),
+                (false, role, depth),
+                |b, param| composite_alts_sql(b, ty, param, alts),
+            );
         }
         Filter::Near { lat, long } => {
             let range = |(lo, hi): (f64, f64)| {
@@ -1922,7 +1980,7 @@ fn filter_sql(
                 ty,
                 alias,
                 (Table::Number, Some(&Codes(vec!["near:lat".into()]))),
-                (false, false),
+                (false, Role::Probe, depth),
                 |b, _| cond_sql(b, &lat_cond),
             );
             b.push(" AND ");
@@ -1932,7 +1990,7 @@ fn filter_sql(
                 ty,
                 alias,
                 (Table::Number, Some(&Codes(vec!["near:long".into()]))),
-                (false, false),
+                (false, Role::Probe, depth),
                 |b, _| cond_sql(b, &long_cond),
             );
         }

@@ -174,6 +174,23 @@ const CASES: &[(&str, &[&str])] = &[
         "Observation?code=http://loinc.org|8867-4&status=amended",
         &["Observation/ob4"],
     ),
+    // Probes of every kind beside a driver (they run inside the driver's subquery).
+    (
+        "Observation?code=http://loinc.org|8867-4&status:not=amended",
+        &["Observation/ob1", "Observation/ob2"],
+    ),
+    (
+        "Patient?gender=female&organization:missing=false",
+        &["Patient/p2"],
+    ),
+    (
+        "Observation?code=http://loinc.org|8867-4&patient.name=anne",
+        &["Observation/ob4"],
+    ),
+    (
+        "Observation?subject=Patient/p2&combo-code-value-quantity=http://loinc.org|8462-4$lt100",
+        &["Observation/ob3"],
+    ),
     // :in / :not-in against a ValueSet the server holds
     (
         "Observation?code:in=http://example.org/vs/hr",
