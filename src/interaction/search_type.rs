@@ -253,6 +253,7 @@ async fn run(
     params: &[(String, String)],
 ) -> Result<String> {
     bind_value_sets(db, &mut q).await?;
+    q.statistics = db.is_postgres();
     // Inside a transaction, earlier entries' index rows must be visible.
     db.flush().await?;
     // The number of matches, when an estimate already counted them exactly.

@@ -315,6 +315,10 @@ impl Db {
 pub struct SqlBuilder {
     pub sql: String,
     pub args: Vec<Arg>,
+    /// The database plans from statistics (PostgreSQL): the SQL leaves the plan to it.
+    /// Otherwise (SQLite, which plans without statistics) search SQL is shaped to steer
+    /// the plan (see `search::query`). Either way the SQL means the same.
+    pub statistics: bool,
 }
 
 impl SqlBuilder {
@@ -322,6 +326,7 @@ impl SqlBuilder {
         SqlBuilder {
             sql: sql.to_string(),
             args: Vec::new(),
+            statistics: false,
         }
     }
     pub fn push(&mut self, sql: &str) -> &mut Self {
