@@ -1651,6 +1651,7 @@ impl SearchQuery {
         exact.then_some((ty, *table, code.single()?, cond))
     }
 
+    /// A builder for this search's SQL, told whether the database plans from statistics.
     fn builder(&self, sql: &str) -> SqlBuilder {
         let mut b = SqlBuilder::new(sql);
         b.statistics = self.statistics;
