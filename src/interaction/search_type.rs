@@ -207,9 +207,11 @@ async fn fetch_canonical(db: &mut Db, ty: &str, url: &str) -> Result<Option<serd
         .map_err(|e| FhirError::internal(format!("stored {ty} is not JSON: {e}")))
 }
 
-/// Turns `:in` / `:not-in` value set URLs, and `:above` / `:below` subsumption keys, into
-/// codes from the ValueSets and CodeSystems the server holds.
+/// Readies a parsed search for `db`: says whether its planner uses statistics (see
+/// `SqlBuilder::statistics`), and turns `:in` / `:not-in` value set URLs, and `:above` /
+/// `:below` subsumption keys, into codes from the ValueSets and CodeSystems the server holds.
 pub async fn bind_value_sets(db: &mut Db, q: &mut SearchQuery) -> Result<()> {
+    q.statistics = db.is_postgres();
     let urls = q.value_set_urls();
     if urls.is_empty() {
         return Ok(());
@@ -253,7 +255,6 @@ async fn run(
     params: &[(String, String)],
 ) -> Result<String> {
     bind_value_sets(db, &mut q).await?;
-    q.statistics = db.is_postgres();
     // Inside a transaction, earlier entries' index rows must be visible.
     db.flush().await?;
     // The number of matches, when an estimate already counted them exactly.
@@ -270,11 +271,11 @@ async fn run(
         if !estimates.is_empty() {
             q.choose_driver(&estimates, SCAN_THRESHOLD);
         }
-        counted = q
-            .exact_estimate()
-            .and_then(|f| estimates.iter().find(|(i, _)| *i == f))
+        // A lone filter has the only estimate.
+        counted = estimates
+            .first()
             .map(|(_, n)| *n)
-            .filter(|n| *n < SCAN_THRESHOLD);
+            .filter(|n| q.estimate_is_total() && *n < SCAN_THRESHOLD);
     }
     let mut rows = if q.count_only || q.count == 0 || q.is_empty() {
         Vec::new()

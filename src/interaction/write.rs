@@ -128,7 +128,6 @@ pub async fn matching_ids(
 ) -> Result<Vec<String>> {
     let mut q = parse_condition(&ctx.registry(), ty, query)?;
     crate::interaction::search_type::bind_value_sets(db, &mut q).await?;
-    q.statistics = db.is_postgres();
     // Earlier writes of this job must be visible to the condition.
     db.flush().await?;
     let b = q.ids_sql(limit);

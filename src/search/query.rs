@@ -1365,7 +1365,7 @@ impl SearchQuery {
         }
         let mut out = Vec::new();
         // A lone filter's estimate counts resources, not rows: it is then the total.
-        let head = if self.exact_estimate().is_some() {
+        let head = if self.estimate_is_total() {
             "SELECT COUNT(*) FROM (SELECT DISTINCT rid FROM "
         } else {
             "SELECT COUNT(*) FROM (SELECT 1 FROM "
@@ -1403,21 +1403,16 @@ impl SearchQuery {
         out.into_iter().map(|(_, i, b)| (i, b)).collect()
     }
 
-    /// When the search is one type and one positive index filter, the position of that
-    /// filter: its estimate (see [`SearchQuery::estimate_sqls`]), when below the cap, is
-    /// then the exact number of matches. Index rows exist only for current, undeleted
-    /// versions and their `param` holds the type, so the distinct `rid`s of the filter's
-    /// rows are the matches.
-    pub fn exact_estimate(&self) -> Option<usize> {
-        let [scope] = self.scopes.as_slice() else {
-            return None;
-        };
-        scope.ty.as_ref()?;
+    /// Whether the search is one type and one positive index filter: that filter's
+    /// estimate (see [`SearchQuery::estimate_sqls`]), when below the cap, is then the exact
+    /// number of matches. Index rows exist only for current, undeleted versions and their
+    /// `param` holds the type, so the distinct `rid`s of the filter's rows are the matches.
+    pub fn estimate_is_total(&self) -> bool {
         matches!(
-            scope.filters.as_slice(),
-            [Filter::Index { negate: false, .. }]
+            self.scopes.as_slice(),
+            [Scope { ty: Some(_), filters, .. }]
+                if matches!(filters.as_slice(), [Filter::Index { negate: false, .. }])
         )
-        .then_some(0)
     }
 
     /// Sets how the (only) scope is driven, after [`SearchQuery::estimate_sqls`]. With
@@ -1775,12 +1770,12 @@ fn index_sql(
         _ => None,
     };
     // The driver's index rows, under their own alias for the probes inside.
-    let rows = format!("{alias}_d");
+    let rows = probes.map(|_| format!("{alias}_d"));
     let param = match probes {
         Some(_) => "param".to_string(),
         None => table.probe_param("x", b.statistics),
     };
-    if probes.is_some() {
+    if let Some(rows) = &rows {
         b.push(&format!(
             "{alias}.rid IN (SELECT {rows}.rid FROM {} {rows} WHERE ",
             table.name()
@@ -1803,9 +1798,11 @@ fn index_sql(
     b.push("(");
     cond(b, &param);
     b.push(")");
-    for probe in probes.unwrap_or_default() {
-        b.push(" AND ");
-        filter_sql(b, ty, probe, &rows, depth, Role::Probe);
+    if let (Some(probes), Some(rows)) = (probes, &rows) {
+        for probe in probes {
+            b.push(" AND ");
+            filter_sql(b, ty, probe, rows, depth, Role::Probe);
+        }
     }
     b.push(")");
 }

@@ -162,12 +162,15 @@ impl Db {
     /// Runs a statement, returning the number of rows affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
         self.flush().await?;
-        // A job's first write may be this statement: its savepoint must hold it.
+        // A job's first write may be this statement: its savepoint must hold it (opened in
+        // the same round trip, as `flush` does).
         let savepoint = self.savepoint_sql();
-        if !savepoint.is_empty() {
-            self.raw(&savepoint).await?;
+        if savepoint.is_empty() {
+            self.execute_unflushed(sql, args).await
+        } else {
+            self.execute_unflushed(&format!("{savepoint}{sql}"), args)
+                .await
         }
-        self.execute_unflushed(sql, args).await
     }
 
     /// Runs SQL (on SQLite possibly several statements) without flushing buffered writes.

@@ -278,15 +278,18 @@ impl Store {
         if let Inner::Postgres { .. } = &*self.inner {
             let mut db = self.reader().await?;
             // Only this server's tables (resolved through its search_path).
+            let relids: Vec<String> = searched_tables()
+                .map(|t| format!("'{t}'::regclass"))
+                .collect();
             let stale = db
                 .fetch_all(
-                    "SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables \
-                     WHERE relid IN ('resource'::regclass, 'resource_version'::regclass, \
-                     'idx_token'::regclass, 'idx_string'::regclass, 'idx_reference'::regclass, \
-                     'idx_date'::regclass, 'idx_number'::regclass, 'idx_quantity'::regclass, \
-                     'idx_uri'::regclass) \
-                     AND ((COALESCE(last_analyze, last_autoanalyze) IS NULL AND n_live_tup > 0) \
-                     OR n_mod_since_analyze > 1000 + n_live_tup / 10)",
+                    &format!(
+                        "SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables \
+                         WHERE relid IN ({}) \
+                         AND ((COALESCE(last_analyze, last_autoanalyze) IS NULL AND n_live_tup > 0) \
+                         OR n_mod_since_analyze > 1000 + n_live_tup / 10)",
+                        relids.join(", ")
+                    ),
                     &[],
                     &[Ty::Text],
                 )
@@ -311,11 +314,9 @@ impl Store {
     pub async fn vacuum_analyze(&self) -> Result<()> {
         if let Inner::Postgres { .. } = &*self.inner {
             let mut db = self.reader().await?;
-            db.raw(
-                "VACUUM (ANALYZE) resource, resource_version, idx_token, idx_string, \
-                 idx_reference, idx_date, idx_number, idx_quantity, idx_uri",
-            )
-            .await?;
+            let tables: Vec<&str> = searched_tables().collect();
+            db.raw(&format!("VACUUM (ANALYZE) {}", tables.join(", ")))
+                .await?;
         }
         Ok(())
     }
@@ -433,6 +434,14 @@ impl Store {
             Inner::Postgres { pool } => pool.close().await,
         }
     }
+}
+
+/// The tables searches read, whose planner statistics matter (PostgreSQL): the resources
+/// and the search index.
+fn searched_tables() -> impl Iterator<Item = &'static str> {
+    ["resource", "resource_version"]
+        .into_iter()
+        .chain(resource::INDEX_TABLES)
 }
 
 /// Answers a write once (the first answer wins).
@@ -585,21 +594,19 @@ async fn run_group(db: &mut Db, group: &mut Vec<Job>, finishes: &mut Vec<Finish>
                 "the database failed to write; nothing was committed, retry",
             ));
         }
-        if !ok && first {
+        if ok {
+            first = false;
+            continue;
+        }
+        db.written.truncate(mark);
+        if first {
             // Whatever it wrote goes with the transaction; the next job starts a new one.
-            db.savepoint = resource::Savepoint::Off;
-            db.written.truncate(mark);
             let _ = db.raw("ROLLBACK").await;
             db.raw("BEGIN IMMEDIATE").await?;
-        } else if !ok {
-            if db.savepoint == resource::Savepoint::Open {
-                db.raw("ROLLBACK TO job; RELEASE job").await?;
-            }
-            db.savepoint = resource::Savepoint::Off;
-            db.written.truncate(mark);
-        } else {
-            first = false;
+        } else if db.savepoint == resource::Savepoint::Open {
+            db.raw("ROLLBACK TO job; RELEASE job").await?;
         }
+        db.savepoint = resource::Savepoint::Off;
     }
     db.savepoint = resource::Savepoint::Off;
     db.release_pending = false;

@@ -187,7 +187,7 @@ fn current_from(row: Vec<Val>) -> Current {
     }
 }
 
-const INDEX_TABLES: [&str; 7] = [
+pub(crate) const INDEX_TABLES: [&str; 7] = [
     "idx_token",
     "idx_string",
     "idx_reference",
