@@ -50,6 +50,20 @@ pub enum Arg {
     Real(f64),
 }
 
+impl Arg {
+    /// The argument as a JSON value (for rows sent to PostgreSQL as one JSON array). JSON
+    /// has no NaN or infinity: such a number becomes `null`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match self {
+            Arg::Text(s) => Value::from(s.as_str()),
+            Arg::OptText(s) => s.as_deref().map_or(Value::Null, Value::from),
+            Arg::Int(i) => Value::from(*i),
+            Arg::Real(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        }
+    }
+}
+
 impl From<i64> for Arg {
     fn from(i: i64) -> Arg {
         Arg::Int(i)
@@ -185,6 +199,24 @@ impl Db {
                 .await?
                 .rows_affected(),
         })
+    }
+
+    /// [`Db::execute_unflushed`] taking its arguments by value: SQLite binds each `String`
+    /// as it is instead of copying it (for the many index rows of a write).
+    pub(crate) async fn execute_owned(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64> {
+        let Conn::Sqlite(c) = &mut self.conn else {
+            return self.execute_unflushed(sql, &args).await;
+        };
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for a in args {
+            q = match a {
+                Arg::Text(s) => q.bind(s),
+                Arg::OptText(s) => q.bind(s),
+                Arg::Int(i) => q.bind(i),
+                Arg::Real(f) => q.bind(f),
+            };
+        }
+        Ok(q.execute(&mut **c).await?.rows_affected())
     }
 
     /// Runs SQL without arguments, possibly several statements (migrations, BEGIN, ...).

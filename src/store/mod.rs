@@ -167,7 +167,13 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             // Checkpoints run on a connection of their own (see `checkpointer`), so the
             // writer only falls back to checkpointing itself if the WAL reaches 1 GiB.
-            .connect_with(opts.clone().pragma("wal_autocheckpoint", "262144"))
+            // Room for the writer's fixed statements: the index inserts alone are 7 tables
+            // times 5 chunk sizes (see `resource::SQLITE_INDEX_CHUNKS`).
+            .connect_with(
+                opts.clone()
+                    .pragma("wal_autocheckpoint", "262144")
+                    .statement_cache_capacity(400),
+            )
             .await
             .map_err(|e| format!("cannot open SQLite database {path}: {e}"))?;
         let conn = write_pool

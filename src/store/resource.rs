@@ -209,15 +209,9 @@ fn kind_bit(v: &IndexValue) -> usize {
     }
 }
 
-/// JSON has no NaN or infinity; such values are not indexed as numbers anyway.
-fn finite(v: f64) -> Value {
-    serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
-}
-
-/// `INSERT ... SELECT` over a JSON array of row arrays, per dialect.
-fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
-    // (table, [(column, PostgreSQL type)])
-    let (table, cols): (&str, &[(&str, &str)]) = match bit {
+/// An index table's name and its columns with their PostgreSQL types, by kind bit.
+fn index_columns(bit: usize) -> (&'static str, &'static [(&'static str, &'static str)]) {
+    match bit {
         0 => (
             "idx_token",
             &[
@@ -279,31 +273,42 @@ fn bulk_insert_sql(bit: usize, pg: bool, arg: &str) -> String {
             "idx_uri",
             &[("rid", "bigint"), ("param", "bigint"), ("value", "text")],
         ),
-    };
+    }
+}
+
+/// PostgreSQL: `INSERT ... SELECT` over a JSON array of row arrays in argument `$1`.
+fn bulk_insert_sql(bit: usize) -> String {
+    let (table, cols) = index_columns(bit);
     let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
     let values: Vec<String> = cols
         .iter()
         .enumerate()
-        .map(|(i, (_, t))| {
-            if pg {
-                format!("(e->>{i})::{t}")
-            } else {
-                format!("e.v->>{i}")
-            }
-        })
+        .map(|(i, (_, t))| format!("(e->>{i})::{t}"))
         .collect();
-    let (with, source) = if pg {
-        (
-            String::new(),
-            format!("json_array_elements({arg}::json) AS e"),
-        )
-    } else {
-        (format!("{MATERIALIZED}{arg})) "), "e".to_string())
-    };
     format!(
-        "{with}INSERT INTO {table} ({}) SELECT {} FROM {source}",
+        "INSERT INTO {table} ({}) SELECT {} FROM json_array_elements($1::json) AS e",
         names.join(", "),
         values.join(", ")
+    )
+}
+
+/// SQLite: index rows are written by `INSERT OR FAIL ... VALUES` statements of these many
+/// rows, largest first, with every value a bound argument. A statement without a function
+/// call (`->>` on JSON rows) cannot abort halfway, so SQLite opens no statement journal for
+/// it: the journal copied every B-tree page an `INSERT ... SELECT` touched, one 4 KiB page
+/// per row in the large indexes (`OR FAIL` keeps `NOT NULL` from counting as an abort).
+/// Fixed sizes keep the statement texts few, so each is prepared once per connection.
+const SQLITE_INDEX_CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
+
+/// The `INSERT OR FAIL ... VALUES` of `rows` rows into the index table of kind `bit`.
+fn sqlite_index_insert_sql(bit: usize, rows: usize) -> String {
+    let (table, cols) = index_columns(bit);
+    let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+    let row = format!("({})", vec!["?"; cols.len()].join(", "));
+    format!(
+        "INSERT OR FAIL INTO {table} ({}) VALUES {}",
+        names.join(", "),
+        vec![row.as_str(); rows].join(", ")
     )
 }
 
@@ -909,11 +914,12 @@ impl Db {
         Ok(())
     }
 
-    /// Writes what the job has buffered, in one round trip where the dialect allows: on
-    /// SQLite one multi-statement query holds the savepoint operations, the versions, the
-    /// current rows, the index deletions and one `INSERT ... SELECT` per index table (rows
-    /// travel as JSON array arguments, so the SQL text is fixed per shape and cached). On
-    /// PostgreSQL, versions are already written and the index tables get one statement each.
+    /// Writes what the job has buffered, in few round trips: on SQLite one multi-statement
+    /// query holds the savepoint operations, the versions, the current rows and the index
+    /// deletions (rows travel as JSON array arguments, so the SQL text is fixed per shape and
+    /// cached); the index rows follow as bound `INSERT OR FAIL ... VALUES` statements of
+    /// fixed sizes ([`SQLITE_INDEX_CHUNKS`]), then the job's tail. On PostgreSQL, versions
+    /// are already written and the index tables get one JSON statement each.
     /// Every read on a [`Db`] calls this first, so a job always sees its own writes.
     pub async fn flush(&mut self) -> Result<()> {
         if self.pending_index.is_empty() && self.pending.is_empty() {
@@ -971,55 +977,48 @@ impl Db {
 
     async fn flush_inner(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.pending_index);
-        let mut tables: [Vec<Value>; 7] = Default::default();
-        for p in &pending {
+        let mut tables: [Vec<Arg>; 7] = Default::default();
+        for p in pending {
             let (rid, param) = (
-                Value::from(p.rid),
-                Value::from(param_key(&p.res_type, &p.entry.code)),
+                Arg::Int(p.rid),
+                Arg::Int(param_key(&p.res_type, &p.entry.code)),
             );
-            let opt = |o: &Option<String>| o.as_deref().map_or(Value::Null, Value::from);
-            let row = match &p.entry.value {
+            let opt = Arg::OptText;
+            let real = |v: f64| {
+                if v.is_finite() {
+                    Arg::Real(v)
+                } else {
+                    Arg::OptText(None)
+                }
+            };
+            let bit = kind_bit(&p.entry.value);
+            let row = match p.entry.value {
                 IndexValue::Token {
                     system,
                     code: c,
                     text,
                 } => vec![rid, param, opt(system), opt(c), opt(text)],
                 IndexValue::String { normalized, exact } => {
-                    vec![
-                        rid,
-                        param,
-                        Value::from(normalized.as_str()),
-                        Value::from(exact.as_str()),
-                    ]
+                    vec![rid, param, Arg::Text(normalized), Arg::Text(exact)]
                 }
                 IndexValue::Reference {
                     target_type,
                     target_id,
                     url,
-                } => {
-                    vec![
-                        rid,
-                        param,
-                        opt(target_type),
-                        opt(target_id),
-                        Value::from(url.as_str()),
-                    ]
-                }
+                } => vec![rid, param, opt(target_type), opt(target_id), Arg::Text(url)],
                 IndexValue::Date { start, end } => {
-                    vec![rid, param, Value::from(*start), Value::from(*end)]
+                    vec![rid, param, Arg::Int(start), Arg::Int(end)]
                 }
-                IndexValue::Number { value } => vec![rid, param, finite(*value)],
+                IndexValue::Number { value } => vec![rid, param, real(value)],
                 IndexValue::Quantity {
                     value,
                     system,
                     code: c,
                     unit,
-                } => {
-                    vec![rid, param, finite(*value), opt(system), opt(c), opt(unit)]
-                }
-                IndexValue::Uri(u) => vec![rid, param, Value::from(u.as_str())],
+                } => vec![rid, param, real(value), opt(system), opt(c), opt(unit)],
+                IndexValue::Uri(u) => vec![rid, param, Arg::Text(u)],
             };
-            tables[kind_bit(&p.entry.value)].push(Value::Array(row));
+            tables[bit].extend(row);
         }
         let pg = self.is_postgres();
         let mut b = SqlBuilder::default();
@@ -1051,20 +1050,42 @@ impl Db {
                 .push("));\n");
             }
         }
-        for (bit, rows) in tables.into_iter().enumerate() {
-            if rows.is_empty() {
-                continue;
+        if pg {
+            // PostgreSQL runs one statement per query with arguments: the rows go as JSON.
+            for (bit, args) in tables.into_iter().enumerate() {
+                if args.is_empty() {
+                    continue;
+                }
+                let width = index_columns(bit).1.len();
+                let rows: Vec<Value> = args
+                    .chunks(width)
+                    .map(|row| Value::Array(row.iter().map(Arg::to_json).collect()))
+                    .collect();
+                self.execute_unflushed(
+                    &bulk_insert_sql(bit),
+                    &[Arg::Text(Value::Array(rows).to_string())],
+                )
+                .await?;
             }
-            if pg {
-                // PostgreSQL runs one statement per query with arguments.
-                let sql = bulk_insert_sql(bit, true, "$1");
-                self.execute_unflushed(&sql, &[Arg::Text(Value::Array(rows).to_string())])
-                    .await?;
-            } else {
-                let n = b.args.len() + 1;
-                b.push(&bulk_insert_sql(bit, false, &format!("${n}")));
-                b.args.push(Arg::Text(Value::Array(rows).to_string()));
-                b.push(";\n");
+        } else if tables.iter().any(|t| !t.is_empty()) {
+            // SQLite: what is buffered so far first (the savepoint among it), then the index
+            // rows by bound statements (see `SQLITE_INDEX_CHUNKS`), then the tail.
+            if !b.sql.is_empty() {
+                self.execute_unflushed(&b.sql, &b.args).await?;
+                b = SqlBuilder::default();
+            }
+            for (bit, args) in tables.into_iter().enumerate() {
+                let width = index_columns(bit).1.len();
+                let mut left = args.len() / width;
+                let mut args = args.into_iter();
+                for size in SQLITE_INDEX_CHUNKS {
+                    while left >= size {
+                        let chunk: Vec<Arg> = args.by_ref().take(size * width).collect();
+                        self.execute_owned(&sqlite_index_insert_sql(bit, size), chunk)
+                            .await?;
+                        left -= size;
+                    }
+                }
             }
         }
         for (sql, args) in pending.tail {

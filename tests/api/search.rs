@@ -788,6 +788,32 @@ async fn large_results_page_exactly(app: &TestApp) {
     assert_eq!(ids(&b, "match"), ids(&pages[1], "match"));
 }
 
+/// One resource with 341 index rows in one table (256 + 64 + 16 + 4 + 1: every size of
+/// SQLite's bound index inserts once) is found by each of them; after an update to fewer
+/// values, by the new ones only.
+async fn many_index_rows_of_one_resource(app: &TestApp) {
+    let patient = |n: usize, prefix: &str| {
+        let identifier: Vec<Value> = (0..n)
+            .map(|i| json!({"system": "urn:many", "value": format!("{prefix}{i}")}))
+            .collect();
+        json!({"resourceType": "Patient", "id": "many", "identifier": identifier})
+    };
+    let r = app.put("Patient/many", &patient(341, "v")).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    for i in [0, 1, 255, 256, 319, 320, 335, 336, 339, 340] {
+        let b = search(app, &format!("Patient?identifier=urn:many|v{i}")).await;
+        assert_eq!(ids(&b, "match"), ["Patient/many"], "identifier v{i}");
+    }
+    let b = search(app, "Patient?identifier=urn:many|v341").await;
+    assert_eq!(ids(&b, "match"), Vec::<String>::new());
+    let r = app.put("Patient/many", &patient(7, "w")).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for (query, want) in [("w6", 1), ("w0", 1), ("v0", 0), ("v340", 0), ("w7", 0)] {
+        let b = search(app, &format!("Patient?identifier=urn:many|{query}")).await;
+        assert_eq!(ids(&b, "match").len(), want, "identifier {query}");
+    }
+}
+
 /// A posted SearchParameter is searchable after `$reindex`, for old and new resources.
 async fn custom_parameters_after_reindex(app: &TestApp) {
     let eye = |id: &str, colour: &str| {
@@ -847,6 +873,7 @@ crate::both_backends!(
     synthea_clinical_queries,
     custom_parameters_after_reindex,
     large_results_page_exactly,
+    many_index_rows_of_one_resource,
     parameter_types_and_modifiers,
     sort_include_and_revinclude,
     paging_totals_and_errors,
