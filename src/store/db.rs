@@ -51,15 +51,15 @@ pub enum Arg {
 }
 
 impl Arg {
-    /// The argument as a JSON value (for rows sent to PostgreSQL as one JSON array). JSON
-    /// has no NaN or infinity: such a number becomes `null`.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The argument as a JSON value (for rows sent to PostgreSQL as one JSON array), its
+    /// text moved, not copied. JSON has no NaN or infinity: such a number becomes `null`.
+    pub fn into_json(self) -> serde_json::Value {
         use serde_json::Value;
         match self {
-            Arg::Text(s) => Value::from(s.as_str()),
-            Arg::OptText(s) => s.as_deref().map_or(Value::Null, Value::from),
-            Arg::Int(i) => Value::from(*i),
-            Arg::Real(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+            Arg::Text(s) => Value::String(s),
+            Arg::OptText(s) => s.map_or(Value::Null, Value::String),
+            Arg::Int(i) => Value::from(i),
+            Arg::Real(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
         }
     }
 }

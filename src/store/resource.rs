@@ -300,6 +300,20 @@ fn bulk_insert_sql(bit: usize) -> String {
 /// Fixed sizes keep the statement texts few, so each is prepared once per connection.
 const SQLITE_INDEX_CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
 
+/// The `INSERT OR FAIL ... VALUES` statements by kind bit, one per size of
+/// [`SQLITE_INDEX_CHUNKS`] in its order: built once, not on each write.
+static SQLITE_INDEX_INSERTS: std::sync::LazyLock<Vec<Vec<String>>> =
+    std::sync::LazyLock::new(|| {
+        (0..INDEX_TABLES.len())
+            .map(|bit| {
+                SQLITE_INDEX_CHUNKS
+                    .iter()
+                    .map(|&rows| sqlite_index_insert_sql(bit, rows))
+                    .collect()
+            })
+            .collect()
+    });
+
 /// The `INSERT OR FAIL ... VALUES` of `rows` rows into the index table of kind `bit`.
 fn sqlite_index_insert_sql(bit: usize, rows: usize) -> String {
     let (table, cols) = index_columns(bit);
@@ -1057,9 +1071,9 @@ impl Db {
                     continue;
                 }
                 let width = index_columns(bit).1.len();
-                let rows: Vec<Value> = args
-                    .chunks(width)
-                    .map(|row| Value::Array(row.iter().map(Arg::to_json).collect()))
+                let mut args = args.into_iter().map(Arg::into_json);
+                let rows: Vec<Value> = (0..args.len() / width)
+                    .map(|_| Value::Array(args.by_ref().take(width).collect()))
                     .collect();
                 self.execute_unflushed(
                     &bulk_insert_sql(bit),
@@ -1074,15 +1088,15 @@ impl Db {
                 self.execute_unflushed(&b.sql, &b.args).await?;
                 b = SqlBuilder::default();
             }
-            for (bit, args) in tables.into_iter().enumerate() {
+            for ((bit, args), inserts) in tables.into_iter().enumerate().zip(&*SQLITE_INDEX_INSERTS)
+            {
                 let width = index_columns(bit).1.len();
                 let mut left = args.len() / width;
                 let mut args = args.into_iter();
-                for size in SQLITE_INDEX_CHUNKS {
+                for (&size, sql) in SQLITE_INDEX_CHUNKS.iter().zip(inserts) {
                     while left >= size {
                         let chunk: Vec<Arg> = args.by_ref().take(size * width).collect();
-                        self.execute_owned(&sqlite_index_insert_sql(bit, size), chunk)
-                            .await?;
+                        self.execute_owned(sql, chunk).await?;
                         left -= size;
                     }
                 }
