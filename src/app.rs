@@ -57,7 +57,12 @@ pub async fn context(settings: &Settings, base: String) -> Result<SharedCtx, Str
         search_indexing: settings.search_indexing,
         registry: std::sync::RwLock::new(Arc::new(defs.registry.clone())),
         registry_generation: Default::default(),
-        auth: crate::auth::Auth::new(settings.auth, settings.audit_reads, settings.oidc.clone()),
+        auth: crate::auth::Auth::new(
+            settings.auth,
+            settings.audit_reads,
+            settings.audit_read_window,
+            settings.oidc.clone(),
+        ),
         audit: Default::default(),
     });
     let custom = crate::interaction::reindex::load_active(&ctx)

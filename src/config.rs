@@ -295,6 +295,11 @@ pub struct ServerArgs {
     /// denied request are always audited) [default: true].
     #[arg(long, env = "IOMT_FHIR_AUDIT_READS")]
     pub audit_reads: Option<bool>,
+    /// With --auth smart, seconds over which successful reads by one token from one address
+    /// are counted before their AuditEvents are written (each resource or query once per
+    /// window); writes and denials are written within a second [default: 5].
+    #[arg(long, env = "IOMT_FHIR_AUDIT_READ_WINDOW")]
+    pub audit_read_window: Option<usize>,
     /// OpenID Connect issuer of the hospital's single sign-on, e.g.
     /// https://login.hospital.example/realms/staff: the SMART login page offers it beside
     /// local accounts. Register {origin}/auth/oidc/callback there as the redirect URI.
@@ -357,6 +362,7 @@ pub struct Settings {
     pub mqtt: Option<crate::mqtt::MqttConfig>,
     pub auth: crate::auth::Mode,
     pub audit_reads: bool,
+    pub audit_read_window: std::time::Duration,
     /// HTTPS for the REST API.
     pub tls: Option<crate::tls::TlsFiles>,
     /// Sign-in at the hospital's OpenID Connect provider.
@@ -563,6 +569,12 @@ impl Settings {
             auth,
             oidc,
             audit_reads: args.audit_reads.or(file.audit_reads).unwrap_or(true),
+            audit_read_window: std::time::Duration::from_secs(positive(
+                "audit-read-window",
+                args.audit_read_window
+                    .or(file.audit_read_window)
+                    .unwrap_or(5),
+            )? as u64),
             tls,
             mqtt,
             device_mappings: args.device_mappings.clone().or(file.device_mappings),

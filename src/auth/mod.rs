@@ -51,6 +51,8 @@ pub struct Auth {
     pub mode: Mode,
     /// Audit successful reads too (`--audit-reads`).
     pub audit_reads: bool,
+    /// How long successful reads are counted before they are written (`--audit-read-window`).
+    pub audit_read_window: std::time::Duration,
     /// Keyed by the token itself (memory only; the database has hashes): a request that
     /// hits the cache computes no digest.
     /// Token -> its grant and when it was read (microseconds since the epoch: the same clock
@@ -116,8 +118,14 @@ fn fresh(grant: &Grant, seen: crate::time::Micros, now: crate::time::Micros) -> 
 }
 
 impl Auth {
-    pub fn new(mode: Mode, audit_reads: bool, oidc: Option<federation::Config>) -> Auth {
+    pub fn new(
+        mode: Mode,
+        audit_reads: bool,
+        audit_read_window: std::time::Duration,
+        oidc: Option<federation::Config>,
+    ) -> Auth {
         Auth {
+            audit_read_window,
             federation: oidc.map(federation::Federation::new),
             mode,
             audit_reads,

@@ -1923,9 +1923,14 @@ async fn smart_token(
 }
 
 /// Waits until the AuditEvent count stops growing (beyond the polls' own events).
+/// Waits until the server's AuditEvents stop growing: no new ones for longer than the
+/// server's read window (`--audit-read-window`, 5 s by default), so the last window's
+/// events are written before this returns and are paid for by the run that caused them.
 async fn drain_audit(client: &reqwest::Client, base: &str, token: &str) -> Result<(), String> {
+    const QUIET: Duration = Duration::from_millis(6_500);
     let mut last = -1i64;
-    for _ in 0..600 {
+    let mut since = std::time::Instant::now();
+    for _ in 0..1200 {
         let v: Value = client
             .get(format!("{base}/AuditEvent?_summary=count"))
             .bearer_auth(token)
@@ -1936,8 +1941,13 @@ async fn drain_audit(client: &reqwest::Client, base: &str, token: &str) -> Resul
             .await
             .map_err(|e| e.to_string())?;
         let n = v["total"].as_i64().unwrap_or(0);
+        // The count requests themselves are audited reads, at most one event a window.
         if last >= 0 && n - last <= 2 {
-            return Ok(());
+            if since.elapsed() >= QUIET {
+                return Ok(());
+            }
+        } else {
+            since = std::time::Instant::now();
         }
         last = n;
         tokio::time::sleep(Duration::from_millis(500)).await;

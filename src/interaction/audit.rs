@@ -196,14 +196,36 @@ impl Audit {
         let mut callers: FastMap<(u64, Option<IpAddr>), Caller> = FastMap::default();
         let mut entries = 0;
         for shard in &self.reads {
-            let ledger = std::mem::take(&mut *shard.0.lock().unwrap_or_else(|p| p.into_inner()));
-            for (key, caller) in ledger.callers {
+            // Drained in place: a caller that keeps reading keeps its table, which the next
+            // window fills again without growing it (or touching fresh memory). A caller
+            // with no reads in a whole window is forgotten.
+            let taken: Vec<_> = {
+                let mut ledger = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+                ledger.entries = 0;
+                ledger.callers.retain(|_, c| !c.targets.is_empty());
+                ledger
+                    .callers
+                    .iter_mut()
+                    .map(|(key, c)| {
+                        let targets: Vec<(Box<str>, Reads)> = c.targets.drain().collect();
+                        (*key, c.grant.clone(), c.address, targets)
+                    })
+                    .collect()
+            };
+            for (key, grant, address, targets) in taken {
                 let Some(merged) = callers.get_mut(&key) else {
-                    entries += caller.targets.len();
-                    callers.insert(key, caller);
+                    entries += targets.len();
+                    callers.insert(
+                        key,
+                        Caller {
+                            grant,
+                            address,
+                            targets: targets.into_iter().collect(),
+                        },
+                    );
                     continue;
                 };
-                for (target, r) in caller.targets {
+                for (target, r) in targets {
                     match merged.targets.get_mut(&target) {
                         Some(m) => m.absorb(r),
                         None => {
@@ -254,23 +276,39 @@ impl Audit {
 /// every read; one commit a second does not.
 const INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Writes queued events and the ledger's reads until `stop`, then what is still queued.
+/// Writes queued events (within about [`INTERVAL`]) and the ledger's reads (once per
+/// `--audit-read-window`) until `stop`, then what is still queued or counted.
+///
+/// Queued records (writes, denials) wait at most about a second. Counted reads wait until
+/// their window ends: what a window costs to write (its events, their index rows, one
+/// commit) depends on how many distinct resources and queries were read in it, not on how
+/// many reads, so a longer window writes a polling dashboard's reads once where a
+/// one-second window wrote them again every second.
 pub async fn run(
     ctx: SharedCtx,
     mut rx: mpsc::Receiver<Record>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut last = tokio::time::Instant::now() - INTERVAL;
+    let window = ctx.auth.audit_read_window.max(INTERVAL);
+    let start = tokio::time::Instant::now();
+    let mut last = start - INTERVAL;
+    // Reads counted after a quiet window are written at the next tick.
+    let mut reads_last = start - window;
+    // The ledger told us it holds reads, not yet taken.
+    let mut reads_pending = false;
+    let mut batch = Vec::new();
     let mut stopping = false;
     while !stopping {
-        let mut batch = Vec::new();
-        tokio::select! {
-            e = rx.recv() => match e {
-                Some(e) => batch.push(counted(e)),
-                None => break,
-            },
-            _ = ctx.audit.wake.notified() => {}
-            _ = stop.changed() => break,
+        // Idle (nothing queued or counted): wait for a record or the ledger's first read.
+        if batch.is_empty() && !reads_pending {
+            tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => batch.push(counted(e)),
+                    None => break,
+                },
+                _ = ctx.audit.wake.notified() => reads_pending = true,
+                _ = stop.changed() => break,
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep_until(last + INTERVAL) => {}
@@ -283,13 +321,18 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        batch.extend(ctx.audit.take_reads());
+        if reads_pending && last >= reads_last + window {
+            batch.extend(ctx.audit.take_reads());
+            reads_last = last;
+            reads_pending = false;
+        }
         if !batch.is_empty() {
-            write_batch(&ctx, batch).await;
+            write_batch(&ctx, std::mem::take(&mut batch)).await;
         }
     }
     // Shutting down: nothing queued or counted is dropped.
-    let mut rest = ctx.audit.take_reads();
+    let mut rest = batch;
+    rest.extend(ctx.audit.take_reads());
     while let Ok(e) = rx.try_recv() {
         rest.push(counted(e));
         if rest.len() >= BATCH {

@@ -1040,7 +1040,7 @@ async fn audit_trail(app: &TestApp) {
     assert_eq!(s, 405);
     // Events are written in the background; wait for them.
     let mut events = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..400 {
         let (s, b) = get(app, Some(&admin), "AuditEvent?entity=Patient/p1&_count=100").await;
         assert_eq!(s, 200, "{b}");
         events = b["entry"].as_array().cloned().unwrap_or_default();
@@ -1108,7 +1108,7 @@ async fn audit_trail(app: &TestApp) {
     }
     let mut seen = std::collections::HashSet::new();
     let mut read_events = 0;
-    for _ in 0..100 {
+    for _ in 0..400 {
         let (_, b) = get(
             app,
             Some(&admin),
@@ -1170,7 +1170,7 @@ async fn audit_trail(app: &TestApp) {
     // Each listed once per event, and every one of the 150 requests counted once (in
     // `outcomeDesc`) across the events.
     let (mut mentions, mut requests) = (0, 0);
-    for _ in 0..100 {
+    for _ in 0..400 {
         let (_, b) = get(
             app,
             Some(&admin),
@@ -2166,8 +2166,49 @@ async fn audit_reads_off_keeps_denials() {
     app.stop().await;
 }
 
+/// Successful reads are counted for a whole `--audit-read-window`: two reads of one
+/// resource 1.5 s apart in one window are one event counting two requests (with a window of
+/// one second they were two events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_read_window_coalesces_reads() {
+    let app = spawn_with(Backend::Sqlite, |a| {
+        a.auth = Some(iomt_fhir::auth::Mode::Smart);
+        a.tls_cert = Some(fixture("tls/server.pem"));
+        a.tls_key = Some(fixture("tls/server.key"));
+        a.audit_read_window = Some(4);
+    })
+    .await
+    .unwrap();
+    let es = Key::generate_es384().unwrap();
+    register(&app, "window", &es, "system/*.cruds").await;
+    let admin = backend_token(&app, "window", &es, "system/*.cruds").await;
+    send(
+        &app,
+        &admin,
+        reqwest::Method::PUT,
+        "Patient/w",
+        &json!({"resourceType": "Patient", "id": "w"}),
+    )
+    .await;
+    let query = "AuditEvent?entity=Patient/w&subtype=read";
+    let requests = |e: &[Value]| e.iter().map(requests_of).sum::<usize>();
+    // The first read after a quiet window is written at the next tick.
+    assert_eq!(get(&app, Some(&admin), "Patient/w").await.0, 200);
+    let first = audit_events(&app, &admin, query, |e| requests(e) >= 1).await;
+    assert_eq!(requests(&first), 1, "{first:?}");
+    // The next two fall into the window that began with that write.
+    assert_eq!(get(&app, Some(&admin), "Patient/w").await.0, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(get(&app, Some(&admin), "Patient/w").await.0, 200);
+    let events = audit_events(&app, &admin, query, |e| requests(e) >= 3).await;
+    let mut counts: Vec<usize> = events.iter().map(requests_of).collect();
+    counts.sort();
+    assert_eq!(counts, vec![1, 2], "{events:?}");
+    app.stop().await;
+}
+
 /// The AuditEvents `query` finds with `token`, searched again (they are written in the
-/// background) until `enough` of them are there or six seconds have passed.
+/// background) until `enough` of them are there or twenty seconds have passed.
 async fn audit_events(
     app: &TestApp,
     token: &str,
@@ -2175,7 +2216,7 @@ async fn audit_events(
     enough: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
     let mut found = Vec::new();
-    for _ in 0..60 {
+    for _ in 0..200 {
         let (_, b) = get(app, Some(token), query).await;
         found = b["entry"]
             .as_array()
