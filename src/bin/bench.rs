@@ -2228,13 +2228,23 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
                     let Some(a) = queue.lock().ok().and_then(|mut q| q.pop()) else {
                         return failures;
                     };
-                    let ok = client
+                    let r = client
                         .post(&token_url)
                         .form(&credentials_form(&a, "system/*.rs"))
                         .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success());
+                        .await;
+                    let ok = r.as_ref().is_ok_and(|r| r.status().is_success());
                     if !ok {
+                        if failures == 0 {
+                            match r {
+                                Ok(r) => eprintln!(
+                                    "token request failed: {} {}",
+                                    r.status(),
+                                    r.text().await.unwrap_or_default()
+                                ),
+                                Err(e) => eprintln!("token request failed: {e}"),
+                            }
+                        }
                         failures += 1;
                     }
                 }

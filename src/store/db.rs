@@ -176,15 +176,15 @@ impl Db {
     /// Runs a statement, returning the number of rows affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64> {
         self.flush().await?;
-        // A job's first write may be this statement: its savepoint must hold it (opened in
-        // the same round trip, as `flush` does).
+        // A job's first write may be this statement: its savepoint must hold it. Opened by
+        // a statement of its own: sent together, SQLite would count for the SAVEPOINT the
+        // rows changed by the connection's previous statement (another job's, in a group
+        // commit), and the sum would no longer be what this statement changed.
         let savepoint = self.savepoint_sql();
-        if savepoint.is_empty() {
-            self.execute_unflushed(sql, args).await
-        } else {
-            self.execute_unflushed(&format!("{savepoint}{sql}"), args)
-                .await
+        if !savepoint.is_empty() {
+            self.execute_unflushed(&savepoint, &[]).await?;
         }
+        self.execute_unflushed(sql, args).await
     }
 
     /// Runs SQL (on SQLite possibly several statements) without flushing buffered writes.

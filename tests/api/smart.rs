@@ -2166,6 +2166,28 @@ async fn audit_reads_off_keeps_denials() {
     app.stop().await;
 }
 
+/// Token requests at the same time, each with a fresh assertion, all get a token. They
+/// share group commits on SQLite; the jti check once counted the rows of another request's
+/// statement and refused most of them as replays ("the assertion's jti was already used").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_backend_tokens_all_granted() {
+    let app = spawn_with(Backend::Sqlite, |a| {
+        a.auth = Some(iomt_fhir::auth::Mode::Smart);
+        a.tls_cert = Some(fixture("tls/server.pem"));
+        a.tls_key = Some(fixture("tls/server.key"));
+    })
+    .await
+    .unwrap();
+    let es = Key::generate_es384().unwrap();
+    register(&app, "busy", &es, "system/*.rs").await;
+    for _ in 0..5 {
+        let requests = (0..16).map(|_| backend_token(&app, "busy", &es, "system/*.rs"));
+        let tokens = futures_util::future::join_all(requests).await;
+        assert_eq!(tokens.len(), 16);
+    }
+    app.stop().await;
+}
+
 /// Successful reads are counted for a whole `--audit-read-window`: two reads of one
 /// resource 1.5 s apart in one window are one event counting two requests (with a window of
 /// one second they were two events).
