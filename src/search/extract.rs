@@ -90,8 +90,8 @@ impl Hash for IndexValue {
 }
 
 /// Index entries for every evaluable parameter of the resource's type, without duplicates.
-/// Aliases (`Registry::alias`) get none: their values are the rows of the parameters they
-/// unite. A resource without `resourceType` yields nothing.
+/// Aliases (`Registry::alias`) and composites searched by their parts
+/// (`Registry::by_parts`) get none: their values are the rows of other parameters. A resource without `resourceType` yields nothing.
 pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str) else {
         return Vec::new();
@@ -100,9 +100,11 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     let mut values = Vec::new();
     let mut extra = Vec::new();
     let aliases = registry.aliases_of(resource_type);
+    let by_parts = registry.by_parts_of(resource_type);
     for param in registry.for_type(resource_type) {
         if matches!(param.code.as_str(), "_id" | "_lastUpdated")
             || aliases.is_some_and(|a| a.contains_key(&param.code))
+            || by_parts.is_some_and(|a| a.contains_key(&param.code))
         {
             continue;
         }
@@ -869,6 +871,40 @@ mod tests {
             .filter(|e| e.code == code)
             .map(|e| e.value)
             .collect()
+    }
+
+    /// Observation `code-value-*` composites are searched by their parts
+    /// (`Registry::by_parts`): no rows of their own; `component-*` ones keep theirs. A
+    /// SampledData value gives no `value-quantity` row, which is what lets `value-quantity`
+    /// stand for the component `value.as(Quantity)`.
+    #[test]
+    fn root_composites_have_no_rows_of_their_own() {
+        let loinc = |c: &str| json!({"coding": [{"system": "http://loinc.org", "code": c}]});
+        let mmhg =
+            |v: f64| json!({"value": v, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"});
+        let bp = json!({"resourceType": "Observation", "status": "final", "code": loinc("8480-6"),
+            "valueQuantity": mmhg(150.0),
+            "component": [{"code": loinc("8462-4"), "valueQuantity": mmhg(95.0)}]});
+        let codes: Vec<String> = extract(registry(), &bp)
+            .into_iter()
+            .map(|e| e.code)
+            .collect();
+        assert!(
+            codes.iter().all(|c| !c.starts_with("code-value-")),
+            "{codes:?}"
+        );
+        assert!(
+            codes
+                .iter()
+                .any(|c| c == "component-code-value-quantity$8462-4|http://loinc.org"),
+            "{codes:?}"
+        );
+        assert_eq!(values(&bp, "value-quantity").len(), 1);
+        assert_eq!(values(&bp, "code").len(), 1);
+        let sampled = json!({"resourceType": "Observation", "status": "final", "code": loinc("8867-4"),
+            "valueSampledData": {"origin": {"value": 0}, "period": 1000, "dimensions": 1,
+                "data": "60 61 62"}});
+        assert!(values(&sampled, "value-quantity").is_empty());
     }
 
     fn token(system: Option<&str>, code: Option<&str>, text: Option<&str>) -> IndexValue {

@@ -287,6 +287,14 @@ enum Filter {
         /// condition on the second).
         alts: Vec<(Vec<String>, Cond)>,
     },
+    /// Several filters that must all match; parsed from one parameter (a composite searched
+    /// by its parts, see `Registry::by_parts`) and spread into its scope's list by
+    /// [`Filter::into_list`], so it never reaches SQL.
+    All(Vec<Filter>),
+    /// Any of these lists of filters matching (all of one list): a composite with several
+    /// values, or an alias over codes of both kinds, when some are searched by their parts.
+    /// Only ever a probe.
+    AnyOf(Vec<Vec<Filter>>),
     /// `near=lat|long|distance|unit`: a position inside the bounding box of that circle.
     Near {
         lat: (f64, f64),
@@ -301,6 +309,14 @@ enum Filter {
 }
 
 impl Filter {
+    /// The filters this one stands for in its scope's list ([`Filter::All`] spread out).
+    fn into_list(self) -> Vec<Filter> {
+        match self {
+            Filter::All(filters) => filters,
+            f => vec![f],
+        }
+    }
+
     /// Lower is likelier to be selective; the lowest drives the query.
     fn rank(&self) -> u8 {
         match self {
@@ -339,14 +355,17 @@ impl Filter {
 
     /// Whether this filter, as a probe, looks at nothing of the candidate but its `rid`.
     fn probes_rid_only(&self) -> bool {
-        matches!(
-            self,
-            Filter::Index { .. }
-                | Filter::Missing { .. }
-                | Filter::Composite { .. }
-                | Filter::Near { .. }
-                | Filter::Chain { .. }
-        )
+        match self {
+            Filter::AnyOf(lists) => lists.iter().flatten().all(Filter::probes_rid_only),
+            f => matches!(
+                f,
+                Filter::Index { .. }
+                    | Filter::Missing { .. }
+                    | Filter::Composite { .. }
+                    | Filter::Near { .. }
+                    | Filter::Chain { .. }
+            ),
+        }
     }
 
     /// Whether this filter can drive (appear as `rid IN (...)`).
@@ -673,7 +692,7 @@ fn parse_filter(
         return Ok(Filter::Has {
             source: source.to_string(),
             code: param.code.clone(),
-            inner: vec![inner],
+            inner: inner.into_list(),
         });
     }
     if let Some((head, rest)) = key.split_once('.') {
@@ -707,7 +726,7 @@ fn parse_filter(
                 || registry.get(&t, inner_name).is_some();
             if known {
                 let inner = parse_filter(registry, Some(&t), rest, value, depth + 1)?;
-                targets.push((t, vec![inner]));
+                targets.push((t, inner.into_list()));
             }
         }
         if targets.is_empty() {
@@ -980,7 +999,17 @@ fn composite_filter(
     let table = Table::of(k1).ok_or_else(|| {
         FhirError::not_supported(format!("search parameter {name} cannot be evaluated"))
     })?;
+    // Codes with rows of their own, and composites searched by their parts.
+    let mut by_parts: Vec<&[String; 2]> = Vec::new();
+    let mut row_codes: Vec<String> = Vec::new();
+    for c in codes.0 {
+        match ty.and_then(|t| registry.by_parts(t, &c)) {
+            Some(parts) if k0 == ParamType::Token => by_parts.push(parts),
+            _ => row_codes.push(c),
+        }
+    }
     let mut alts = Vec::new();
+    let mut lists: Vec<Vec<Filter>> = Vec::new();
     for alt in split_unescaped(value, ',') {
         let parts = split_unescaped(&alt, '$');
         let [head, tail] = parts.as_slice() else {
@@ -995,7 +1024,7 @@ fn composite_filter(
                     let Some(code) = t.code else {
                         return Err(FhirError::invalid(format!("{name}: {head:?} needs a code")));
                     };
-                    for c in &codes.0 {
+                    for c in &row_codes {
                         keys.push(crate::search::extract::composite_token_key(
                             c,
                             &code,
@@ -1011,13 +1040,41 @@ fn composite_filter(
                         RefValue::Local(Some(t), id) => format!("{t}/{id}"),
                         RefValue::Local(None, id) => format!("*/{id}"),
                     };
-                    keys.extend(codes.0.iter().map(|c| format!("{c}${tail}")));
+                    keys.extend(row_codes.iter().map(|c| format!("{c}${tail}")));
                 }
             }
         }
-        alts.push((keys, plain_cond(k1, name, tail)?));
+        let cond = plain_cond(k1, name, tail)?;
+        for [head_code, tail_code] in &by_parts {
+            lists.push(vec![
+                Filter::Index {
+                    table: Table::Token,
+                    code: Codes::of(registry, ty, head_code),
+                    cond: Cond::Token(token_values(head)),
+                    negate: false,
+                },
+                Filter::Index {
+                    table,
+                    code: Codes::of(registry, ty, tail_code),
+                    cond: cond.clone(),
+                    negate: false,
+                },
+            ]);
+        }
+        if !row_codes.is_empty() {
+            alts.push((keys, cond));
+        }
     }
-    Ok(Filter::Composite { table, alts })
+    if lists.is_empty() {
+        return Ok(Filter::Composite { table, alts });
+    }
+    if alts.is_empty() && lists.len() == 1 {
+        return Ok(Filter::All(lists.remove(0)));
+    }
+    if !alts.is_empty() {
+        lists.push(vec![Filter::Composite { table, alts }]);
+    }
+    Ok(Filter::AnyOf(lists))
 }
 
 /// `near=latitude|longitude|distance|unit` (location.html#positional): distance defaults to
@@ -1275,7 +1332,7 @@ impl SearchQuery {
             parsed.push(parse_filter(registry, scope.ty.as_deref(), key, value, 0)?);
         }
         for (scope, f) in self.scopes.iter_mut().zip(parsed) {
-            scope.filters.push(f);
+            scope.filters.extend(f.into_list());
         }
         Ok(())
     }
@@ -1976,6 +2033,30 @@ fn filter_sql(
                 (false, role, depth),
                 |b, param| composite_alts_sql(b, ty, param, alts),
             );
+        }
+        Filter::All(filters) => {
+            b.push("(");
+            for (i, f) in filters.iter().enumerate() {
+                if i > 0 {
+                    b.push(" AND ");
+                }
+                filter_sql(b, ty, f, alias, depth, Role::Probe);
+            }
+            b.push(")");
+        }
+        Filter::AnyOf(lists) => {
+            b.push("(");
+            or_list(b, lists, |b, list| {
+                b.push("(");
+                for (i, f) in list.iter().enumerate() {
+                    if i > 0 {
+                        b.push(" AND ");
+                    }
+                    filter_sql(b, ty, f, alias, depth, Role::Probe);
+                }
+                b.push(")");
+            });
+            b.push(")");
         }
         Filter::Near { lat, long } => {
             let range = |(lo, hi): (f64, f64)| {

@@ -99,6 +99,8 @@ pub struct Registry {
     inherited_by_domain_resources: Vec<usize>,
     /// Per type, the parameters that are unions of others there (see [`Registry::alias`]).
     aliases: HashMap<String, HashMap<String, Vec<String>>>,
+    /// Per type, the composites searched by their parts (see [`Registry::by_parts`]).
+    by_parts: HashMap<String, HashMap<String, [String; 2]>>,
 }
 
 impl Registry {
@@ -200,6 +202,20 @@ impl Registry {
             .map(Vec::as_slice)
     }
 
+    /// When the composite `code` on `resource_type` is searched by its parts: the codes of
+    /// the two parameters whose rows hold its components' values. Such a composite (R4:
+    /// Observation `code-value-quantity`, `code-value-concept`, `code-value-date`) combines
+    /// two elements of the resource itself, not of a repeating item, so `code-value-quantity
+    /// =a$b` means exactly `code=a&value-quantity=b`: it has no index rows of its own.
+    pub fn by_parts(&self, resource_type: &str, code: &str) -> Option<&[String; 2]> {
+        self.by_parts.get(resource_type)?.get(code)
+    }
+
+    /// The composites of one type searched by their parts, for index extraction to skip.
+    pub fn by_parts_of(&self, resource_type: &str) -> Option<&HashMap<String, [String; 2]>> {
+        self.by_parts.get(resource_type)
+    }
+
     /// The aliases of one type (see [`Registry::alias`]), for index extraction to skip.
     pub fn aliases_of(&self, resource_type: &str) -> Option<&HashMap<String, Vec<String>>> {
         self.aliases.get(resource_type)
@@ -220,6 +236,73 @@ impl Registry {
             .map(|(t, indices)| (t.clone(), self.aliases_for(t, indices)))
             .filter(|(_, found)| !found.is_empty())
             .collect();
+        self.by_parts = self
+            .merged
+            .iter()
+            .map(|(t, indices)| (t.clone(), self.by_parts_for(t, indices)))
+            .filter(|(_, found)| !found.is_empty())
+            .collect();
+    }
+
+    /// Finds one type's composites that are searched by their parts (see
+    /// [`Registry::by_parts`]): two components, the first a token; the composite's
+    /// expression on this type is the resource itself; each component's definition is a
+    /// parameter of this type with index rows of its own, whose expression on this type is
+    /// the component's (rooted at the type, compared as normalised text). The one difference
+    /// allowed: the part's expression may also cast to `SampledData` where it is a quantity
+    /// (R4 `value-quantity`), because a SampledData has no `value` and so yields no quantity
+    /// row (`extract::quantity`).
+    fn by_parts_for(&self, ty: &str, indices: &[usize]) -> HashMap<String, [String; 2]> {
+        let mut found = HashMap::new();
+        for param in indices.iter().filter_map(|&i| self.params.get(i)) {
+            if param.kind != ParamType::Composite || param.expression.is_none() {
+                continue;
+            }
+            let Some(text) = &param.expression_text else {
+                continue;
+            };
+            let own: Vec<String> = branches_on(text, ty);
+            if own.len() != 1 || own[0] != ty.to_ascii_lowercase() {
+                continue;
+            }
+            let [first, second] = param.components.as_slice() else {
+                continue;
+            };
+            if first.kind != Some(ParamType::Token) {
+                continue;
+            }
+            let part = |c: &Component| -> Option<String> {
+                let kind = c.kind?;
+                let p = self
+                    .params
+                    .iter()
+                    .find(|p| p.url == c.definition && p.expression.is_some())?;
+                // The part as this type sees it, with rows of its own.
+                let seen = self.get(ty, &p.code)?;
+                if seen.url != p.url
+                    || seen.kind != kind
+                    || matches!(kind, ParamType::Composite | ParamType::Special)
+                    || self.alias(ty, &p.code).is_some()
+                {
+                    return None;
+                }
+                let wanted: Vec<String> = split_branches(&c.expression_text)
+                    .iter()
+                    .map(|b| normalise(&format!("{ty}.{b}")))
+                    .collect();
+                let has = branches_on(seen.expression_text.as_deref()?, ty);
+                let covered = wanted.iter().all(|w| has.contains(w));
+                let extra_ok = has
+                    .iter()
+                    .filter(|h| !wanted.contains(h))
+                    .all(|h| kind == ParamType::Quantity && h.ends_with(" as sampleddata"));
+                (covered && extra_ok).then(|| p.code.clone())
+            };
+            if let (Some(head), Some(tail)) = (part(first), part(second)) {
+                found.insert(param.code.clone(), [head, tail]);
+            }
+        }
+        found
     }
 
     /// Finds the aliases among one type's parameters: a parameter whose expression's branches
@@ -343,6 +426,85 @@ impl Registry {
         }
         self.params.push(param);
     }
+}
+
+/// The top-level `|` branches of a FHIRPath expression's text.
+fn split_branches(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            '|' if depth == 0 => {
+                out.push(text[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(text[start..].trim());
+    out
+}
+
+/// One branch's text, normalised for comparison: outer parentheses dropped, `x.as(T)`
+/// written `x as T`, whitespace collapsed, lower case (FHIRPath `as(DateTime)` and
+/// `as dateTime` name the same choice).
+fn normalise(branch: &str) -> String {
+    let mut t = branch.trim();
+    while wrapped(t) {
+        t = t[1..t.len() - 1].trim();
+    }
+    let mut s = t.to_string();
+    while let Some(at) = s.find(".as(") {
+        let Some(close) = s[at..].find(')') else {
+            break;
+        };
+        let ty = s[at + 4..at + close].trim().to_string();
+        s.replace_range(at..at + close + 1, &format!(" as {ty}"));
+    }
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_ascii_lowercase()
+}
+
+/// Whether the text is one parenthesised expression: `(a)`, not `(a) as (b)`.
+fn wrapped(t: &str) -> bool {
+    if !(t.starts_with('(') && t.ends_with(')')) {
+        return false;
+    }
+    let mut depth = 0;
+    for (i, c) in t.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 && i + 1 < t.len() {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
+/// The normalised branches of an expression rooted at `ty` (`Observation.x`, `(Observation.x
+/// as T)`, or `Observation` itself).
+fn branches_on(text: &str, ty: &str) -> Vec<String> {
+    let root = ty.to_ascii_lowercase();
+    split_branches(text)
+        .into_iter()
+        .map(normalise)
+        .filter(|b| {
+            // `(Observation.value as CodeableConcept).text` is rooted there too.
+            let b = b.trim_start_matches('(');
+            b == root
+                || b.strip_prefix(root.as_str())
+                    .is_some_and(|rest| rest.starts_with(['.', ' ', ')']))
+        })
+        .collect()
 }
 
 /// Whether two parameters' components (none for simple parameters) index alike: the same
@@ -560,6 +722,50 @@ mod tests {
                 .for_type("Binary")
                 .iter()
                 .all(|p| p.code != "_text")
+        );
+    }
+
+    #[test]
+    fn observation_root_composites_are_searched_by_parts() {
+        let (registry, _) = official();
+        let parts = |code: &str| registry.by_parts("Observation", code).cloned();
+        let pair = |a: &str, b: &str| Some([a.to_string(), b.to_string()]);
+        assert_eq!(parts("code-value-quantity"), pair("code", "value-quantity"));
+        assert_eq!(parts("code-value-concept"), pair("code", "value-concept"));
+        assert_eq!(parts("code-value-date"), pair("code", "value-date"));
+        // value-string also reads `(Observation.value as CodeableConcept).text`, which the
+        // component does not: kept as rows.
+        assert_eq!(parts("code-value-string"), None);
+        // Components of repeating items pair values within one item: rows.
+        assert_eq!(parts("component-code-value-quantity"), None);
+        assert_eq!(parts("combo-code-value-quantity"), None);
+        let total: usize = registry.by_parts.values().map(HashMap::len).sum();
+        assert_eq!(total, 3, "{:?}", registry.by_parts);
+    }
+
+    #[test]
+    fn expression_texts_normalise() {
+        assert_eq!(
+            normalise("(Observation.value as Quantity)"),
+            "observation.value as quantity"
+        );
+        assert_eq!(
+            normalise("Observation.value.as(Quantity)"),
+            "observation.value as quantity"
+        );
+        assert_eq!(normalise("(a) as (b)"), "(a) as (b)");
+        assert_eq!(
+            split_branches("(A.x as T) | A.y.where(z | w)"),
+            ["(A.x as T)", "A.y.where(z | w)"]
+        );
+        assert_eq!(
+            branches_on("Observation | Observation.component", "Observation").len(),
+            2
+        );
+        assert!(branches_on("ObservationDefinition.code", "Observation").is_empty());
+        assert_eq!(
+            branches_on("(Observation.value as CodeableConcept).text", "Observation"),
+            ["(observation.value as codeableconcept).text"]
         );
     }
 

@@ -869,8 +869,123 @@ async fn custom_parameters_after_reindex(app: &TestApp) {
     assert!(!cs.contains("first-name"));
 }
 
+/// Observation `code-value-*` composites combine two elements of the resource itself, so
+/// they are searched by their parts (`code` and the value's parameter), with no rows of their
+/// own; `component-*` composites pair values inside one component and keep rows. Both must
+/// keep the composite's meaning.
+async fn composites_by_parts(app: &TestApp) {
+    let coding = |system: &str, code: &str| json!({"system": system, "code": code});
+    let loinc = "http://loinc.org";
+    let per_min = |v: f64| json!({"value": v, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"});
+    let resources = [
+        json!({"resourceType": "Patient", "id": "cp1"}),
+        json!({"resourceType": "Observation", "id": "c1", "status": "final",
+            "subject": {"reference": "Patient/cp1"},
+            "code": {"coding": [coding(loinc, "8867-4"), coding("urn:iso:std:iso:11073:10101", "147842")]},
+            "valueQuantity": per_min(72.0)}),
+        json!({"resourceType": "Observation", "id": "c2", "status": "final",
+            "code": {"coding": [coding(loinc, "72166-2")]},
+            "valueCodeableConcept": {"coding": [coding("http://snomed.info/sct", "8517006")]}}),
+        json!({"resourceType": "Observation", "id": "c3", "status": "final",
+            "code": {"coding": [coding(loinc, "21112-8")]}, "valueDateTime": "1990-01-01"}),
+        json!({"resourceType": "Observation", "id": "c4", "status": "final",
+            "code": {"coding": [coding(loinc, "8867-4")]},
+            "valuePeriod": {"start": "2020-01-01", "end": "2020-01-02"}}),
+        json!({"resourceType": "Observation", "id": "c5", "status": "final",
+            "code": {"coding": [coding(loinc, "8867-4")]},
+            "component": [{"code": {"coding": [coding(loinc, "8867-4")]}, "valueQuantity": per_min(50.0)}]}),
+        json!({"resourceType": "Observation", "id": "c6", "status": "final",
+            "code": {"coding": [coding(loinc, "8867-4")]},
+            "valueSampledData": {"origin": {"value": 0}, "period": 1000, "dimensions": 1, "data": "50 72"}}),
+        json!({"resourceType": "Observation", "id": "c7", "status": "final",
+            "code": {"coding": [coding(loinc, "9279-1")]}, "valueQuantity": per_min(72.0)}),
+    ];
+    for r in &resources {
+        let url = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let put = app.put(&url, r).await;
+        assert_eq!(put.status(), 201, "{url}: {}", put.text().await.unwrap());
+    }
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "Observation?code-value-quantity=http://loinc.org|8867-4$72",
+            &["Observation/c1"],
+        ),
+        (
+            "Observation?code-value-quantity=urn:iso:std:iso:11073:10101|147842$gt70",
+            &["Observation/c1"],
+        ),
+        (
+            "Observation?code-value-quantity=http://snomed.info/sct|8867-4$72",
+            &[],
+        ),
+        ("Observation?code-value-quantity=8867-4$50", &[]),
+        (
+            "Observation?code-value-quantity=9279-1$72||/min",
+            &["Observation/c7"],
+        ),
+        (
+            "Observation?combo-code-value-quantity=8867-4$50",
+            &["Observation/c5"],
+        ),
+        (
+            "Observation?combo-code-value-quantity=8867-4$50,8867-4$72",
+            &["Observation/c1", "Observation/c5"],
+        ),
+        (
+            "Observation?code-value-quantity=8867-4$72,9279-1$lt60,8867-4$50",
+            &["Observation/c1"],
+        ),
+        (
+            "Observation?code-value-concept=72166-2$http://snomed.info/sct|8517006",
+            &["Observation/c2"],
+        ),
+        ("Observation?code-value-concept=8867-4$8517006", &[]),
+        (
+            "Observation?code-value-date=21112-8$1990-01-01",
+            &["Observation/c3"],
+        ),
+        (
+            "Observation?code-value-date=8867-4$ge2020-01-01",
+            &["Observation/c4"],
+        ),
+        (
+            "Observation?code-value-quantity=8867-4$72&status=final&_id=c1,c7",
+            &["Observation/c1"],
+        ),
+        (
+            "Patient?_has:Observation:subject:code-value-quantity=8867-4$72",
+            &["Patient/cp1"],
+        ),
+        (
+            "Patient/cp1/Observation?code-value-quantity=147842$72",
+            &["Observation/c1"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (query, expected) in cases {
+        let b = search(app, query).await;
+        let got = sorted(ids(&b, "match"));
+        let want = sorted(expected.iter().map(|s| s.to_string()).collect());
+        if got != want {
+            failures.push(format!("{query}: got {got:?}, want {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(
+        app.get("Observation?code-value-quantity:missing=true")
+            .await
+            .status(),
+        400
+    );
+}
+
 crate::both_backends!(
     synthea_clinical_queries,
+    composites_by_parts,
     custom_parameters_after_reindex,
     large_results_page_exactly,
     many_index_rows_of_one_resource,
