@@ -256,7 +256,7 @@ pub async fn ingest(ctx: &SharedCtx, bytes: &[u8], peer: &str) -> Ingested {
     );
     // Parse, validate, resolve and serialise outside the writer; inside, the ids are
     // checked again and the resources written.
-    let written = match crate::interaction::transaction::plan_bundle(ctx, &mapped.bundle) {
+    let written = match crate::interaction::transaction::plan_bundle(ctx, mapped.bundle) {
         Err(e) => Err(e),
         Ok(mut planned) => {
             crate::interaction::transaction::speculate(ctx, &mut planned).await;

@@ -176,8 +176,10 @@ fn authorize_transaction_entry(grant: &crate::auth::access::Grant, e: &Entry) ->
     }
 }
 
-fn parse_entry(ctx: &Ctx, index: usize, e: Value) -> Result<Entry> {
+fn parse_entry(ctx: &Ctx, index: usize, mut e: Value) -> Result<Entry> {
     let at = |m: &str| entry_error(index, FhirError::invalid(m.to_string()));
+    // Moved out, not copied: the entry is ours.
+    let resource = e.get_mut("resource").map(Value::take);
     let request = e
         .get("request")
         .ok_or_else(|| at("entry.request is required in a batch or transaction"))?;
@@ -206,11 +208,11 @@ fn parse_entry(ctx: &Ctx, index: usize, e: Value) -> Result<Entry> {
     req.if_modified_since = text("ifModifiedSince")
         .and_then(|s| crate::search::extract::parse_fhir_date_range(&s))
         .map(|r| r.0);
-    req.body = match (method, e.get("resource")) {
+    req.body = match (method, resource) {
         (Method::Patch, Some(binary)) => {
-            RequestBody::JsonPatch(patch_from_binary(binary).map_err(|m| at(&m))?)
+            RequestBody::JsonPatch(patch_from_binary(&binary).map_err(|m| at(&m))?)
         }
-        (_, Some(r)) => RequestBody::Resource(r.clone()),
+        (_, Some(r)) => RequestBody::Resource(r),
         (_, None) => RequestBody::None,
     };
     let interaction = route(ctx.defs, method, &req.segments).map_err(|e| entry_error(index, e))?;
@@ -462,12 +464,11 @@ struct Speculation {
 
 /// Parses and validates a transaction Bundle without touching the database: the CPU work
 /// that should not run inside the single SQLite writer.
-pub fn plan_bundle(ctx: &Ctx, bundle: &Value) -> Result<Planned> {
-    let raw_entries = bundle
-        .get("entry")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+pub fn plan_bundle(ctx: &Ctx, mut bundle: Value) -> Result<Planned> {
+    let raw_entries = match bundle.get_mut("entry").map(Value::take) {
+        Some(Value::Array(entries)) => entries,
+        _ => Vec::new(),
+    };
     let mut entries = Vec::with_capacity(raw_entries.len());
     for (index, e) in raw_entries.into_iter().enumerate() {
         entries.push(parse_entry(ctx, index, e)?);

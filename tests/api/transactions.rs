@@ -288,7 +288,7 @@ async fn stale_speculation_is_redone(app: &TestApp) {
     assert_eq!(d1["meta"]["versionId"], "1");
 
     // 1. Speculated unchanged, then changed by someone else: the writer writes it again.
-    let mut planned = plan_bundle(&app.ctx, &bundle("o2", "d1")).unwrap();
+    let mut planned = plan_bundle(&app.ctx, bundle("o2", "d1")).unwrap();
     speculate(&app.ctx, &mut planned).await;
     let mut changed = d1.clone();
     changed["status"] = json!("inactive");
@@ -307,7 +307,7 @@ async fn stale_speculation_is_redone(app: &TestApp) {
     assert_eq!(found("Device?status=inactive").await["total"], 0);
 
     // 2. Speculated new, then created by someone else: the writer uses the existing one.
-    let mut planned = plan_bundle(&app.ctx, &bundle("o3", "d2")).unwrap();
+    let mut planned = plan_bundle(&app.ctx, bundle("o3", "d2")).unwrap();
     speculate(&app.ctx, &mut planned).await;
     let r = app
         .post(
