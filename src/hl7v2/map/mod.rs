@@ -158,9 +158,17 @@ pub fn map(msg: &Message, ctx: &MapContext) -> Result<Mapped, Vec<MapError>> {
     }
     let provenance = b.provenance(&ctx.message_ref);
     b.entries.push(provenance);
-    let entries: Vec<Value> = b.entries.iter().map(Entry::to_json).collect();
+    let entries: Vec<Value> = std::mem::take(&mut b.entries)
+        .into_iter()
+        .map(Entry::into_json)
+        .collect();
+    let mut bundle = serde_json::Map::new();
+    bundle.insert("resourceType".into(), json!("Bundle"));
+    bundle.insert("type".into(), json!("transaction"));
+    // Moved in: `json!` would serialise the entries into a copy.
+    bundle.insert("entry".into(), Value::Array(entries));
     Ok(Mapped {
-        bundle: json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+        bundle: Value::Object(bundle),
         warnings: b.warnings,
     })
 }
