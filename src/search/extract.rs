@@ -91,7 +91,8 @@ impl Hash for IndexValue {
 
 /// Index entries for every evaluable parameter of the resource's type, without duplicates.
 /// Aliases (`Registry::alias`) and composites searched by their parts
-/// (`Registry::by_parts`) get none: their values are the rows of other parameters. A resource without `resourceType` yields nothing.
+/// (`Registry::by_parts`) get none: their values are the rows of other parameters. A
+/// resource without `resourceType` yields nothing.
 pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str) else {
         return Vec::new();

@@ -2034,28 +2034,10 @@ fn filter_sql(
                 |b, param| composite_alts_sql(b, ty, param, alts),
             );
         }
-        Filter::All(filters) => {
-            b.push("(");
-            for (i, f) in filters.iter().enumerate() {
-                if i > 0 {
-                    b.push(" AND ");
-                }
-                filter_sql(b, ty, f, alias, depth, Role::Probe);
-            }
-            b.push(")");
-        }
+        Filter::All(filters) => and_sql(b, ty, filters, alias, depth),
         Filter::AnyOf(lists) => {
             b.push("(");
-            or_list(b, lists, |b, list| {
-                b.push("(");
-                for (i, f) in list.iter().enumerate() {
-                    if i > 0 {
-                        b.push(" AND ");
-                    }
-                    filter_sql(b, ty, f, alias, depth, Role::Probe);
-                }
-                b.push(")");
-            });
+            or_list(b, lists, |b, list| and_sql(b, ty, list, alias, depth));
             b.push(")");
         }
         Filter::Near { lat, long } => {
@@ -2092,6 +2074,18 @@ fn filter_sql(
             b.push("1 = 0");
         }
     }
+}
+
+/// `(f1 AND f2 ...)`, each filter as a probe of the candidate `alias`.
+fn and_sql(b: &mut SqlBuilder, ty: Option<&str>, filters: &[Filter], alias: &str, depth: usize) {
+    b.push("(");
+    for (i, f) in filters.iter().enumerate() {
+        if i > 0 {
+            b.push(" AND ");
+        }
+        filter_sql(b, ty, f, alias, depth, Role::Probe);
+    }
+    b.push(")");
 }
 
 fn composite_alts_sql(
