@@ -10,9 +10,10 @@ use crate::interaction::bundle_text::{BundleText, url_with_query};
 use crate::interaction::subset::{Summary, subset};
 use crate::interaction::{Body, Ctx, FhirRequest, FhirResponse, SharedCtx};
 use crate::search::query::{
-    CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, canonical_sql,
-    hierarchy_codes, params_sql, parse_hierarchy_key, value_set_codes,
+    CHEAP_TOTAL, Cursor, Include, SearchQuery, TokenValue, TotalMode, all_reference_rows_sql,
+    canonical_sql, hierarchy_codes, parse_hierarchy_key, reference_rows_sql, value_set_codes,
 };
+use crate::search::registry::Registry;
 use crate::store::{Db, SqlBuilder, Ty, Val};
 
 /// Included resources per page at most (`_include`, `_revinclude`), against result explosion.
@@ -123,7 +124,13 @@ pub async fn search_compartment(
     };
     let mut q = parse(ctx, types, &params, req.prefer_lenient)?;
     let type_filter = types_param(ctx, &params)?;
-    q.restrict_to_compartment(compartment, id, members, type_filter.as_deref());
+    q.restrict_to_compartment(
+        &ctx.registry(),
+        compartment,
+        id,
+        members,
+        type_filter.as_deref(),
+    );
     let mut db = ctx.store.reader().await?;
     let path = format!("{compartment}/{id}/{ty}");
     Ok(raw(run(&mut db, ctx, q, &path, &params).await?))
@@ -158,7 +165,7 @@ pub async fn everything(ctx: &SharedCtx, id: &str, req: &FhirRequest) -> Result<
     params.push(("_include".into(), "*".into()));
     let types = types_param(ctx, &params)?;
     let mut q = parse(ctx, None, &params, false)?;
-    q.restrict_to_compartment("Patient", id, members, types.as_deref());
+    q.restrict_to_compartment(&ctx.registry(), "Patient", id, members, types.as_deref());
     let path = format!("Patient/{id}/$everything");
     let link_params: Vec<(String, String)> = given
         .into_iter()
@@ -354,7 +361,7 @@ async fn run(
         }
     }
 
-    let mut included = includes(db, &q, &rows).await?;
+    let mut included = includes(db, &ctx.registry(), &q, &rows).await?;
     // _summary / _elements shape every entry (search.html#summary, #elements).
     let summary = params
         .iter()
@@ -424,7 +431,12 @@ struct Included {
 
 /// Resources that `_include` (targets of the page's references) and `_revinclude`
 /// (resources referring to the page) add, with `:iterate` applied to what was included.
-async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included> {
+async fn includes(
+    db: &mut Db,
+    registry: &Registry,
+    q: &SearchQuery,
+    page: &[Row],
+) -> Result<Included> {
     let mut out = Included {
         rows: Vec::new(),
         truncated: false,
@@ -457,9 +469,8 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
             );
             b.list(sources);
             if let Some(c) = &inc.code {
-                // `x.rid` fixes the source's type: the code's range of keys is exact.
                 b.push(" AND ");
-                params_sql(&mut b, None, "x.param", std::slice::from_ref(c));
+                reference_rows_sql(&mut b, registry, &inc.source, c, "x");
             }
             if let Some(t) = &inc.target {
                 b.push(" AND x.target_type = ").text(t.clone());
@@ -482,20 +493,14 @@ async fn includes(db: &mut Db, q: &SearchQuery, page: &[Row]) -> Result<Included
                 Some(c) => {
                     let mut b =
                         SqlBuilder::new("SELECT DISTINCT x.rid FROM idx_reference x WHERE ");
-                    params_sql(
-                        &mut b,
-                        Some(&inc.source),
-                        "x.param",
-                        std::slice::from_ref(c),
-                    );
+                    reference_rows_sql(&mut b, registry, &inc.source, c, "x");
                     b
                 }
                 None => {
-                    let mut b = SqlBuilder::new(
-                        "SELECT DISTINCT x.rid FROM idx_reference x JOIN resource s \
-                         ON s.rid = x.rid WHERE s.res_type = ",
-                    );
-                    b.text(inc.source.clone());
+                    // Every reference parameter of the source: seeks in the lookup index.
+                    let mut b =
+                        SqlBuilder::new("SELECT DISTINCT x.rid FROM idx_reference x WHERE ");
+                    all_reference_rows_sql(&mut b, registry, &inc.source, "x.param");
                     b
                 }
             };

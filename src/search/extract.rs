@@ -102,6 +102,7 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
     let mut extra = Vec::new();
     let aliases = registry.aliases_of(resource_type);
     let by_parts = registry.by_parts_of(resource_type);
+    let restricted = registry.restricted_of(resource_type);
     for param in registry.for_type(resource_type) {
         if matches!(param.code.as_str(), "_id" | "_lastUpdated")
             || aliases.is_some_and(|a| a.contains_key(&param.code))
@@ -144,6 +145,10 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
                 }
                 _ => {}
             }
+        }
+        if restricted.is_some_and(|r| r.contains_key(&param.code)) {
+            // Its reference rows are its base's (`Registry::restricted`).
+            values.clear();
         }
         dedupe(&mut values);
         entries.extend(values.drain(..).map(|value| IndexEntry {
@@ -623,16 +628,22 @@ fn quantity(value: &Value, out: &mut Vec<IndexValue>) {
 /// Reference gives its target from `reference`; a canonical or uri gives itself; an inline
 /// resource (`Bundle.entry[0].resource`) gives `Type/id`. Contained (`#id`) references and
 /// identifier-only references are not indexed.
+///
+/// The target type is the one FHIRPath `resolve() is T` sees (`fhirpath`): from the text,
+/// else from `Reference.type` (a `urn:uuid:` with `type: Patient` is a Patient reference
+/// without an id). Restricted parameters (`Registry::restricted`) rely on it.
 fn reference(value: &Value, out: &mut Vec<IndexValue>) {
     match value {
         Value::String(canonical) => {
             // A canonical's `|version` is not part of the target's id.
             let target = canonical.split('|').next().unwrap_or(canonical);
-            push_reference(target, canonical, out);
+            push_reference(target, canonical, None, out);
         }
         Value::Object(map) => {
             if let Some(text) = str_field(map, "reference") {
-                push_reference(text, text, out);
+                // `Reference.type` is a URI; a full StructureDefinition URL is legal too.
+                let declared = str_field(map, "type").and_then(|t| t.rsplit('/').next());
+                push_reference(text, text, declared, out);
             } else if let Some(resource_type) = str_field(map, "resourceType")
                 && let Some(id) = str_field(map, "id")
             {
@@ -647,13 +658,14 @@ fn reference(value: &Value, out: &mut Vec<IndexValue>) {
     }
 }
 
-fn push_reference(target: &str, url: &str, out: &mut Vec<IndexValue>) {
+fn push_reference(target: &str, url: &str, declared: Option<&str>, out: &mut Vec<IndexValue>) {
     if target.is_empty() || target.starts_with('#') {
         return;
     }
     let (target_type, target_id) = match fhirpath::split_type_and_id(target) {
         Some((t, id)) if !target.starts_with("urn:") => (Some(t.to_string()), Some(id.to_string())),
-        _ => (None, None),
+        Some((t, _)) => (Some(t.to_string()), None),
+        None => (declared.map(str::to_string), None),
     };
     out.push(IndexValue::Reference {
         target_type,
@@ -872,6 +884,48 @@ mod tests {
             .filter(|e| e.code == code)
             .map(|e| e.value)
             .collect()
+    }
+
+    /// A restricted reference parameter (`Registry::restricted`) writes no reference rows;
+    /// its base's rows carry the target type `resolve() is T` sees, and its `:identifier`
+    /// rows stay its own.
+    #[test]
+    fn restricted_references_read_their_base() {
+        let observation = |subject: Value| {
+            json!({"resourceType": "Observation", "status": "final",
+                "code": {"text": "x"}, "subject": subject})
+        };
+        let plain = observation(json!({"reference": "Patient/1"}));
+        assert_eq!(
+            values(&plain, "subject"),
+            [reference(Some("Patient"), Some("1"), "Patient/1")]
+        );
+        assert!(values(&plain, "patient").is_empty());
+        // A `urn:uuid:` says its type only in `Reference.type`, as `resolve()` reads it.
+        let typed = observation(json!({"reference": "urn:uuid:0b9c", "type": "Patient"}));
+        assert_eq!(
+            values(&typed, "subject"),
+            [reference(Some("Patient"), None, "urn:uuid:0b9c")]
+        );
+        let url = observation(json!({"reference": "urn:uuid:0b9c",
+            "type": "http://hl7.org/fhir/StructureDefinition/Group"}));
+        assert_eq!(
+            values(&url, "subject"),
+            [reference(Some("Group"), None, "urn:uuid:0b9c")]
+        );
+        let identified = observation(json!({"type": "Patient",
+            "identifier": {"system": "urn:mrn", "value": "42"}}));
+        assert_eq!(
+            values(&identified, "patient:identifier"),
+            [token(Some("urn:mrn"), Some("42"), None)]
+        );
+        assert_eq!(
+            values(&identified, "subject:identifier"),
+            [token(Some("urn:mrn"), Some("42"), None)]
+        );
+        let group = observation(json!({"type": "Group",
+            "identifier": {"system": "urn:mrn", "value": "42"}}));
+        assert!(values(&group, "patient:identifier").is_empty());
     }
 
     /// Observation `code-value-*` composites are searched by their parts
@@ -1330,11 +1384,8 @@ mod tests {
             Some("example"),
             "Patient/example"
         )));
-        assert!(values(observation, "patient").contains(&reference(
-            Some("Patient"),
-            Some("example"),
-            "Patient/example"
-        )));
+        // `patient` is `subject` restricted to Patients: it reads `subject`'s rows.
+        assert!(values(observation, "patient").is_empty());
 
         // A partial date covers its whole year.
         let person = find("Person-f002.json");

@@ -166,34 +166,109 @@ struct QuantityValue {
 }
 
 /// The index codes holding one parameter's rows: its own code, or for an alias
-/// (`Registry::alias`, e.g. Observation `combo-code`) the codes of the parameters it unites.
+/// (`Registry::alias`, e.g. Observation `combo-code`) the codes of the parameters it unites,
+/// or for a restricted reference parameter (`Registry::restricted`, e.g. Observation
+/// `patient`) its base's code with the target type the rows must have.
 #[derive(Debug, Clone, PartialEq)]
-struct Codes(Vec<String>);
+struct Codes(Vec<String>, Option<Restricted>);
+
+/// A restricted reference parameter's own code (for its `:identifier` rows) and the target
+/// type its base's rows must have.
+#[derive(Debug, Clone, PartialEq)]
+struct Restricted {
+    own: String,
+    target_type: String,
+}
 
 impl Codes {
     fn of(registry: &Registry, ty: Option<&str>, code: &str) -> Codes {
-        match ty.and_then(|t| registry.alias(t, code)) {
-            Some(codes) => Codes(codes.to_vec()),
-            None => Codes(vec![code.to_string()]),
+        let Some(t) = ty else {
+            return Codes::plain(code);
+        };
+        if let Some(codes) = registry.alias(t, code) {
+            return Codes(codes.to_vec(), None);
+        }
+        match registry.restricted(t, code) {
+            Some(r) => Codes(
+                vec![r.base.clone()],
+                Some(Restricted {
+                    own: code.to_string(),
+                    target_type: r.target_type.clone(),
+                }),
+            ),
+            None => Codes::plain(code),
         }
     }
 
-    /// The codes of derived rows (`:of-type`, `:identifier`), which follow their parameter's.
-    fn suffixed(&self, suffix: &str) -> Codes {
-        Codes(self.0.iter().map(|c| format!("{c}{suffix}")).collect())
+    /// One code with rows of its own.
+    fn plain(code: &str) -> Codes {
+        Codes(vec![code.to_string()], None)
     }
 
+    /// The codes of derived rows (`:of-type`, `:identifier`), which follow their parameter's
+    /// (a restricted parameter keeps its own: they carry no target type).
+    fn suffixed(&self, suffix: &str) -> Codes {
+        match &self.1 {
+            Some(r) => Codes(vec![format!("{}{suffix}", r.own)], None),
+            None => Codes(
+                self.0.iter().map(|c| format!("{c}{suffix}")).collect(),
+                None,
+            ),
+        }
+    }
+
+    /// The one code whose rows alone are this parameter's.
     fn single(&self) -> Option<&str> {
-        match self.0.as_slice() {
-            [one] => Some(one),
+        match (self.0.as_slice(), &self.1) {
+            ([one], None) => Some(one),
             _ => None,
         }
     }
 
-    /// The index rows of these codes (see [`params_sql`]).
+    /// The index rows of these codes (see [`params_sql`]); `col` is the `param` column,
+    /// qualified like the table's other columns (`x.param`, `+x.param`).
     fn sql(&self, b: &mut SqlBuilder, ty: Option<&str>, col: &str) {
-        params_sql(b, ty, col, &self.0);
+        match &self.1 {
+            None => params_sql(b, ty, col, &self.0),
+            Some(r) => {
+                let qualifier = col
+                    .trim_start_matches('+')
+                    .rsplit_once('.')
+                    .map_or("", |(q, _)| q);
+                let dot = if qualifier.is_empty() { "" } else { "." };
+                b.push("(");
+                params_sql(b, ty, col, &self.0);
+                b.push(&format!(" AND {qualifier}{dot}target_type = "))
+                    .text(r.target_type.clone())
+                    .push(")");
+            }
+        }
     }
+}
+
+/// The `idx_reference` rows (under `alias`) of the reference parameter `code` of `source`,
+/// through its base's rows when it is restricted (`Registry::restricted`).
+pub fn reference_rows_sql(
+    b: &mut SqlBuilder,
+    registry: &Registry,
+    source: &str,
+    code: &str,
+    alias: &str,
+) {
+    Codes::of(registry, Some(source), code).sql(b, Some(source), &format!("{alias}.param"));
+}
+
+/// The `idx_reference` rows (column `col`) of every reference parameter of `source` with
+/// rows of its own (restricted ones read their base's).
+pub fn all_reference_rows_sql(b: &mut SqlBuilder, registry: &Registry, source: &str, col: &str) {
+    let codes: Vec<&str> = registry
+        .for_type(source)
+        .into_iter()
+        .filter(|p| p.kind == ParamType::Reference && p.expression.is_some())
+        .filter(|p| registry.restricted(source, &p.code).is_none())
+        .map(|p| p.code.as_str())
+        .collect();
+    params_sql(b, Some(source), col, &codes);
 }
 
 /// The index rows (column `col`, `param`) of `codes`: `{col} = key` or `{col} IN (keys)`
@@ -258,14 +333,14 @@ enum Filter {
     },
     /// `code[:Type].rest=...`: a reference whose target matches `inner` (one list per type).
     Chain {
-        code: String,
+        code: Codes,
         targets: Vec<(String, Vec<Filter>)>,
     },
     /// `_has:Source:code:rest=...`: some `Source` referring to this resource through `code`
     /// matches `inner`.
     Has {
         source: String,
-        code: String,
+        code: Codes,
         inner: Vec<Filter>,
     },
     /// `_list=id`: the resource is an item of that List.
@@ -691,7 +766,7 @@ fn parse_filter(
         let inner = parse_filter(registry, Some(source), inner_key, value, depth + 1)?;
         return Ok(Filter::Has {
             source: source.to_string(),
-            code: param.code.clone(),
+            code: Codes::of(registry, Some(source), &param.code),
             inner: inner.into_list(),
         });
     }
@@ -735,7 +810,7 @@ fn parse_filter(
             )));
         }
         return Ok(Filter::Chain {
-            code: param.code.clone(),
+            code: Codes::of(registry, ty, &param.code),
             targets,
         });
     }
@@ -1341,20 +1416,29 @@ impl SearchQuery {
     /// type, the reference parameters that place a resource in it (`{def}` marks the
     /// compartment's own type). A scope for one type outside the compartment is dropped;
     /// an all-types scope gets every type of the compartment (or of `types` when given).
+    /// A restricted parameter (`Registry::restricted`) counts as its base when it restricts
+    /// to the compartment's type, and as nothing otherwise: the filter's rows must refer to
+    /// `Type/id` anyway.
     pub fn restrict_to_compartment(
         &mut self,
+        registry: &Registry,
         compartment_type: &str,
         id: &str,
         params: &HashMap<String, Vec<String>>,
         types: Option<&[String]>,
     ) {
         let pairs_for = |ty: &str| -> Option<(String, Vec<String>)> {
-            let codes: Vec<String> = params
-                .get(ty)?
-                .iter()
-                .filter(|c| *c != "{def}")
-                .cloned()
-                .collect();
+            let mut codes: Vec<String> = Vec::new();
+            for c in params.get(ty)?.iter().filter(|c| *c != "{def}") {
+                let code = match registry.restricted(ty, c) {
+                    Some(r) if r.target_type == compartment_type => &r.base,
+                    Some(_) => continue,
+                    None => c,
+                };
+                if !codes.contains(code) {
+                    codes.push(code.clone());
+                }
+            }
             (!codes.is_empty()).then(|| (ty.to_string(), codes))
         };
         self.scopes.retain_mut(|scope| {
@@ -1700,7 +1784,15 @@ impl SearchQuery {
             }
             _ => false,
         };
-        exact.then_some((ty, *table, code.single()?, cond))
+        // A restricted parameter's typed reference names its target type itself.
+        let code = match (&code.1, cond) {
+            (Some(r), Cond::Reference(values)) => match (code.0.as_slice(), values.as_slice()) {
+                ([base], [RefValue::Local(Some(t), _)]) if *t == r.target_type => base.as_str(),
+                _ => return None,
+            },
+            _ => code.single()?,
+        };
+        exact.then_some((ty, *table, code, cond))
     }
 
     /// A builder for this search's SQL, told whether the database plans from statistics.
@@ -1938,7 +2030,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Reference, Some(&Codes(vec![code.clone()]))),
+                (Table::Reference, Some(code)),
                 (false, role, depth),
                 |b, _| {
                     or_list(b, targets, |b, (t, inner)| {
@@ -1959,10 +2051,10 @@ fn filter_sql(
         } => {
             let inner_alias = format!("h{depth}");
             b.push(&format!(
-                "{alias}.res_id IN (SELECT target_id FROM idx_reference WHERE param = "
-            ))
-            .int(param_key(source, code))
-            .push(" AND target_type = ");
+                "{alias}.res_id IN (SELECT target_id FROM idx_reference WHERE "
+            ));
+            code.sql(b, Some(source), "param");
+            b.push(" AND target_type = ");
             res_type(b);
             b.push(&format!(
                 " AND rid IN (SELECT {inner_alias}.rid FROM resource {inner_alias} \
@@ -2054,7 +2146,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Number, Some(&Codes(vec!["near:lat".into()]))),
+                (Table::Number, Some(&Codes::plain("near:lat"))),
                 (false, Role::Probe, depth),
                 |b, _| cond_sql(b, &lat_cond),
             );
@@ -2064,7 +2156,7 @@ fn filter_sql(
                 b,
                 ty,
                 alias,
-                (Table::Number, Some(&Codes(vec!["near:long".into()]))),
+                (Table::Number, Some(&Codes::plain("near:long"))),
                 (false, Role::Probe, depth),
                 |b, _| cond_sql(b, &long_cond),
             );

@@ -101,6 +101,20 @@ pub struct Registry {
     aliases: HashMap<String, HashMap<String, Vec<String>>>,
     /// Per type, the composites searched by their parts (see [`Registry::by_parts`]).
     by_parts: HashMap<String, HashMap<String, [String; 2]>>,
+    /// Per type, the reference parameters that are another's restricted to one target type
+    /// (see [`Registry::restricted`]).
+    restricted: HashMap<String, HashMap<String, Restriction>>,
+}
+
+/// A reference parameter searched through another's rows: `patient` on Observation
+/// (`Observation.subject.where(resolve() is Patient)`) is `subject` with target type
+/// `Patient`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restriction {
+    /// The parameter whose rows hold the values.
+    pub base: String,
+    /// The target type the rows must have.
+    pub target_type: String,
 }
 
 impl Registry {
@@ -216,6 +230,23 @@ impl Registry {
         self.by_parts.get(resource_type)
     }
 
+    /// When the reference parameter `code` on `resource_type` is another's restricted to one
+    /// target type: its expression there is `X.where(resolve() is T)` and another reference
+    /// parameter of the type, with rows of its own, has the expression `X` (R4: `patient`
+    /// as `subject` with `Patient` on 34 types, `practitioner` as `participant` on
+    /// Encounter, ...). Its reference rows are the other's whose `target_type` is `T`
+    /// (`extract` gives a reference's type as `resolve()` reads it), so it has none of its
+    /// own; searches, chains, `_has`, includes, sorts and compartments read the other's.
+    /// Its `:identifier` rows stay its own: they carry no target type.
+    pub fn restricted(&self, resource_type: &str, code: &str) -> Option<&Restriction> {
+        self.restricted.get(resource_type)?.get(code)
+    }
+
+    /// The restricted reference parameters of one type (see [`Registry::restricted`]).
+    pub fn restricted_of(&self, resource_type: &str) -> Option<&HashMap<String, Restriction>> {
+        self.restricted.get(resource_type)
+    }
+
     /// The aliases of one type (see [`Registry::alias`]), for index extraction to skip.
     pub fn aliases_of(&self, resource_type: &str) -> Option<&HashMap<String, Vec<String>>> {
         self.aliases.get(resource_type)
@@ -242,6 +273,62 @@ impl Registry {
             .map(|(t, indices)| (t.clone(), self.by_parts_for(t, indices)))
             .filter(|(_, found)| !found.is_empty())
             .collect();
+        self.restricted = self
+            .merged
+            .iter()
+            .map(|(t, indices)| (t.clone(), self.restricted_for(t, indices)))
+            .filter(|(_, found)| !found.is_empty())
+            .collect();
+    }
+
+    /// Finds one type's restricted reference parameters (see [`Registry::restricted`]),
+    /// comparing expressions as normalised text.
+    fn restricted_for(&self, ty: &str, indices: &[usize]) -> HashMap<String, Restriction> {
+        let params: Vec<&SearchParam> = indices
+            .iter()
+            .filter_map(|&i| self.params.get(i))
+            .filter(|p| p.kind == ParamType::Reference && p.expression.is_some())
+            .collect();
+        let single_branch = |p: &SearchParam| -> Option<String> {
+            match branches_on(p.expression_text.as_deref()?, ty).as_slice() {
+                [one] => Some(one.clone()),
+                _ => None,
+            }
+        };
+        let mut found = HashMap::new();
+        for p in &params {
+            let Some(branch) = single_branch(p) else {
+                continue;
+            };
+            let Some(inner) = branch.strip_suffix(')') else {
+                continue;
+            };
+            let Some((path, target)) = inner.rsplit_once(".where(resolve() is ") else {
+                continue;
+            };
+            // The type as the definition spells it (the branch is case-folded).
+            let Some(target_type) = p
+                .targets
+                .iter()
+                .find(|t| t.eq_ignore_ascii_case(target))
+                .filter(|t| !matches!(t.as_str(), "Resource" | "DomainResource"))
+            else {
+                continue;
+            };
+            let base = params
+                .iter()
+                .find(|b| b.code != p.code && single_branch(b).as_deref() == Some(path));
+            if let Some(base) = base {
+                found.insert(
+                    p.code.clone(),
+                    Restriction {
+                        base: base.code.clone(),
+                        target_type: target_type.clone(),
+                    },
+                );
+            }
+        }
+        found
     }
 
     /// Finds one type's composites that are searched by their parts (see
@@ -808,6 +895,42 @@ mod tests {
         assert_eq!(alias("value-quantity"), None);
         let total: usize = registry.aliases.values().map(HashMap::len).sum();
         assert_eq!(total, 6, "{:?}", registry.aliases);
+    }
+
+    #[test]
+    fn restricted_references_are_found_from_the_definitions() {
+        let (registry, _) = official();
+        let restricted = |ty: &str, code: &str| {
+            registry
+                .restricted(ty, code)
+                .map(|r| (r.base.as_str(), r.target_type.as_str()))
+        };
+        assert_eq!(
+            restricted("Observation", "patient"),
+            Some(("subject", "Patient"))
+        );
+        assert_eq!(
+            restricted("Encounter", "practitioner"),
+            Some(("participant", "Practitioner"))
+        );
+        // `AllergyIntolerance.patient` is an element of its own; `subject` is not restricted.
+        assert_eq!(restricted("AllergyIntolerance", "patient"), None);
+        assert_eq!(restricted("Observation", "subject"), None);
+        // A restriction's base is never itself restricted or an alias.
+        for (ty, found) in &registry.restricted {
+            for r in found.values() {
+                assert!(registry.restricted(ty, &r.base).is_none(), "{ty} {r:?}");
+                let base = registry.get(ty, &r.base);
+                assert!(
+                    base.is_some_and(|b| b.kind == ParamType::Reference),
+                    "{ty} {r:?}"
+                );
+            }
+        }
+        let total: usize = registry.restricted.values().map(HashMap::len).sum();
+        // AuditEvent `patient` restricts two elements (agent.who, entity.what): not one base.
+        assert_eq!(restricted("AuditEvent", "patient"), None);
+        assert_eq!(total, 47, "{:?}", registry.restricted);
     }
 
     #[test]

@@ -54,6 +54,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0008_covering_ranges.sql"),
         include_str!("../../migrations/postgres/0008_covering_ranges.sql"),
     ),
+    (
+        9,
+        "reference_rows_once",
+        include_str!("../../migrations/sqlite/0009_reference_rows_once.sql"),
+        include_str!("../../migrations/postgres/0009_reference_rows_once.sql"),
+    ),
 ];
 
 pub async fn run(db: &mut Db) -> Result<()> {

@@ -980,8 +980,156 @@ async fn composites_by_parts(app: &TestApp) {
     );
 }
 
+/// Parameters that restrict another to one target type (Observation `patient` is `subject`
+/// whose target is a Patient) have no rows of their own: every way of searching them reads
+/// the base's rows and must still tell a Patient from a Group.
+async fn restricted_references(app: &TestApp) {
+    let code = json!({"coding": [{"system": "urn:test", "code": "rx"}]});
+    let obs = |id: &str, subject: Option<Value>| {
+        let mut o =
+            json!({"resourceType": "Observation", "id": id, "status": "final", "code": code});
+        if let Some(s) = subject {
+            o["subject"] = s;
+        }
+        o
+    };
+    let resources = [
+        json!({"resourceType": "Patient", "id": "rp1", "name": [{"family": "Restricta"}]}),
+        json!({"resourceType": "Group", "id": "rg1", "type": "person", "actual": true,
+            "name": "Restricta"}),
+        json!({"resourceType": "Practitioner", "id": "rpr1"}),
+        obs("ro1", Some(json!({"reference": "Patient/rp1"}))),
+        obs("ro2", Some(json!({"reference": "Group/rg1"}))),
+        obs(
+            "ro3",
+            Some(json!({"type": "Patient",
+            "identifier": {"system": "urn:mrn", "value": "7"}})),
+        ),
+        obs("ro4", None),
+        {
+            let mut o = obs("ro5", Some(json!({"reference": "Patient/rp1"})));
+            o["performer"] = json!([{"reference": "Practitioner/rpr1"}]);
+            o
+        },
+        json!({"resourceType": "Encounter", "id": "re1", "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": {"reference": "Patient/rp1"},
+            "participant": [{"individual": {"reference": "Practitioner/rpr1"}}]}),
+        json!({"resourceType": "Encounter", "id": "re2", "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": {"reference": "Group/rg1"}}),
+    ];
+    for r in &resources {
+        let url = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let put = app.put(&url, r).await;
+        assert_eq!(put.status(), 201, "{url}: {}", put.text().await.unwrap());
+    }
+    let both = &["Observation/ro1", "Observation/ro5"][..];
+    let cases: &[(&str, &[&str])] = &[
+        ("Observation?patient=rp1", both),
+        ("Observation?patient=Patient/rp1", both),
+        ("Observation?patient:Patient=rp1", both),
+        ("Observation?patient=rg1", &[]),
+        ("Observation?subject=rg1", &["Observation/ro2"]),
+        ("Observation?subject:Group=rg1", &["Observation/ro2"]),
+        (
+            "Observation?code=rx&patient:missing=true",
+            &["Observation/ro2", "Observation/ro3", "Observation/ro4"],
+        ),
+        ("Observation?code=rx&patient:missing=false", both),
+        (
+            "Observation?patient:identifier=urn:mrn|7",
+            &["Observation/ro3"],
+        ),
+        (
+            "Observation?subject:identifier=urn:mrn|7",
+            &["Observation/ro3"],
+        ),
+        ("Observation?patient.name=Restricta", both),
+        ("Observation?patient:Patient.name=Restricta", both),
+        (
+            "Observation?subject:Group.actual=true",
+            &["Observation/ro2"],
+        ),
+        (
+            "Observation?code=rx&patient=rp1&_id=ro5,ro2",
+            &["Observation/ro5"],
+        ),
+        ("Patient?_has:Observation:patient:code=rx", &["Patient/rp1"]),
+        ("Group?_has:Observation:subject:code=rx", &["Group/rg1"]),
+        ("Patient?_has:Observation:patient:_id=ro2", &[]),
+        ("Encounter?patient=rp1", &["Encounter/re1"]),
+        ("Encounter?patient.name=Restricta", &["Encounter/re1"]),
+        ("Encounter?practitioner=rpr1", &["Encounter/re1"]),
+        ("Encounter?participant=rpr1", &["Encounter/re1"]),
+        ("Patient/rp1/Observation", both),
+        ("Patient/rp1/Encounter", &["Encounter/re1"]),
+        ("Practitioner/rpr1/Encounter", &["Encounter/re1"]),
+        ("Practitioner/rpr1/Observation", &["Observation/ro5"]),
+    ];
+    expect_matches(app, cases).await;
+
+    let include = |query: &'static str, want: &'static [&'static str]| async move {
+        let b = search(app, query).await;
+        assert_eq!(
+            sorted(ids(&b, "include")),
+            sorted(want.iter().map(|s| s.to_string()).collect()),
+            "{query}"
+        );
+    };
+    include(
+        "Observation?_id=ro1,ro2&_include=Observation:patient",
+        &["Patient/rp1"],
+    )
+    .await;
+    include(
+        "Observation?_id=ro1,ro2&_include=Observation:subject",
+        &["Patient/rp1", "Group/rg1"],
+    )
+    .await;
+    include("Observation?_id=ro2&_include=Observation:patient", &[]).await;
+    include(
+        "Observation?_id=ro1,ro2&_include=Observation:patient:Group",
+        &[],
+    )
+    .await;
+    include(
+        "Patient?_id=rp1&_revinclude=Observation:patient",
+        &["Observation/ro1", "Observation/ro5"],
+    )
+    .await;
+    include("Group?_id=rg1&_revinclude=Observation:patient", &[]).await;
+    include(
+        "Group?_id=rg1&_revinclude=Observation:subject",
+        &["Observation/ro2"],
+    )
+    .await;
+    // No parameter named: every reference parameter of the source.
+    include("Group?_id=rg1&_revinclude=Encounter", &["Encounter/re2"]).await;
+    include(
+        "Practitioner?_id=rpr1&_revinclude=Observation:*",
+        &["Observation/ro5"],
+    )
+    .await;
+    include(
+        "Encounter?_id=re1&_include=Encounter:practitioner",
+        &["Practitioner/rpr1"],
+    )
+    .await;
+
+    let b = search(app, "Observation?code=rx&_sort=patient").await;
+    let sorted_ids = ids(&b, "match");
+    assert_eq!(sorted_ids.len(), 5, "{sorted_ids:?}");
+    assert_eq!(sorted(sorted_ids[..2].to_vec()), both, "{sorted_ids:?}");
+}
+
 crate::both_backends!(
     synthea_clinical_queries,
+    restricted_references,
     composites_by_parts,
     custom_parameters_after_reindex,
     large_results_page_exactly,
