@@ -6,8 +6,6 @@
 --   and seek the lookup index (param, target_id, target_type, rid) instead.
 -- Each generated Observation wrote four reference index entries at random places of big
 -- indexes (subject and patient, lookup and target); it now writes one.
--- The rows already stored are rebuilt at the next start (the `patient` rows go, and a
--- `urn:uuid:` reference with `Reference.type` gets that type), like after migration 7.
+-- Rows already stored for restricted parameters are never read again; they go when their
+-- resource is next written, or with `iomt-fhir reindex` (no rebuild blocks the start).
 DROP INDEX idx_reference_target;
-INSERT INTO store_task (name) SELECT 'rebuild-search-index' WHERE EXISTS (SELECT 1 FROM resource)
-    ON CONFLICT (name) DO NOTHING;

@@ -504,6 +504,12 @@ async fn includes(
                     b
                 }
             };
+            // The ids first, as one list: with the OR over (type, id) pairs alone SQLite
+            // (no statistics) seeks by `param` only and reads every row of the parameter.
+            let mut ids: Vec<&String> = targets.iter().map(|(_, _, id)| id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            b.push(" AND x.target_id IN ").list(ids);
             b.push(" AND (");
             for (i, (_, t, id)) in targets.iter().enumerate() {
                 if i > 0 {

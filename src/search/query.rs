@@ -464,7 +464,12 @@ impl Filter {
 enum SortKey {
     Id,
     LastUpdated,
-    Param { table: Table, code: Codes },
+    /// The parameter's rows per scope type (`None`: every type), which differ where it is
+    /// an alias or restricted on some of the types.
+    Param {
+        table: Table,
+        codes: Vec<(Option<String>, Codes)>,
+    },
 }
 
 /// `_include` / `_revinclude` (search.html#include).
@@ -1194,8 +1199,13 @@ fn parse_near(value: &str) -> Result<Filter> {
     })
 }
 
-fn parse_sort(registry: &Registry, ty: Option<&str>, value: &str) -> Result<Vec<(SortKey, bool)>> {
-    let lookup_ty = ty.unwrap_or("Resource");
+fn parse_sort(
+    registry: &Registry,
+    types: &[Option<String>],
+    value: &str,
+) -> Result<Vec<(SortKey, bool)>> {
+    let lookup_ty = types.first().cloned().flatten();
+    let lookup_ty = lookup_ty.as_deref().unwrap_or("Resource");
     value
         .split(',')
         .filter(|k| !k.is_empty())
@@ -1220,7 +1230,10 @@ fn parse_sort(registry: &Registry, ty: Option<&str>, value: &str) -> Result<Vec<
                         })?;
                     SortKey::Param {
                         table,
-                        code: Codes::of(registry, ty, &param.code),
+                        codes: types
+                            .iter()
+                            .map(|t| (t.clone(), Codes::of(registry, t.as_deref(), &param.code)))
+                            .collect(),
                     }
                 }
             };
@@ -1373,8 +1386,9 @@ impl SearchQuery {
                     ))),
                 },
                 "_sort" => {
-                    let ty = q.scopes.first().and_then(|s| s.ty.clone());
-                    parse_sort(registry, ty.as_deref(), value).map(|s| q.sort.extend(s))
+                    let types: Vec<Option<String>> =
+                        q.scopes.iter().map(|s| s.ty.clone()).collect();
+                    parse_sort(registry, &types, value).map(|s| q.sort.extend(s))
                 }
                 "_include" => {
                     parse_include(registry, key, value, false).map(|i| q.includes.push(i))
@@ -1678,17 +1692,18 @@ impl SearchQuery {
                 SortKey::LastUpdated => {
                     b.push(&format!("r.last_updated {dir}, "));
                 }
-                SortKey::Param { table, code } => {
+                SortKey::Param { table, codes } => {
                     let (asc_col, desc_col) = table.sort_columns();
                     let col = if desc { desc_col } else { asc_col };
                     b.push(&format!(
-                        "(SELECT {col} FROM {} s WHERE s.rid = r.rid AND ",
+                        "(SELECT {col} FROM {} s WHERE s.rid = r.rid AND (",
                         table.name()
                     ));
-                    // `s.rid = r.rid` fixes the type: each code's range of keys is exact.
+                    // `s.rid = r.rid` fixes the type: each scope type's codes (an every-type
+                    // scope: each code's range of keys) are exact.
                     let param = table.probe_param("s", b.statistics);
-                    code.sql(b, None, &param);
-                    b.push(&format!(") {dir} NULLS LAST, "));
+                    or_list(b, codes, |b, (t, code)| code.sql(b, t.as_deref(), &param));
+                    b.push(&format!(")) {dir} NULLS LAST, "));
                 }
             }
         }

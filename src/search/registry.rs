@@ -300,10 +300,7 @@ impl Registry {
             let Some(branch) = single_branch(p) else {
                 continue;
             };
-            let Some(inner) = branch.strip_suffix(')') else {
-                continue;
-            };
-            let Some((path, target)) = inner.rsplit_once(".where(resolve() is ") else {
+            let Some((path, target)) = restriction(&branch) else {
                 continue;
             };
             // The type as the definition spells it (the branch is case-folded).
@@ -315,9 +312,12 @@ impl Registry {
             else {
                 continue;
             };
-            let base = params
-                .iter()
-                .find(|b| b.code != p.code && single_branch(b).as_deref() == Some(path));
+            // The base has rows of its own: it is no restriction itself.
+            let base = params.iter().find(|b| {
+                b.code != p.code
+                    && single_branch(b)
+                        .is_some_and(|own| own == path && restriction(&own).is_none())
+            });
             if let Some(base) = base {
                 found.insert(
                     p.code.clone(),
@@ -513,6 +513,13 @@ impl Registry {
         }
         self.params.push(param);
     }
+}
+
+/// A normalised branch `x.where(resolve() is t)` as (`x`, `t`).
+fn restriction(branch: &str) -> Option<(&str, &str)> {
+    branch
+        .strip_suffix(')')?
+        .rsplit_once(".where(resolve() is ")
 }
 
 /// The top-level `|` branches of a FHIRPath expression's text.

@@ -998,6 +998,12 @@ async fn restricted_references(app: &TestApp) {
         json!({"resourceType": "Group", "id": "rg1", "type": "person", "actual": true,
             "name": "Restricta"}),
         json!({"resourceType": "Practitioner", "id": "rpr1"}),
+        json!({"resourceType": "Patient", "id": "rp0"}),
+        json!({"resourceType": "Patient", "id": "rp2"}),
+        json!({"resourceType": "AllergyIntolerance", "id": "rai0",
+            "patient": {"reference": "Patient/rp0"}}),
+        json!({"resourceType": "AllergyIntolerance", "id": "rai2",
+            "patient": {"reference": "Patient/rp2"}}),
         obs("ro1", Some(json!({"reference": "Patient/rp1"}))),
         obs("ro2", Some(json!({"reference": "Group/rg1"}))),
         obs(
@@ -1120,6 +1126,36 @@ async fn restricted_references(app: &TestApp) {
         &["Practitioner/rpr1"],
     )
     .await;
+
+    // Several pages' resources at once.
+    include(
+        "Patient?_id=rp0,rp1,rp2&_revinclude=AllergyIntolerance",
+        &["AllergyIntolerance/rai0", "AllergyIntolerance/rai2"],
+    )
+    .await;
+    include(
+        "Patient?_id=rp0,rp1,rp2&_revinclude=Observation:patient",
+        &["Observation/ro1", "Observation/ro5"],
+    )
+    .await;
+
+    // One sort key over two types: a restricted `patient` (Observation) and an element of
+    // its own (AllergyIntolerance), each read from its own rows.
+    for query in [
+        "?_type=Observation,AllergyIntolerance&_id=ro1,rai0,rai2&_sort=patient",
+        "?_type=AllergyIntolerance,Observation&_id=ro1,rai0,rai2&_sort=patient",
+    ] {
+        let b = search(app, query).await;
+        assert_eq!(
+            ids(&b, "match"),
+            [
+                "AllergyIntolerance/rai0",
+                "Observation/ro1",
+                "AllergyIntolerance/rai2"
+            ],
+            "{query}"
+        );
+    }
 
     let b = search(app, "Observation?code=rx&_sort=patient").await;
     let sorted_ids = ids(&b, "match");
