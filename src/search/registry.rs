@@ -232,9 +232,9 @@ impl Registry {
 
     /// When the reference parameter `code` on `resource_type` is another's restricted to one
     /// target type: its expression there is `X.where(resolve() is T)` and another reference
-    /// parameter of the type, with rows of its own, has the expression `X` (R4: `patient`
-    /// as `subject` with `Patient` on 34 types, `practitioner` as `participant` on
-    /// Encounter, ...). Its reference rows are the other's whose `target_type` is `T`
+    /// parameter of the type, with rows of its own, has the expression `X` (R4: 47, among
+    /// them `patient` on 40 types, mostly as `subject` with `Patient`, and `practitioner` as
+    /// `participant` on Encounter). Its reference rows are the other's whose `target_type` is `T`
     /// (`extract` gives a reference's type as `resolve()` reads it), so it has none of its
     /// own; searches, chains, `_has`, includes, sorts and compartments read the other's.
     /// Its `:identifier` rows stay its own: they carry no target type.
@@ -261,46 +261,42 @@ impl Registry {
             .collect();
         self.inherited_by_resources = self.merge_for(self.chain(None, false));
         self.inherited_by_domain_resources = self.merge_for(self.chain(None, true));
-        self.aliases = self
-            .merged
+        self.aliases = self.per_type(Self::aliases_for);
+        self.by_parts = self.per_type(Self::by_parts_for);
+        self.restricted = self.per_type(Self::restricted_for);
+    }
+
+    /// What `find` finds among each type's merged parameters, for the types where it finds
+    /// anything.
+    fn per_type<V>(
+        &self,
+        find: impl Fn(&Self, &str, &[usize]) -> HashMap<String, V>,
+    ) -> HashMap<String, HashMap<String, V>> {
+        self.merged
             .iter()
-            .map(|(t, indices)| (t.clone(), self.aliases_for(t, indices)))
+            .map(|(t, indices)| (t.clone(), find(self, t, indices)))
             .filter(|(_, found)| !found.is_empty())
-            .collect();
-        self.by_parts = self
-            .merged
-            .iter()
-            .map(|(t, indices)| (t.clone(), self.by_parts_for(t, indices)))
-            .filter(|(_, found)| !found.is_empty())
-            .collect();
-        self.restricted = self
-            .merged
-            .iter()
-            .map(|(t, indices)| (t.clone(), self.restricted_for(t, indices)))
-            .filter(|(_, found)| !found.is_empty())
-            .collect();
+            .collect()
     }
 
     /// Finds one type's restricted reference parameters (see [`Registry::restricted`]),
     /// comparing expressions as normalised text.
     fn restricted_for(&self, ty: &str, indices: &[usize]) -> HashMap<String, Restriction> {
-        let params: Vec<&SearchParam> = indices
+        // Each reference parameter with a single branch on the type, normalised once.
+        let params: Vec<(&SearchParam, String)> = indices
             .iter()
             .filter_map(|&i| self.params.get(i))
             .filter(|p| p.kind == ParamType::Reference && p.expression.is_some())
+            .filter_map(
+                |p| match branches_on(p.expression_text.as_deref()?, ty).as_slice() {
+                    [one] => Some((p, one.clone())),
+                    _ => None,
+                },
+            )
             .collect();
-        let single_branch = |p: &SearchParam| -> Option<String> {
-            match branches_on(p.expression_text.as_deref()?, ty).as_slice() {
-                [one] => Some(one.clone()),
-                _ => None,
-            }
-        };
         let mut found = HashMap::new();
-        for p in &params {
-            let Some(branch) = single_branch(p) else {
-                continue;
-            };
-            let Some((path, target)) = restriction(&branch) else {
+        for (p, branch) in &params {
+            let Some((path, target)) = restriction(branch) else {
                 continue;
             };
             // The type as the definition spells it (the branch is case-folded).
@@ -313,12 +309,10 @@ impl Registry {
                 continue;
             };
             // The base has rows of its own: it is no restriction itself.
-            let base = params.iter().find(|b| {
-                b.code != p.code
-                    && single_branch(b)
-                        .is_some_and(|own| own == path && restriction(&own).is_none())
-            });
-            if let Some(base) = base {
+            let base = params
+                .iter()
+                .find(|(b, own)| b.code != p.code && own == path && restriction(own).is_none());
+            if let Some((base, _)) = base {
                 found.insert(
                     p.code.clone(),
                     Restriction {

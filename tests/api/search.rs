@@ -438,10 +438,15 @@ async fn parameter_types_and_modifiers(app: &TestApp) {
 /// Runs each query and compares its matches (in any order) with the expected ids; every
 /// mismatch is reported at once.
 async fn expect_matches(app: &TestApp, cases: &[(&str, &[&str])]) {
+    expect_entries(app, "match", cases).await;
+}
+
+/// [`expect_matches`] for the entries of another search mode (`include`).
+async fn expect_entries(app: &TestApp, mode: &str, cases: &[(&str, &[&str])]) {
     let mut failures = Vec::new();
     for (query, expected) in cases {
         let b = search(app, query).await;
-        let got = sorted(ids(&b, "match"));
+        let got = sorted(ids(&b, mode));
         let want = sorted(expected.iter().map(|s| s.to_string()).collect());
         if got != want {
             failures.push(format!("{query}: got {got:?}, want {want:?}"));
@@ -879,6 +884,19 @@ async fn custom_parameters_after_reindex(app: &TestApp) {
 /// they are searched by their parts (`code` and the value's parameter), with no rows of their
 /// own; `component-*` composites pair values inside one component and keep rows. Both must
 /// keep the composite's meaning.
+/// Creates each resource with `PUT Type/id`.
+async fn put_all(app: &TestApp, resources: &[Value]) {
+    for r in resources {
+        let url = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let put = app.put(&url, r).await;
+        assert_eq!(put.status(), 201, "{url}: {}", put.text().await.unwrap());
+    }
+}
+
 async fn composites_by_parts(app: &TestApp) {
     let coding = |system: &str, code: &str| json!({"system": system, "code": code});
     let loinc = "http://loinc.org";
@@ -906,15 +924,7 @@ async fn composites_by_parts(app: &TestApp) {
         json!({"resourceType": "Observation", "id": "c7", "status": "final",
             "code": {"coding": [coding(loinc, "9279-1")]}, "valueQuantity": per_min(72.0)}),
     ];
-    for r in &resources {
-        let url = format!(
-            "{}/{}",
-            r["resourceType"].as_str().unwrap(),
-            r["id"].as_str().unwrap()
-        );
-        let put = app.put(&url, r).await;
-        assert_eq!(put.status(), 201, "{url}: {}", put.text().await.unwrap());
-    }
+    put_all(app, &resources).await;
     let cases: &[(&str, &[&str])] = &[
         (
             "Observation?code-value-quantity=http://loinc.org|8867-4$72",
@@ -1025,15 +1035,7 @@ async fn restricted_references(app: &TestApp) {
             "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
             "subject": {"reference": "Group/rg1"}}),
     ];
-    for r in &resources {
-        let url = format!(
-            "{}/{}",
-            r["resourceType"].as_str().unwrap(),
-            r["id"].as_str().unwrap()
-        );
-        let put = app.put(&url, r).await;
-        assert_eq!(put.status(), 201, "{url}: {}", put.text().await.unwrap());
-    }
+    put_all(app, &resources).await;
     let both = &["Observation/ro1", "Observation/ro5"][..];
     let cases: &[(&str, &[&str])] = &[
         ("Observation?patient=rp1", both),
@@ -1079,65 +1081,50 @@ async fn restricted_references(app: &TestApp) {
     ];
     expect_matches(app, cases).await;
 
-    let include = |query: &'static str, want: &'static [&'static str]| async move {
-        let b = search(app, query).await;
-        assert_eq!(
-            sorted(ids(&b, "include")),
-            sorted(want.iter().map(|s| s.to_string()).collect()),
-            "{query}"
-        );
-    };
-    include(
-        "Observation?_id=ro1,ro2&_include=Observation:patient",
-        &["Patient/rp1"],
-    )
-    .await;
-    include(
-        "Observation?_id=ro1,ro2&_include=Observation:subject",
-        &["Patient/rp1", "Group/rg1"],
-    )
-    .await;
-    include("Observation?_id=ro2&_include=Observation:patient", &[]).await;
-    include(
-        "Observation?_id=ro1,ro2&_include=Observation:patient:Group",
-        &[],
-    )
-    .await;
-    include(
-        "Patient?_id=rp1&_revinclude=Observation:patient",
-        &["Observation/ro1", "Observation/ro5"],
-    )
-    .await;
-    include("Group?_id=rg1&_revinclude=Observation:patient", &[]).await;
-    include(
-        "Group?_id=rg1&_revinclude=Observation:subject",
-        &["Observation/ro2"],
-    )
-    .await;
-    // No parameter named: every reference parameter of the source.
-    include("Group?_id=rg1&_revinclude=Encounter", &["Encounter/re2"]).await;
-    include(
-        "Practitioner?_id=rpr1&_revinclude=Observation:*",
-        &["Observation/ro5"],
-    )
-    .await;
-    include(
-        "Encounter?_id=re1&_include=Encounter:practitioner",
-        &["Practitioner/rpr1"],
-    )
-    .await;
-
-    // Several pages' resources at once.
-    include(
-        "Patient?_id=rp0,rp1,rp2&_revinclude=AllergyIntolerance",
-        &["AllergyIntolerance/rai0", "AllergyIntolerance/rai2"],
-    )
-    .await;
-    include(
-        "Patient?_id=rp0,rp1,rp2&_revinclude=Observation:patient",
-        &["Observation/ro1", "Observation/ro5"],
-    )
-    .await;
+    let included: &[(&str, &[&str])] = &[
+        (
+            "Observation?_id=ro1,ro2&_include=Observation:patient",
+            &["Patient/rp1"],
+        ),
+        (
+            "Observation?_id=ro1,ro2&_include=Observation:subject",
+            &["Patient/rp1", "Group/rg1"],
+        ),
+        ("Observation?_id=ro2&_include=Observation:patient", &[]),
+        (
+            "Observation?_id=ro1,ro2&_include=Observation:patient:Group",
+            &[],
+        ),
+        (
+            "Patient?_id=rp1&_revinclude=Observation:patient",
+            &["Observation/ro1", "Observation/ro5"],
+        ),
+        ("Group?_id=rg1&_revinclude=Observation:patient", &[]),
+        (
+            "Group?_id=rg1&_revinclude=Observation:subject",
+            &["Observation/ro2"],
+        ),
+        // No parameter named: every reference parameter of the source.
+        ("Group?_id=rg1&_revinclude=Encounter", &["Encounter/re2"]),
+        (
+            "Practitioner?_id=rpr1&_revinclude=Observation:*",
+            &["Observation/ro5"],
+        ),
+        (
+            "Encounter?_id=re1&_include=Encounter:practitioner",
+            &["Practitioner/rpr1"],
+        ),
+        // Several pages' resources at once.
+        (
+            "Patient?_id=rp0,rp1,rp2&_revinclude=AllergyIntolerance",
+            &["AllergyIntolerance/rai0", "AllergyIntolerance/rai2"],
+        ),
+        (
+            "Patient?_id=rp0,rp1,rp2&_revinclude=Observation:patient",
+            &["Observation/ro1", "Observation/ro5"],
+        ),
+    ];
+    expect_entries(app, "include", included).await;
 
     // One sort key over two types: a restricted `patient` (Observation) and an element of
     // its own (AllergyIntolerance), each read from its own rows.
