@@ -27,6 +27,9 @@
 //! `target/release/bench --devices-grouped N [--devices-clients 8] [--devices-batch 100]`:
 //! N streamed heart-rate readings (100 patches, one reading a second each) over HTTP into
 //! the grouped `heart-rate-stream` template, then checks every reading has its slot.
+//! `target/release/bench --index-floor N [--backend ...]`: the rows of N generated
+//! Observations stored by the database engine alone (set-based SQL, no server), with and
+//! without their index rows: the best import rate and indexing ratio the engine allows.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -74,6 +77,8 @@ struct Options {
     devices_grouped: Option<usize>,
     /// Run only the SMART scenarios (authorization overhead, token endpoint).
     smart_only: bool,
+    /// Run only the index floor, with this many Observations.
+    index_floor: Option<usize>,
 }
 
 fn options() -> Result<Options, String> {
@@ -98,6 +103,7 @@ fn options() -> Result<Options, String> {
         devices_grouped: None,
         rounds: 1,
         smart_only: false,
+        index_floor: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -132,6 +138,7 @@ fn options() -> Result<Options, String> {
             "--observations" => o.observations = parsed(&a, value())?,
             "--patients" => o.patients = Some(parsed(&a, value())?),
             "--ingest-rounds" => o.ingest_rounds = parsed(&a, value())?,
+            "--index-floor" => o.index_floor = Some(parsed(&a, value())?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -1816,7 +1823,9 @@ async fn main() {
             .unwrap_or_default(),
         o.seconds
     );
-    if let Some(n) = o.devices_grouped {
+    if let Some(n) = o.index_floor {
+        or_exit("index floor", run_index_floor(&o, n).await);
+    } else if let Some(n) = o.devices_grouped {
         for b in o.backends.clone() {
             or_exit(
                 &format!("grouped devices, {b}"),
@@ -2264,4 +2273,229 @@ async fn run_smart(o: &Options, backend: &str) -> Result<(), String> {
     drop(server);
     drop_database(cleanup).await;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Index floor: what the database engine alone needs to store the rows of an import.
+
+/// How the floor stores a generated Observation's index rows.
+#[derive(Clone, Copy, PartialEq)]
+enum FloorVariant {
+    /// No index rows: the resource and its version only (`IOMT_FHIR_SEARCH_INDEXING=false`).
+    Off,
+    /// The server's six index rows per Observation, into the server's tables and indexes.
+    On,
+    /// The same rows appended to unindexed staging tables and merged into the real ones,
+    /// sorted by lookup key, every `merge_every` transactions: the most an LSM-like layout
+    /// could save inside the same engine.
+    Staged,
+}
+
+impl FloorVariant {
+    fn label(self) -> &'static str {
+        match self {
+            FloorVariant::Off => "no index rows",
+            FloorVariant::On => "6 index rows, the server's tables",
+            FloorVariant::Staged => "6 index rows, staged and merged in key order",
+        }
+    }
+}
+
+/// Index tables written by the floor, with the order of their lookup index.
+const FLOOR_TABLES: [(&str, &str); 4] = [
+    ("idx_token", "param, value, system, rid"),
+    ("idx_reference", "param, target_id, target_type, rid"),
+    ("idx_date", "param, lo, hi, rid"),
+    ("idx_quantity", "param, value"),
+];
+
+/// One transaction's statements for Observations `s..=e`: set-based `INSERT ... SELECT`s
+/// over a generated series, so the engine does the storing and nothing else (no JSON, no
+/// extraction, no statement per row). The rows have the shapes the server writes for the
+/// generated Observations of `--search`: three tokens (code among 200, category, status),
+/// the subject (one of 10,000 patients), the effective date and the value, the last three
+/// at random places of their lookup indexes.
+fn floor_batch(pg: bool, variant: FloorVariant, s: usize, e: usize) -> String {
+    let series = if pg {
+        format!("generate_series({s}, {e}) AS g(value)")
+    } else {
+        format!(
+            "(WITH RECURSIVE q(value) AS (SELECT {s} UNION ALL SELECT value + 1 FROM q \
+             WHERE value < {e}) SELECT value FROM q) AS g"
+        )
+    };
+    let rnd = |k: u64| {
+        if pg {
+            format!("floor(random() * {k})::bigint")
+        } else {
+            format!("(abs(random()) % {k})")
+        }
+    };
+    let body = "x".repeat(480);
+    // PostgreSQL generates `seq` and `rid` itself unless told.
+    let given = if pg { "OVERRIDING SYSTEM VALUE" } else { "" };
+    let mut sql = format!(
+        "INSERT INTO resource_version (seq, res_type, res_id, version, last_updated, method, body) \
+         {given} SELECT 10000000 + value, 'Observation', 'obs-' || (10000000 + value), 1, \
+         1700000000000000 + value, 'POST', '{body}' || value FROM {series};\n\
+         INSERT INTO resource (rid, res_type, res_id, version, last_updated, deleted, seq, idx_mask) \
+         {given} SELECT 10000000 + value, 'Observation', 'obs-' || (10000000 + value), 1, \
+         1700000000000000 + value, 0, 10000000 + value, 63 FROM {series};\n"
+    );
+    if variant == FloorVariant::Off {
+        return sql;
+    }
+    let to = |t: &str| {
+        if variant == FloorVariant::Staged {
+            format!("s_{t}")
+        } else {
+            t.to_string()
+        }
+    };
+    let (code, patient, date, value) =
+        (rnd(200), rnd(10_000), rnd(300_000_000_000_000), rnd(20_000));
+    sql += &format!(
+        "INSERT INTO {} (rid, param, system, value) SELECT 10000000 + value, 1, \
+         'http://loinc.org', '8' || {code} || '-4' FROM {series};\n\
+         INSERT INTO {} (rid, param, system, value) SELECT 10000000 + value, 2, \
+         'http://terminology.hl7.org/CodeSystem/observation-category', 'vital-signs' FROM {series};\n\
+         INSERT INTO {} (rid, param, system, value) SELECT 10000000 + value, 3, NULL, 'final' \
+         FROM {series};\n\
+         INSERT INTO {} (rid, param, target_type, target_id, url) SELECT 10000000 + value, 4, \
+         'Patient', 'pat-' || {patient}, 'Patient/pat' FROM {series};\n\
+         INSERT INTO {} (rid, param, lo, hi) SELECT rid, 5, x, x + 999999 FROM \
+         (SELECT 10000000 + value AS rid, 1400000000000000 + {date} AS x FROM {series}) AS d;\n\
+         INSERT INTO {} (rid, param, value, system, unit_code, unit) SELECT 10000000 + value, 6, \
+         {value} / 100.0, 'http://unitsofmeasure.org', 'mm[Hg]', 'mm[Hg]' FROM {series};\n",
+        to("idx_token"),
+        to("idx_token"),
+        to("idx_token"),
+        to("idx_reference"),
+        to("idx_date"),
+        to("idx_quantity"),
+    );
+    sql
+}
+
+/// The staged rows moved into the real tables in lookup-key order.
+fn floor_merge() -> String {
+    FLOOR_TABLES
+        .iter()
+        .map(|(t, order)| {
+            format!("INSERT INTO {t} SELECT * FROM s_{t} ORDER BY {order};\nDELETE FROM s_{t};\n")
+        })
+        .collect()
+}
+
+/// `--index-floor N`: N Observations stored by the database engine alone, per variant,
+/// into a fresh database migrated by the server (`iomt-fhir import` of one Patient), in
+/// transactions of 2,000 (what `iomt-fhir import` sends) with the server's connection
+/// settings. What the server could at best reach, and the ratio of indexing on to off that
+/// the engine itself allows.
+async fn run_index_floor(o: &Options, n: usize) -> Result<(), String> {
+    const BATCH: usize = 2000;
+    const MERGE_EVERY: usize = 50;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let seed = dir.path().join("seed.ndjson");
+    std::fs::write(
+        &seed,
+        "{\"resourceType\":\"Patient\",\"id\":\"seed\",\"active\":true}\n",
+    )
+    .map_err(|e| e.to_string())?;
+    println!("\n### Index floor ({n} Observations, transactions of {BATCH})\n");
+    println!("| backend | variant | seconds | Observations/s | vs. no index rows |");
+    println!("|---|---|---|---|---|");
+    for backend in &o.backends {
+        let pg = backend == "postgres";
+        let mut off_rate = None;
+        for variant in [FloorVariant::Off, FloorVariant::On, FloorVariant::Staged] {
+            let (database, cleanup) =
+                fresh_database(o, backend, dir.path(), &format!("floor{}", variant as u8)).await?;
+            import(&database, std::slice::from_ref(&seed), true)?;
+            let secs = floor_load(&database, pg, variant, n, BATCH, MERGE_EVERY).await;
+            drop_database(cleanup).await;
+            let rate = n as f64 / secs?;
+            let off = *off_rate.get_or_insert(rate);
+            println!(
+                "| {backend} | {} | {:.1} | {rate:.0} | {:.2} |",
+                variant.label(),
+                n as f64 / rate,
+                rate / off
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Seconds to store `n` Observations the way `variant` says.
+async fn floor_load(
+    database: &str,
+    pg: bool,
+    variant: FloorVariant,
+    n: usize,
+    batch: usize,
+    merge_every: usize,
+) -> Result<f64, String> {
+    use sqlx::Connection;
+    use std::str::FromStr;
+    /// Either engine's connection, with the server's settings.
+    enum Conn {
+        Sqlite(sqlx::SqliteConnection),
+        Pg(sqlx::PgConnection),
+    }
+    impl Conn {
+        async fn run(&mut self, sql: String) -> Result<(), String> {
+            let q = sqlx::raw_sql(sqlx::AssertSqlSafe(sql));
+            match self {
+                Conn::Sqlite(c) => q.execute(c).await.map(drop),
+                Conn::Pg(c) => q.execute(c).await.map(drop),
+            }
+            .map_err(|e| e.to_string())
+        }
+    }
+    let mut conn = if pg {
+        let opts = sqlx::postgres::PgConnectOptions::from_str(database)
+            .map_err(|e| e.to_string())?
+            .options([("jit", "off")]);
+        Conn::Pg(
+            sqlx::PgConnection::connect_with(&opts)
+                .await
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+        let opts = SqliteConnectOptions::from_str(database)
+            .map_err(|e| e.to_string())?
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .pragma("cache_size", "-65536")
+            .pragma("mmap_size", "274877906944")
+            .pragma("wal_autocheckpoint", "262144");
+        Conn::Sqlite(
+            sqlx::SqliteConnection::connect_with(&opts)
+                .await
+                .map_err(|e| e.to_string())?,
+        )
+    };
+    if variant == FloorVariant::Staged {
+        for (t, _) in FLOOR_TABLES {
+            conn.run(format!("CREATE TABLE s_{t} AS SELECT * FROM {t} LIMIT 0"))
+                .await?;
+        }
+    }
+    let started = Instant::now();
+    let mut s = 0;
+    let mut batches = 0;
+    while s < n {
+        let e = (s + batch).min(n) - 1;
+        conn.run(format!("BEGIN;\n{}COMMIT;", floor_batch(pg, variant, s, e)))
+            .await?;
+        batches += 1;
+        s = e + 1;
+        if variant == FloorVariant::Staged && (batches % merge_every == 0 || s >= n) {
+            conn.run(format!("BEGIN;\n{}COMMIT;", floor_merge()))
+                .await?;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
 }

@@ -24,9 +24,11 @@ pub struct Db {
     pub(crate) pending_index: Vec<crate::store::resource::PendingIndex>,
     /// Versions written in the current transaction, for the read cache once committed.
     pub(crate) written: Vec<(String, String, crate::store::cache::Cached)>,
-    /// SQLite writer only: rows waiting for [`Db::flush`], and the id allocator.
+    /// Rows waiting for [`Db::flush`]; the SQLite writer's id allocator.
     pub(crate) pending: crate::store::resource::Pending,
     pub(crate) alloc: Option<crate::store::resource::IdAlloc>,
+    /// PostgreSQL: ids this job has taken from the shared sequences and not used yet.
+    pub(crate) reserved: crate::store::resource::Reserved,
     pub(crate) savepoint: crate::store::resource::Savepoint,
     /// The previous job's savepoint is still open and is released by the next flush.
     pub(crate) release_pending: bool,
@@ -154,6 +156,7 @@ impl Db {
             written: Vec::new(),
             pending: Default::default(),
             alloc: None,
+            reserved: Default::default(),
             savepoint: Default::default(),
             release_pending: false,
             group_failed: false,
@@ -294,7 +297,7 @@ impl Db {
         self.fetch_all_unflushed(sql, args, shape).await
     }
 
-    async fn fetch_all_unflushed(
+    pub(crate) async fn fetch_all_unflushed(
         &mut self,
         sql: &str,
         args: &[Arg],

@@ -110,6 +110,30 @@ pub struct IdAlloc {
     pub next_rid: i64,
 }
 
+/// PostgreSQL: `(seq, rid)` pairs a job took from the shared identity sequences in one
+/// query, so that its rows can wait for one flush like SQLite's (ids from `RETURNING` cost
+/// a round trip per row, and each flushed the index rows of the row before: six statements
+/// per resource). A job takes a few first, then larger blocks; unused ids are gaps, as a
+/// rolled-back insert leaves.
+#[derive(Debug, Default)]
+pub struct Reserved {
+    ids: std::collections::VecDeque<(i64, i64)>,
+    /// How many the next reservation takes.
+    block: i64,
+}
+
+impl Reserved {
+    /// The next reserved `(seq, rid)` whose `seq` follows `after`; older ones are dropped.
+    fn take(&mut self, after: i64) -> Option<(i64, i64)> {
+        while let Some((seq, rid)) = self.ids.pop_front() {
+            if seq > after {
+                return Some((seq, rid));
+            }
+        }
+        None
+    }
+}
+
 /// Where the SQLite writer's per-job savepoint stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Savepoint {
@@ -759,11 +783,15 @@ impl Db {
             deleted,
             mask,
         };
-        let rid = if self.alloc.is_some() {
-            self.buffer_version(&row)
-        } else {
-            self.insert_version(&row).await?
+        let (seq, new_rid) = match self.alloc.as_mut() {
+            Some(alloc) => {
+                alloc.next_seq += 1;
+                alloc.next_rid += i64::from(prior.is_none());
+                (alloc.next_seq - 1, alloc.next_rid - 1)
+            }
+            None => self.reserve_ids(prior.map_or(0, |c| c.seq)).await?,
         };
+        let rid = self.buffer_version(&row, seq, new_rid);
         self.written.push((
             ty.to_string(),
             id.to_string(),
@@ -791,9 +819,9 @@ impl Db {
         })
     }
 
-    /// SQLite's single writer: ids come from the in-process allocator and the rows wait in
-    /// [`Pending`] for the job's one multi-statement flush.
-    fn buffer_version(&mut self, v: &NewVersion<'_>) -> i64 {
+    /// The version row and the current row wait in [`Pending`] for the job's flush, with
+    /// `seq` and, for a new resource, `new_rid` (see [`Db::flush`]).
+    fn buffer_version(&mut self, v: &NewVersion<'_>, seq: i64, new_rid: i64) -> i64 {
         let NewVersion {
             ty,
             id,
@@ -805,18 +833,7 @@ impl Db {
             deleted,
             mask,
         } = *v;
-        let Some(alloc) = self.alloc.as_mut() else {
-            return 0;
-        };
-        let seq = alloc.next_seq;
-        alloc.next_seq += 1;
-        let rid = match prior {
-            Some(c) => c.rid,
-            None => {
-                alloc.next_rid += 1;
-                alloc.next_rid - 1
-            }
-        };
+        let rid = prior.map_or(new_rid, |c| c.rid);
         let body = body.map_or(Value::Null, Value::from);
         self.pending.keys.insert((ty.to_string(), id.to_string()));
         self.pending.versions.push(Value::Array(vec![
@@ -853,87 +870,38 @@ impl Db {
         rid
     }
 
-    /// PostgreSQL: several processes share the sequences, so ids come back from RETURNING.
-    async fn insert_version(&mut self, v: &NewVersion<'_>) -> Result<i64> {
-        let NewVersion {
-            ty,
-            id,
-            prior,
-            version,
-            last_updated,
-            method,
-            body,
-            deleted,
-            mask,
-        } = *v;
-        let seq = self
-            .fetch_one_int(
-                "INSERT INTO resource_version (res_type, res_id, version, last_updated, method, body) VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
-                &[
-                    Arg::Text(ty.into()),
-                    Arg::Text(id.into()),
-                    Arg::Int(version),
-                    Arg::Int(last_updated),
-                    Arg::Text(method.into()),
-                    Arg::OptText(body.map(str::to_string)),
-                ],
-            )
-            .await?;
-        Ok(match prior {
-            Some(c) => {
-                self.execute(
-                    "UPDATE resource SET version = $1, last_updated = $2, deleted = $3, seq = $4, idx_mask = $5 WHERE rid = $6",
-                    &[
-                        Arg::Int(version),
-                        Arg::Int(last_updated),
-                        Arg::Int(deleted),
-                        Arg::Int(seq),
-                        Arg::Int(mask),
-                        Arg::Int(c.rid),
-                    ],
+    /// PostgreSQL: the next `(seq, rid)` from this job's reservation, taking more from the
+    /// sequences when it runs out. Several processes share the sequences, so a reservation
+    /// may predate another process's write of the same resource, committed since; `seq`
+    /// must still follow the version it replaces (`after`, read under the resource's lock),
+    /// or history would list them out of order: older reservations are dropped until it does.
+    async fn reserve_ids(&mut self, after: i64) -> Result<(i64, i64)> {
+        loop {
+            if let Some(ids) = self.reserved.take(after) {
+                return Ok(ids);
+            }
+            let n = self.reserved.block.clamp(4, 4096);
+            self.reserved.block = n * 4;
+            let rows = self
+                .fetch_all_unflushed(
+                    "SELECT nextval(pg_get_serial_sequence('resource_version', 'seq')), nextval(pg_get_serial_sequence('resource', 'rid')) FROM generate_series(1, $1)",
+                    &[Arg::Int(n)],
+                    &[Ty::Int, Ty::Int],
                 )
                 .await?;
-                self.clear_index(c.rid, c.idx_mask).await?;
-                c.rid
-            }
-            None => {
-                self.fetch_one_int(
-                    "INSERT INTO resource (res_type, res_id, version, last_updated, deleted, seq, idx_mask) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING rid",
-                    &[
-                        Arg::Text(ty.into()),
-                        Arg::Text(id.into()),
-                        Arg::Int(version),
-                        Arg::Int(last_updated),
-                        Arg::Int(deleted),
-                        Arg::Int(seq),
-                        Arg::Int(mask),
-                    ],
-                )
-                .await?
-            }
-        })
-    }
-
-    async fn clear_index(&mut self, rid: i64, mask: i64) -> Result<()> {
-        self.pending_index.retain(|p| p.rid != rid);
-        for (bit, table) in INDEX_TABLES.iter().enumerate() {
-            if mask & (1 << bit) != 0 {
-                self.execute(
-                    &format!("DELETE FROM {table} WHERE rid = $1"),
-                    &[Arg::Int(rid)],
-                )
-                .await?;
-            }
+            self.reserved
+                .ids
+                .extend(rows.into_iter().map(|r| (r[0].int(), r[1].int())));
         }
-        Ok(())
     }
 
     /// Writes what the job has buffered, in few round trips: on SQLite one multi-statement
     /// query holds the savepoint operations, the versions, the current rows and the index
     /// deletions (rows travel as JSON array arguments, so the SQL text is fixed per shape and
     /// cached); the index rows follow as bound `INSERT OR FAIL ... VALUES` statements of
-    /// fixed sizes ([`SQLITE_INDEX_CHUNKS`]), then the job's tail. On PostgreSQL, versions
-    /// are already written and the index tables get one JSON statement each.
+    /// fixed sizes ([`SQLITE_INDEX_CHUNKS`]), then the job's tail. PostgreSQL takes one
+    /// statement per query with arguments: one each for the versions, the new current rows,
+    /// the updated ones, each index table's deletions and each index table's new rows.
     /// Every read on a [`Db`] calls this first, so a job always sees its own writes.
     pub async fn flush(&mut self) -> Result<()> {
         if self.pending_index.is_empty() && self.pending.is_empty() {
@@ -989,6 +957,53 @@ impl Db {
         self.flush_final().await
     }
 
+    /// PostgreSQL: the buffered version and current rows (and the index deletions they
+    /// bring), one statement per kind, rows as one JSON array argument; what it sends it
+    /// takes out of `pending`. `OVERRIDING SYSTEM VALUE`: the ids came from the identity
+    /// sequences already (see [`Reserved`]).
+    async fn flush_rows_pg(&mut self, pending: &mut Pending) -> Result<()> {
+        let json =
+            |rows: &mut Vec<Value>| Arg::Text(Value::Array(std::mem::take(rows)).to_string());
+        if !pending.versions.is_empty() {
+            let rows = json(&mut pending.versions);
+            self.execute_unflushed(
+                "INSERT INTO resource_version (seq, res_type, res_id, version, last_updated, method, body) OVERRIDING SYSTEM VALUE SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, e->>5, e->>6 FROM json_array_elements($1::json) AS e",
+                &[rows],
+            )
+            .await?;
+        }
+        if !pending.inserts.is_empty() {
+            let rows = json(&mut pending.inserts);
+            self.execute_unflushed(
+                "INSERT INTO resource (rid, res_type, res_id, version, last_updated, deleted, seq, idx_mask) OVERRIDING SYSTEM VALUE SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::bigint, (e->>6)::bigint, (e->>7)::bigint FROM json_array_elements($1::json) AS e",
+                &[rows],
+            )
+            .await?;
+        }
+        if !pending.updates.is_empty() {
+            let rows = json(&mut pending.updates);
+            self.execute_unflushed(
+                "UPDATE resource SET version = u.version, last_updated = u.last_updated, deleted = u.deleted, seq = u.seq, idx_mask = u.idx_mask FROM (SELECT (e->>0)::bigint AS rid, (e->>3)::bigint AS version, (e->>4)::bigint AS last_updated, (e->>5)::bigint AS deleted, (e->>6)::bigint AS seq, (e->>7)::bigint AS idx_mask FROM json_array_elements($1::json) AS e) AS u WHERE resource.rid = u.rid",
+                &[rows],
+            )
+            .await?;
+        }
+        for (bit, rids) in pending.clears.iter_mut().enumerate() {
+            if !rids.is_empty() {
+                let rids = Value::from(std::mem::take(rids)).to_string();
+                self.execute_unflushed(
+                    &format!(
+                        "DELETE FROM {} WHERE rid IN (SELECT (e #>> '{{}}')::bigint FROM json_array_elements($1::json) AS e)",
+                        INDEX_TABLES[bit]
+                    ),
+                    &[Arg::Text(rids)],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn flush_inner(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.pending_index);
         let mut tables: [Vec<Arg>; 7] = Default::default();
@@ -1036,7 +1051,10 @@ impl Db {
         }
         let pg = self.is_postgres();
         let mut b = SqlBuilder::default();
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        if pg {
+            self.flush_rows_pg(&mut pending).await?;
+        }
         // The job's savepoint opens with its first write, in the same round trip.
         b.push(&self.savepoint_sql());
         if !pending.versions.is_empty() {
@@ -1213,7 +1231,7 @@ fn stored_from(ty: &str, id: &str, row: Vec<Val>) -> Stored {
 
 #[cfg(test)]
 mod tests {
-    use super::{param_key, param_range, renumber};
+    use super::{Reserved, param_key, param_range, renumber};
 
     #[test]
     fn param_keys_tell_every_r4_type_apart_and_stay_in_their_code_range() {
@@ -1244,5 +1262,17 @@ mod tests {
             "INSERT INTO t VALUES ($8, $9, $17) ON CONFLICT DO NOTHING"
         );
         assert_eq!(renumber("SELECT '$' || $1", 0), "SELECT '$' || $1");
+    }
+
+    #[test]
+    fn reserved_ids_never_go_behind_the_version_they_follow() {
+        let mut r = Reserved {
+            ids: [(5, 1), (6, 2), (9, 3)].into(),
+            block: 4,
+        };
+        assert_eq!(r.take(0), Some((5, 1)));
+        // Another process wrote seq 8 since this block was taken: 6 would sort before it.
+        assert_eq!(r.take(8), Some((9, 3)));
+        assert_eq!(r.take(0), None);
     }
 }
