@@ -214,6 +214,15 @@ impl From<sqlx::Error> for FhirError {
                     "the database aborted this transaction to resolve a conflict with another; retry",
                 )
             }
+            // PostgreSQL `out_of_memory`, in practice its shared lock table full (advisory
+            // locks of concurrent large jobs; see `store::resource::Gate`): transient.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("53200") => {
+                tracing::warn!(error = %e, "PostgreSQL out of shared memory");
+                FhirError::new(
+                    ErrorKind::Unavailable,
+                    "the database ran out of lock space (PostgreSQL max_locks_per_transaction); retry later",
+                )
+            }
             // PostgreSQL `unique_violation`: two transactions created the same row at once
             // (a race the losing request can retry), not a fault of the server.
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
@@ -289,6 +298,7 @@ mod database_error_tests {
         assert_eq!(status("23505"), 409); // unique violation: a concurrent create won
         assert_eq!(status("40P01"), 503); // deadlock victim: retry
         assert_eq!(status("40001"), 503); // serialization failure: retry
+        assert_eq!(status("53200"), 503); // lock table full: retry
         assert_eq!(status("42601"), 500); // a syntax error is our bug
         assert_eq!(FhirError::from(sqlx::Error::PoolTimedOut).status(), 503);
     }

@@ -29,6 +29,8 @@ pub struct Db {
     pub(crate) alloc: Option<crate::store::resource::IdAlloc>,
     /// PostgreSQL: ids this job has taken from the shared sequences and not used yet.
     pub(crate) reserved: crate::store::resource::Reserved,
+    /// PostgreSQL: how this job holds the write gate.
+    pub(crate) gate: crate::store::resource::Gate,
     pub(crate) savepoint: crate::store::resource::Savepoint,
     /// The previous job's savepoint is still open and is released by the next flush.
     pub(crate) release_pending: bool,
@@ -157,6 +159,7 @@ impl Db {
             pending: Default::default(),
             alloc: None,
             reserved: Default::default(),
+            gate: Default::default(),
             savepoint: Default::default(),
             release_pending: false,
             group_failed: false,

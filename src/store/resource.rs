@@ -134,6 +134,30 @@ impl Reserved {
     }
 }
 
+/// PostgreSQL: how a job holds the write gate, an advisory lock every job that locks keys
+/// takes first. PostgreSQL keeps advisory locks in a shared table of
+/// `max_locks_per_transaction` (64) x `max_connections` slots: a transaction of thousands
+/// of entries, one lock per entry, ran out of it ("out of shared memory"). So a job with
+/// more than [`KEY_LOCKS_PER_JOB`] keys takes the gate exclusively instead and no key
+/// locks; every other job takes it shared, then its key locks. Any two jobs that write one
+/// resource are still serialised; a large job waits for the writers in progress and holds
+/// off new ones until it commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Gate {
+    #[default]
+    None,
+    Shared,
+    Exclusive,
+}
+
+/// See [`Gate`].
+pub const KEY_LOCKS_PER_JOB: usize = 64;
+
+/// The gate's advisory lock key.
+fn gate_key() -> i64 {
+    lock_key(&["write gate"])
+}
+
 /// Where the SQLite writer's per-job savepoint stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Savepoint {
@@ -501,11 +525,18 @@ impl Db {
             let mut locks: Vec<i64> = wanted.iter().map(|(t, i)| lock_key(&[t, i])).collect();
             locks.sort_unstable();
             locks.dedup();
-            self.execute(
-                "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT (e #>> '{}')::bigint AS k FROM json_array_elements($1::json) AS e ORDER BY 1) AS s",
-                &[Arg::Text(Value::from(locks).to_string())],
-            )
-            .await?;
+            if self.gate == Gate::None && locks.len() > KEY_LOCKS_PER_JOB {
+                self.execute("SELECT pg_advisory_xact_lock($1)", &[Arg::Int(gate_key())])
+                    .await?;
+                self.gate = Gate::Exclusive;
+            } else if self.gate != Gate::Exclusive {
+                self.take_shared_gate().await?;
+                self.execute(
+                    "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT (e #>> '{}')::bigint AS k FROM json_array_elements($1::json) AS e ORDER BY 1) AS s",
+                    &[Arg::Text(Value::from(locks).to_string())],
+                )
+                .await?;
+            }
         }
         let rows = self.current_rows(&wanted, pg).await?;
         for (t, i) in wanted {
@@ -673,11 +704,7 @@ impl Db {
         {
             return self.current(ty, id).await;
         }
-        self.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[Arg::Int(lock_key(&[ty, id]))],
-        )
-        .await?;
+        self.lock_key_pg(lock_key(&[ty, id])).await?;
         let row = self
             .fetch_optional(
                 "SELECT rid, version, last_updated, deleted, seq, idx_mask FROM resource WHERE res_type = $1 AND res_id = $2 FOR UPDATE",
@@ -692,11 +719,44 @@ impl Db {
     /// update): two concurrent `If-None-Exist` creates must not both create.
     pub async fn lock_condition(&mut self, ty: &str, condition: &str) -> Result<()> {
         if self.is_postgres() {
+            self.lock_key_pg(lock_key(&["condition", ty, condition]))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// PostgreSQL: one key's advisory lock, after the gate (see [`Gate`]); nothing if the
+    /// job holds the gate exclusively.
+    async fn lock_key_pg(&mut self, key: i64) -> Result<()> {
+        match self.gate {
+            Gate::Exclusive => Ok(()),
+            Gate::Shared => {
+                self.execute("SELECT pg_advisory_xact_lock($1)", &[Arg::Int(key)])
+                    .await?;
+                Ok(())
+            }
+            Gate::None => {
+                // Left to right: the gate before the key.
+                self.execute(
+                    "SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock($2)",
+                    &[Arg::Int(gate_key()), Arg::Int(key)],
+                )
+                .await?;
+                self.gate = Gate::Shared;
+                Ok(())
+            }
+        }
+    }
+
+    /// PostgreSQL: the gate, shared, unless the job holds it already (see [`Gate`]).
+    async fn take_shared_gate(&mut self) -> Result<()> {
+        if self.gate == Gate::None {
             self.execute(
-                "SELECT pg_advisory_xact_lock($1)",
-                &[Arg::Int(lock_key(&["condition", ty, condition]))],
+                "SELECT pg_advisory_xact_lock_shared($1)",
+                &[Arg::Int(gate_key())],
             )
             .await?;
+            self.gate = Gate::Shared;
         }
         Ok(())
     }
