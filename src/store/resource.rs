@@ -1017,50 +1017,67 @@ impl Db {
         self.flush_final().await
     }
 
-    /// PostgreSQL: the buffered version and current rows (and the index deletions they
-    /// bring), one statement per kind, rows as one JSON array argument; what it sends it
-    /// takes out of `pending`. `OVERRIDING SYSTEM VALUE`: the ids came from the identity
-    /// sequences already (see [`Reserved`]).
-    async fn flush_rows_pg(&mut self, pending: &mut Pending) -> Result<()> {
+    /// PostgreSQL: the statements for the buffered version and current rows and the index
+    /// deletions they bring, one per kind, each with its rows as one JSON array argument
+    /// `$1`; what it returns it takes out of `pending`. `OVERRIDING SYSTEM VALUE`: the ids
+    /// came from the identity sequences already (see [`Reserved`]).
+    fn rows_sql_pg(pending: &mut Pending) -> Vec<(String, Arg)> {
         let json =
             |rows: &mut Vec<Value>| Arg::Text(Value::Array(std::mem::take(rows)).to_string());
+        let mut parts = Vec::new();
         if !pending.versions.is_empty() {
-            let rows = json(&mut pending.versions);
-            self.execute_unflushed(
-                "INSERT INTO resource_version (seq, res_type, res_id, version, last_updated, method, body) OVERRIDING SYSTEM VALUE SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, e->>5, e->>6 FROM json_array_elements($1::json) AS e",
-                &[rows],
-            )
-            .await?;
+            parts.push((
+                "INSERT INTO resource_version (seq, res_type, res_id, version, last_updated, method, body) OVERRIDING SYSTEM VALUE SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, e->>5, e->>6 FROM json_array_elements($1::json) AS e".to_string(),
+                json(&mut pending.versions),
+            ));
         }
         if !pending.inserts.is_empty() {
-            let rows = json(&mut pending.inserts);
-            self.execute_unflushed(
-                "INSERT INTO resource (rid, res_type, res_id, version, last_updated, deleted, seq, idx_mask) OVERRIDING SYSTEM VALUE SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::bigint, (e->>6)::bigint, (e->>7)::bigint FROM json_array_elements($1::json) AS e",
-                &[rows],
-            )
-            .await?;
+            parts.push((
+                "INSERT INTO resource (rid, res_type, res_id, version, last_updated, deleted, seq, idx_mask) OVERRIDING SYSTEM VALUE SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::bigint, (e->>6)::bigint, (e->>7)::bigint FROM json_array_elements($1::json) AS e".to_string(),
+                json(&mut pending.inserts),
+            ));
         }
         if !pending.updates.is_empty() {
-            let rows = json(&mut pending.updates);
-            self.execute_unflushed(
-                "UPDATE resource SET version = u.version, last_updated = u.last_updated, deleted = u.deleted, seq = u.seq, idx_mask = u.idx_mask FROM (SELECT (e->>0)::bigint AS rid, (e->>3)::bigint AS version, (e->>4)::bigint AS last_updated, (e->>5)::bigint AS deleted, (e->>6)::bigint AS seq, (e->>7)::bigint AS idx_mask FROM json_array_elements($1::json) AS e) AS u WHERE resource.rid = u.rid",
-                &[rows],
-            )
-            .await?;
+            parts.push((
+                "UPDATE resource SET version = u.version, last_updated = u.last_updated, deleted = u.deleted, seq = u.seq, idx_mask = u.idx_mask FROM (SELECT (e->>0)::bigint AS rid, (e->>3)::bigint AS version, (e->>4)::bigint AS last_updated, (e->>5)::bigint AS deleted, (e->>6)::bigint AS seq, (e->>7)::bigint AS idx_mask FROM json_array_elements($1::json) AS e) AS u WHERE resource.rid = u.rid".to_string(),
+                json(&mut pending.updates),
+            ));
         }
         for (bit, rids) in pending.clears.iter_mut().enumerate() {
             if !rids.is_empty() {
-                let rids = Value::from(std::mem::take(rids)).to_string();
-                self.execute_unflushed(
-                    &format!(
+                parts.push((
+                    format!(
                         "DELETE FROM {} WHERE rid IN (SELECT (e #>> '{{}}')::bigint FROM json_array_elements($1::json) AS e)",
                         INDEX_TABLES[bit]
                     ),
-                    &[Arg::Text(rids)],
-                )
-                .await?;
+                    Arg::Text(Value::from(std::mem::take(rids)).to_string()),
+                ));
             }
         }
+        parts
+    }
+
+    /// PostgreSQL: `parts` (statements with one argument `$1` each) in one round trip, as
+    /// data-modifying CTEs of one statement. They all see the snapshot from before it, so an
+    /// index deletion removes the rows of the replaced version, never the new ones written
+    /// beside it.
+    async fn execute_parts_pg(&mut self, parts: Vec<(String, Arg)>) -> Result<()> {
+        if let [(sql, arg)] = parts.as_slice() {
+            self.execute_unflushed(sql, std::slice::from_ref(arg))
+                .await?;
+            return Ok(());
+        }
+        let mut sql = String::from("WITH ");
+        let mut args = Vec::with_capacity(parts.len());
+        for (k, (part, arg)) in parts.into_iter().enumerate() {
+            if k > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("w{k} AS ({})", renumber(&part, k)));
+            args.push(arg);
+        }
+        sql.push_str(" SELECT 1");
+        self.execute_unflushed(&sql, &args).await?;
         Ok(())
     }
 
@@ -1112,9 +1129,11 @@ impl Db {
         let pg = self.is_postgres();
         let mut b = SqlBuilder::default();
         let mut pending = std::mem::take(&mut self.pending);
-        if pg {
-            self.flush_rows_pg(&mut pending).await?;
-        }
+        let mut pg_parts = if pg {
+            Self::rows_sql_pg(&mut pending)
+        } else {
+            Vec::new()
+        };
         // The job's savepoint opens with its first write, in the same round trip.
         b.push(&self.savepoint_sql());
         if !pending.versions.is_empty() {
@@ -1143,7 +1162,8 @@ impl Db {
             }
         }
         if pg {
-            // PostgreSQL runs one statement per query with arguments: the rows go as JSON.
+            // PostgreSQL runs one statement per query with arguments: the rows go as JSON,
+            // all the job's statements in one (see `Db::execute_parts_pg`).
             for (bit, args) in tables.into_iter().enumerate() {
                 if args.is_empty() {
                     continue;
@@ -1153,11 +1173,13 @@ impl Db {
                 let rows: Vec<Value> = (0..args.len() / width)
                     .map(|_| Value::Array(args.by_ref().take(width).collect()))
                     .collect();
-                self.execute_unflushed(
-                    &bulk_insert_sql(bit),
-                    &[Arg::Text(Value::Array(rows).to_string())],
-                )
-                .await?;
+                pg_parts.push((
+                    bulk_insert_sql(bit),
+                    Arg::Text(Value::Array(rows).to_string()),
+                ));
+            }
+            if !pg_parts.is_empty() {
+                self.execute_parts_pg(std::mem::take(&mut pg_parts)).await?;
             }
         } else if tables.iter().any(|t| !t.is_empty()) {
             // SQLite: what is buffered so far first (the savepoint among it), then the index
