@@ -47,6 +47,10 @@ pub async fn conditional_delete_in(
     query: &str,
     mode: ConditionalDeleteMode,
 ) -> Result<Vec<Written>> {
+    if mode == ConditionalDeleteMode::Multiple {
+        // It may delete thousands: one key lock each would fill PostgreSQL's lock table.
+        db.hold_write_gate().await?;
+    }
     db.lock_condition(ty, query).await?;
     let limit = match mode {
         ConditionalDeleteMode::Single => 2,

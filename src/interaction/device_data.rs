@@ -447,12 +447,10 @@ async fn commit(db: &mut Db, ctx: &crate::interaction::Ctx, plan: Planned) -> Re
     for (id, p) in &plan.new_devices {
         // Locked on PostgreSQL: another process or batch may be creating the same device
         // at this moment; the second waits for the first and then finds it.
-        if db
-            .current_for_update("Device", id)
-            .await?
-            .is_none_or(|c| c.deleted)
-        {
-            db.write_version("Device", id, None, Some(p), "PUT", now)
+        let current = db.current_for_update("Device", id).await?;
+        if current.as_ref().is_none_or(|c| c.deleted) {
+            // A deleted Device comes back as its next version (its row exists).
+            db.write_version("Device", id, current.as_ref(), Some(p), "PUT", now)
                 .await?;
             created += 1;
         }

@@ -823,6 +823,16 @@ async fn run(
     use Interaction as I;
     let mut outcomes: Vec<Option<Outcome>> = (0..entries.len()).map(|_| None).collect();
     let order = processing_sequence(&entries);
+    // Every entry but a plain create may lock a key (PostgreSQL): a transaction with many
+    // such entries takes the write gate exclusively before its first lock, whatever kind
+    // of entry takes it (see `store::resource::Gate`).
+    let locking = entries
+        .iter()
+        .filter(|e| !matches!(e.interaction, I::Create(_)))
+        .count();
+    if locking > crate::store::resource::KEY_LOCKS_PER_JOB {
+        db.hold_write_gate().await?;
+    }
 
     // 1. Deletes.
     for &i in &order {

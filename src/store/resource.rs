@@ -525,11 +525,10 @@ impl Db {
             let mut locks: Vec<i64> = wanted.iter().map(|(t, i)| lock_key(&[t, i])).collect();
             locks.sort_unstable();
             locks.dedup();
-            if self.gate == Gate::None && locks.len() > KEY_LOCKS_PER_JOB {
-                self.execute("SELECT pg_advisory_xact_lock($1)", &[Arg::Int(gate_key())])
-                    .await?;
-                self.gate = Gate::Exclusive;
-            } else if self.gate != Gate::Exclusive {
+            if locks.len() > KEY_LOCKS_PER_JOB {
+                self.hold_write_gate().await?;
+            }
+            if self.gate != Gate::Exclusive {
                 self.take_shared_gate().await?;
                 self.execute(
                     "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT (e #>> '{}')::bigint AS k FROM json_array_elements($1::json) AS e ORDER BY 1) AS s",
@@ -736,7 +735,8 @@ impl Db {
                 Ok(())
             }
             Gate::None => {
-                // Left to right: the gate before the key.
+                // Left to right: the gate before the key. Either order would be safe: the job
+                // acts only once it holds both, and an exclusive holder takes no key locks.
                 self.execute(
                     "SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock($2)",
                     &[Arg::Int(gate_key()), Arg::Int(key)],
@@ -746,6 +746,19 @@ impl Db {
                 Ok(())
             }
         }
+    }
+
+    /// PostgreSQL: the write gate, exclusively, for a job that may lock more than
+    /// [`KEY_LOCKS_PER_JOB`] keys; it then takes no key locks. Call it before the job's
+    /// first lock: a job that holds the gate shared keeps it so (it cannot be raised without
+    /// risking a deadlock) and goes on locking key by key. Nothing elsewhere.
+    pub async fn hold_write_gate(&mut self) -> Result<()> {
+        if self.is_postgres() && self.gate == Gate::None {
+            self.execute("SELECT pg_advisory_xact_lock($1)", &[Arg::Int(gate_key())])
+                .await?;
+            self.gate = Gate::Exclusive;
+        }
+        Ok(())
     }
 
     /// PostgreSQL: the gate, shared, unless the job holds it already (see [`Gate`]).
@@ -893,6 +906,13 @@ impl Db {
             deleted,
             mask,
         } = *v;
+        // The prior version was read after this job's rows for the resource were flushed
+        // (every read flushes what it touches). PostgreSQL's one-statement flush relies on
+        // it: its parts see the database as it was before the statement.
+        debug_assert!(
+            !self.pending.touches(ty, id),
+            "{ty}/{id} written twice unflushed"
+        );
         let rid = prior.map_or(new_rid, |c| c.rid);
         let body = body.map_or(Value::Null, Value::from);
         self.pending.keys.insert((ty.to_string(), id.to_string()));
@@ -960,8 +980,9 @@ impl Db {
     /// deletions (rows travel as JSON array arguments, so the SQL text is fixed per shape and
     /// cached); the index rows follow as bound `INSERT OR FAIL ... VALUES` statements of
     /// fixed sizes ([`SQLITE_INDEX_CHUNKS`]), then the job's tail. PostgreSQL takes one
-    /// statement per query with arguments: one each for the versions, the new current rows,
-    /// the updated ones, each index table's deletions and each index table's new rows.
+    /// statement per query with arguments: the versions, the new and updated current rows,
+    /// each index table's deletions and new rows go as data-modifying CTEs of one statement
+    /// (see [`Db::execute_parts_pg`]).
     /// Every read on a [`Db`] calls this first, so a job always sees its own writes.
     pub async fn flush(&mut self) -> Result<()> {
         if self.pending_index.is_empty() && self.pending.is_empty() {

@@ -272,7 +272,38 @@ async fn grouped_readings_build_one_observation_per_hour(app: &TestApp) {
     assert_eq!(total(app, code).await, 2);
 }
 
+/// A Device deleted by a client comes back as its next version when its device reports
+/// again (it used to be created anew over its own row: a unique violation, a failed batch).
+async fn a_deleted_device_comes_back_when_it_reports(app: &TestApp) {
+    let reading = |minute: u32| {
+        ndjson(&[json!({"type": "thermometer", "deviceId": "GONE-1",
+            "time": format!("2024-03-06T14:{minute:02}:00Z"), "temperature": 36.6})])
+    };
+    let r = post_data(app, reading(0), "application/x-ndjson").await;
+    assert_eq!(r.status(), 202);
+    let found = json(
+        app.get("Device?identifier=urn:iomt-fhir:device-id|GONE-1")
+            .await,
+    )
+    .await;
+    let id = found["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(app.delete(&format!("Device/{id}")).await.status(), 204);
+    let r = post_data(app, reading(1), "application/x-ndjson").await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(json(r).await["devicesCreated"], 1);
+    let device = json(app.get(&format!("Device/{id}")).await).await;
+    assert_eq!(device["meta"]["versionId"], "3", "{device}");
+    assert_eq!(
+        total(app, &format!("Observation?device=Device/{id}")).await,
+        2
+    );
+}
+
 crate::both_backends!(
+    a_deleted_device_comes_back_when_it_reports,
     grouped_readings_build_one_observation_per_hour,
     readings_are_committed_searchable_and_exactly_once,
     rtls_tags_move_devices_between_zone_locations,

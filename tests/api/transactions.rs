@@ -340,7 +340,8 @@ async fn commit(app: &TestApp, planned: iomt_fhir::interaction::transaction::Pla
         .unwrap();
 }
 
-/// Three transactions of 6,000 PUTs at once, beside single updates of the same resources.
+/// Three transactions of a DELETE and 6,000 PUTs at once, beside single updates of the
+/// same resources.
 /// On PostgreSQL each entry's key used to take an advisory lock: 18,000 at once overran
 /// the shared lock table (64 x 100 slots by default, with some slack: "out of shared
 /// memory", a 500).
@@ -355,7 +356,25 @@ async fn large_transactions_beside_small_writes(app: &TestApp) {
             .collect();
         json!({"resourceType": "Bundle", "type": "transaction", "entry": entry})
     };
-    let (a, b, c) = (bundle("a"), bundle("b"), bundle("c"));
+    let (mut a, mut b, mut c) = (bundle("a"), bundle("b"), bundle("c"));
+    // A delete first: its lock comes before the 6,000 keys are known together.
+    for (bundle, gone) in [
+        (&mut a, "big-gone-a"),
+        (&mut b, "big-gone-b"),
+        (&mut c, "big-gone-c"),
+    ] {
+        let r = app
+            .put(
+                &format!("Patient/{gone}"),
+                &json!({"resourceType": "Patient", "id": gone}),
+            )
+            .await;
+        assert!(r.status().is_success());
+        bundle["entry"].as_array_mut().unwrap().insert(
+            0,
+            json!({"request": {"method": "DELETE", "url": format!("Patient/{gone}")}}),
+        );
+    }
     let small = async {
         for i in 0..20 {
             let r = app
@@ -372,8 +391,11 @@ async fn large_transactions_beside_small_writes(app: &TestApp) {
     for r in [ra, rb, rc] {
         assert_eq!(r.status(), 200);
         let body = json(r).await;
-        assert_eq!(body["entry"].as_array().unwrap().len(), N);
+        assert_eq!(body["entry"].as_array().unwrap().len(), N + 1);
     }
+    assert_eq!(app.get("Patient/big-gone-a").await.status(), 410);
+    assert_eq!(app.get("Patient/big-gone-b").await.status(), 410);
+    assert_eq!(app.get("Patient/big-gone-c").await.status(), 410);
     assert_eq!(
         json(app.get("Patient?gender=other,male&_summary=count").await).await["total"],
         3 * N
