@@ -1038,44 +1038,61 @@ impl Db {
         self.flush_final().await
     }
 
-    /// PostgreSQL: the statements for the buffered version and current rows and the index
-    /// deletions they bring, one per kind, each with its rows as one JSON array argument
-    /// `$1`; what it returns it takes out of `pending`. `OVERRIDING SYSTEM VALUE`: the ids
-    /// came from the identity sequences already (see [`Reserved`]).
-    fn rows_sql_pg(pending: &mut Pending) -> Vec<(String, Arg)> {
-        let json =
-            |rows: &mut Vec<Value>| Arg::Text(Value::Array(std::mem::take(rows)).to_string());
+    /// PostgreSQL's flush: the buffered version and current rows, the index deletions they
+    /// bring and the index rows `tables` (by kind bit), one statement per kind with its rows
+    /// as one JSON array argument `$1`, all sent as one (see [`Db::execute_parts_pg`]); then
+    /// the job's tail. `OVERRIDING SYSTEM VALUE`: the ids came from the identity sequences
+    /// already (see [`Reserved`]).
+    async fn flush_pg(&mut self, pending: Pending, tables: [Vec<Arg>; 7]) -> Result<()> {
+        let json = |rows: Vec<Value>| Arg::Text(Value::Array(rows).to_string());
         let mut parts = Vec::new();
         if !pending.versions.is_empty() {
             parts.push((
                 "INSERT INTO resource_version (seq, res_type, res_id, version, last_updated, method, body) OVERRIDING SYSTEM VALUE SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, e->>5, e->>6 FROM json_array_elements($1::json) AS e".to_string(),
-                json(&mut pending.versions),
+                json(pending.versions),
             ));
         }
         if !pending.inserts.is_empty() {
             parts.push((
                 "INSERT INTO resource (rid, res_type, res_id, version, last_updated, deleted, seq, idx_mask) OVERRIDING SYSTEM VALUE SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::bigint, (e->>6)::bigint, (e->>7)::bigint FROM json_array_elements($1::json) AS e".to_string(),
-                json(&mut pending.inserts),
+                json(pending.inserts),
             ));
         }
         if !pending.updates.is_empty() {
             parts.push((
                 "UPDATE resource SET version = u.version, last_updated = u.last_updated, deleted = u.deleted, seq = u.seq, idx_mask = u.idx_mask FROM (SELECT (e->>0)::bigint AS rid, (e->>3)::bigint AS version, (e->>4)::bigint AS last_updated, (e->>5)::bigint AS deleted, (e->>6)::bigint AS seq, (e->>7)::bigint AS idx_mask FROM json_array_elements($1::json) AS e) AS u WHERE resource.rid = u.rid".to_string(),
-                json(&mut pending.updates),
+                json(pending.updates),
             ));
         }
-        for (bit, rids) in pending.clears.iter_mut().enumerate() {
+        for (bit, rids) in pending.clears.into_iter().enumerate() {
             if !rids.is_empty() {
                 parts.push((
                     format!(
                         "DELETE FROM {} WHERE rid IN (SELECT (e #>> '{{}}')::bigint FROM json_array_elements($1::json) AS e)",
                         INDEX_TABLES[bit]
                     ),
-                    Arg::Text(Value::from(std::mem::take(rids)).to_string()),
+                    Arg::Text(Value::from(rids).to_string()),
                 ));
             }
         }
-        parts
+        for (bit, args) in tables.into_iter().enumerate() {
+            if args.is_empty() {
+                continue;
+            }
+            let width = index_columns(bit).1.len();
+            let mut args = args.into_iter().map(Arg::into_json);
+            let rows: Vec<Value> = (0..args.len() / width)
+                .map(|_| Value::Array(args.by_ref().take(width).collect()))
+                .collect();
+            parts.push((bulk_insert_sql(bit), json(rows)));
+        }
+        if !parts.is_empty() {
+            self.execute_parts_pg(parts).await?;
+        }
+        for (sql, args) in pending.tail {
+            self.execute_unflushed(&sql, &args).await?;
+        }
+        Ok(())
     }
 
     /// PostgreSQL: `parts` (statements with one argument `$1` each) in one round trip, as
@@ -1147,14 +1164,11 @@ impl Db {
             };
             tables[bit].extend(row);
         }
-        let pg = self.is_postgres();
+        let pending = std::mem::take(&mut self.pending);
+        if self.is_postgres() {
+            return self.flush_pg(pending, tables).await;
+        }
         let mut b = SqlBuilder::default();
-        let mut pending = std::mem::take(&mut self.pending);
-        let mut pg_parts = if pg {
-            Self::rows_sql_pg(&mut pending)
-        } else {
-            Vec::new()
-        };
         // The job's savepoint opens with its first write, in the same round trip.
         b.push(&self.savepoint_sql());
         if !pending.versions.is_empty() {
@@ -1182,27 +1196,7 @@ impl Db {
                 .push("));\n");
             }
         }
-        if pg {
-            // PostgreSQL runs one statement per query with arguments: the rows go as JSON,
-            // all the job's statements in one (see `Db::execute_parts_pg`).
-            for (bit, args) in tables.into_iter().enumerate() {
-                if args.is_empty() {
-                    continue;
-                }
-                let width = index_columns(bit).1.len();
-                let mut args = args.into_iter().map(Arg::into_json);
-                let rows: Vec<Value> = (0..args.len() / width)
-                    .map(|_| Value::Array(args.by_ref().take(width).collect()))
-                    .collect();
-                pg_parts.push((
-                    bulk_insert_sql(bit),
-                    Arg::Text(Value::Array(rows).to_string()),
-                ));
-            }
-            if !pg_parts.is_empty() {
-                self.execute_parts_pg(std::mem::take(&mut pg_parts)).await?;
-            }
-        } else if tables.iter().any(|t| !t.is_empty()) {
+        if tables.iter().any(|t| !t.is_empty()) {
             // SQLite: what is buffered so far first (the savepoint among it), then the index
             // rows by bound statements (see `SQLITE_INDEX_CHUNKS`), then the tail.
             if !b.sql.is_empty() {
