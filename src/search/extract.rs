@@ -125,13 +125,18 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
         }
         values.clear();
         extra.clear();
+        // A restricted reference parameter's rows are its base's (`Registry::restricted`):
+        // only its `:identifier` rows are its own.
+        let own_rows = !restricted.is_some_and(|r| r.contains_key(&param.code));
         let focus = Node {
             value: resource,
             fhir_type: None,
         };
         for node in expression.evaluate_in(focus, resource, Some(resource_type)) {
             let value = node.value;
-            index_node(param.kind, node, &mut values);
+            if own_rows {
+                index_node(param.kind, node, &mut values);
+            }
             match param.kind {
                 ParamType::Token => of_type(value, &mut extra),
                 ParamType::Reference => {
@@ -145,10 +150,6 @@ pub fn extract(registry: &Registry, resource: &Value) -> Vec<IndexEntry> {
                 }
                 _ => {}
             }
-        }
-        if restricted.is_some_and(|r| r.contains_key(&param.code)) {
-            // Its reference rows are its base's (`Registry::restricted`).
-            values.clear();
         }
         dedupe(&mut values);
         entries.extend(values.drain(..).map(|value| IndexEntry {
