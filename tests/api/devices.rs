@@ -22,6 +22,15 @@ async fn total(app: &TestApp, query: &str) -> i64 {
         .unwrap_or_else(|| panic!("{query}: {b}"))
 }
 
+/// The id of the first resource a search finds.
+async fn first_id(app: &TestApp, query: &str) -> String {
+    let found = json(app.get(query).await).await;
+    found["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{query}: {found}"))
+        .to_string()
+}
+
 fn ndjson(lines: &[Value]) -> String {
     lines
         .iter()
@@ -147,15 +156,7 @@ async fn rtls_tags_move_devices_between_zone_locations(app: &TestApp) {
         .status(),
         202
     );
-    let icu = json(
-        app.get("Location?identifier=urn:iomt-fhir:zone|ICU-3")
-            .await,
-    )
-    .await;
-    let icu_id = icu["entry"][0]["resource"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let icu_id = first_id(app, "Location?identifier=urn:iomt-fhir:zone|ICU-3").await;
     assert_eq!(
         total(app, &format!("Device?location=Location/{icu_id}")).await,
         1
@@ -281,15 +282,7 @@ async fn a_deleted_device_comes_back_when_it_reports(app: &TestApp) {
     };
     let r = post_data(app, reading(0), "application/x-ndjson").await;
     assert_eq!(r.status(), 202);
-    let found = json(
-        app.get("Device?identifier=urn:iomt-fhir:device-id|GONE-1")
-            .await,
-    )
-    .await;
-    let id = found["entry"][0]["resource"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = first_id(app, "Device?identifier=urn:iomt-fhir:device-id|GONE-1").await;
     assert_eq!(app.delete(&format!("Device/{id}")).await.status(), 204);
     let r = post_data(app, reading(1), "application/x-ndjson").await;
     assert_eq!(r.status(), 202);
